@@ -1,0 +1,205 @@
+"""The public entry point: ``hubmerge.merge(model_a, model_b, calibration, ...)``.
+
+It runs the pipeline spec → statistics → alignment → partial plan (or budget allocation) → build →
+REPAIR → evaluation, and returns the partitioned model with a report. :class:`Prepared` holds what stays
+fixed between candidate merges (statistics, scores, costs), which the budget allocators reuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import alignment, build as build_stage, partial, repair as repair_stage
+from .arch_specs import adapter_for, architecture_of, spec_for
+from .cost import CostModel
+from .data import Preprocess, as_batches, batches
+from .errors import DataError, IncompatibleModelsError, UsageError
+from .evaluate import Barrier, Ensemble, Metrics, barrier, evaluate
+from .options import MergeOptions
+from .partitioned import PartialMergedModel
+from .statistics import collect
+
+log = logging.getLogger("hubmerge")
+
+
+@dataclass
+class MergeReport:
+    """What a merge measured. ``metrics`` keys: a, b, ensemble, full_merge, full_merge_repair, merged."""
+
+    metrics: dict[str, Metrics]
+    barrier: Barrier | None
+    param_increase: float
+    flop_increase: float
+    partition: dict[str, list[int]]
+    options: dict
+    endpoints: dict
+    allocation: list[dict] = field(default_factory=list)
+    trace: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["metrics"] = {k: asdict(v) for k, v in self.metrics.items()}
+        out["barrier"] = asdict(self.barrier) if self.barrier else None
+        return out
+
+
+@dataclass
+class MergeResult:
+    model: PartialMergedModel
+    report: MergeReport
+
+
+def check_compatible(model_a: nn.Module, model_b: nn.Module) -> tuple[str, dict]:
+    """Both endpoints must be the same architecture with the same shapes; returns (name, model_args)."""
+    fam_a, fam_b = adapter_for(model_a).family, adapter_for(model_b).family
+    if fam_a != fam_b:
+        raise IncompatibleModelsError(f"different architectures: A is {fam_a}, B is {fam_b}")
+    arch_a, arch_b = architecture_of(model_a), architecture_of(model_b)
+    if arch_a[0] != arch_b[0]:
+        raise IncompatibleModelsError(f"different architectures: A is {arch_a[0]}, B is {arch_b[0]}")
+    if arch_a[1] != arch_b[1]:
+        diff = {k: (arch_a[1].get(k), arch_b[1].get(k)) for k in arch_a[1] if arch_a[1].get(k) != arch_b[1].get(k)}
+        what = "class counts" if "num_classes" in diff else "shapes"
+        raise IncompatibleModelsError(f"the endpoints' {what} differ (A, B): {diff}; merge two models of one shape")
+    return arch_a
+
+
+class Prepared:
+    """An endpoint pair with its spec, calibration statistics, alignment scores and cost model."""
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, calibration: Any, options: MergeOptions,
+                 endpoints: dict | None = None):
+        self.options = options
+        self.timings: dict[str, float] = {}
+        self.architecture, self.model_args = check_compatible(model_a, model_b)
+        self.model_a = model_a.eval().to(options.device)
+        self.model_b = model_b.eval().to(options.device)
+        self.spec = spec_for(model_a)
+        self.endpoints = endpoints or {}
+        self.preprocess = Preprocess.from_model(model_a) if getattr(model_a, "pretrained_cfg", None) else None
+        self.calibration = None
+        if calibration is not None:
+            self.calibration = self.batches(calibration)
+        elif options.needs_data:
+            raise DataError("this merge needs calibration data (activation alignment, REPAIR or a budget); "
+                            "give some, or use align='weight' with repair=None for a data-free merge")
+        self.stats = None
+        if self.calibration is not None:
+            with self.timed("statistics"):
+                self.stats = collect(self.model_a, self.model_b, self.spec, self.calibration, options.device,
+                                     progress="statistics pass")
+        with self.timed("alignment"):
+            self.scores = alignment.align(self.spec, options.align, stats=self.stats,
+                                          state_a=model_a.state_dict(), state_b=model_b.state_dict(),
+                                          seed=options.seed)
+        self.costs = CostModel(self.spec, self.model_a, self._input_size())
+
+    def batches(self, data: Any):
+        """User data as batches, preprocessed like the endpoints when it is a ``datasets.Dataset``."""
+        return as_batches(data, preprocess=self.preprocess, batch_size=self.options.batch_size)
+
+    def _input_size(self) -> tuple[int, ...]:
+        if self.calibration is not None:
+            x, _ = next(iter(batches(self.calibration)))
+            return tuple(x.shape[1:])
+        cfg = getattr(self.model_a, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise UsageError("cannot tell the input resolution for FLOP counting: no calibration data and no "
+                             "pretrained_cfg['input_size'] on the model")
+        return tuple(cfg["input_size"])
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Log a stage and add its wall time to ``timings``."""
+        log.info("%s...", stage)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def plans(self, gamma: float | dict[str, float]) -> dict[str, partial.GroupPlan]:
+        o = self.options
+        return partial.plan(self.spec, self.scores, gamma, o.partial, epsilon=o.epsilon, seed=o.seed)
+
+    def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default") -> PartialMergedModel:
+        """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``."""
+        o = self.options
+        method = o.repair if repair == "default" else repair
+        model = build_stage.build(
+            self.spec, plans, self.model_a, self.model_b, architecture=self.architecture,
+            model_args=self.model_args, alpha=o.alpha, cross=o.cross, endpoints=self.endpoints,
+            settings=o.model_dump(mode="json"),
+        )
+        return repair_stage.apply(model, method, plans, self.stats, self.calibration,
+                                  unmerged=o.repair_unmerged, device=o.device)
+
+    def partition(self, plans: dict[str, partial.GroupPlan]) -> dict[str, tuple[int, int, int]]:
+        return {g: p.sizes for g, p in plans.items()}
+
+
+def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any) -> tuple[dict, Barrier]:
+    o = prepared.options
+    data = prepared.batches(evaluation)
+    full = prepared.plans(0.0)
+    candidates = {
+        "a": prepared.model_a,
+        "b": prepared.model_b,
+        "ensemble": Ensemble(prepared.model_a, prepared.model_b, o.alpha),
+        "full_merge": prepared.build(full, repair=None),
+    }
+    if o.repair is not None:
+        candidates["full_merge_repair"] = prepared.build(full)
+    candidates["merged"] = model
+    metrics = {k: evaluate(m, data, o.device, progress=f"evaluating {k}") for k, m in candidates.items()}
+    return metrics, barrier(metrics["a"], metrics["b"], metrics["merged"], o.alpha)
+
+
+def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, evaluation: Any = None,
+          endpoints: dict | None = None, **options: Any) -> MergeResult:
+    """Merge two endpoints of one architecture, partially or fully, and report what it measured.
+
+    ``calibration`` / ``evaluation``: a torch DataLoader (or iterable of batches), a torch Dataset, or a
+    ``datasets.Dataset`` (preprocessed from the endpoint's ``pretrained_cfg``). ``options`` are those of
+    :class:`~hubmerge.options.MergeOptions`: ``alpha``, ``align``, ``repair``, ``gamma``, ``partial``,
+    ``cross``, ``budget``, ``allocator``… With ``budget`` set, per-group γ comes from the allocator;
+    otherwise ``gamma`` (scalar or per group) is used as given. γ=0 everywhere is the full merge, whose
+    ``model.materialize()`` is a plain timm model of the endpoints' architecture.
+    """
+    opts = MergeOptions.parse(**options)
+    t0 = time.perf_counter()
+    prepared = Prepared(model_a, model_b, calibration, opts, endpoints)
+    allocation, trace = [], []
+    if opts.budget is not None:
+        from .budget import allocate
+
+        with prepared.timed("allocation"):
+            result = allocate(prepared)
+        gamma, allocation, trace = result.gammas, result.allocation, result.trace
+    else:
+        gamma = opts.gamma
+    with prepared.timed("build"):
+        plans = prepared.plans(gamma)
+        model = prepared.build(plans)
+    metrics, bar = {}, None
+    if evaluation is not None:
+        with prepared.timed("evaluation"):
+            metrics, bar = _evaluate_all(prepared, model, evaluation)
+    increase = prepared.costs.increase(prepared.partition(plans))
+    prepared.timings["total"] = time.perf_counter() - t0
+    report = MergeReport(
+        metrics=metrics, barrier=bar, param_increase=increase["params"], flop_increase=increase["flops"],
+        partition={g: list(s) for g, s in prepared.partition(plans).items()},
+        options=opts.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation, trace=trace,
+        timings=prepared.timings,
+    )
+    return MergeResult(model, report)

@@ -1,0 +1,108 @@
+"""Build the merged weights from the endpoints and a plan per group (method §4's table).
+
+For each layer (rows = output group sections, columns = input group sections):
+
+    rows \\ cols   A-only in      shared in                 B-only in
+    A-only out    W_A            W_A                       (not stored)
+    shared out    c_A·W_A        (1−α)·W_A + α·P(W_B)      c_B·P(W_B)
+    B-only out    (not stored)   P(W_B)                    P(W_B)
+
+with ``c_A, c_B = 1−α, α`` for ``cross="interpolate"`` and ``1, 1`` for ``cross="fill"`` (the logits layer
+always interpolates). Biases and norms: A-only from A, B-only from B, shared interpolated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .partial import GroupPlan
+from .partitioned import PartialMergedModel
+from .spec import Layer, PermutationSpec, expand
+
+CROSS_RULES = ("interpolate", "fill")
+
+
+def _sections(plan: GroupPlan | None, repeat: int, width: int) -> tuple[torch.Tensor, ...]:
+    """(A-only, shared-from-A, shared-from-B, B-only) tensor indices along an axis of ``width`` entries."""
+    if plan is None:  # fixed input/output: every entry is shared and unpermuted
+        every = torch.arange(width)
+        return torch.empty(0, dtype=torch.long), every, every, torch.empty(0, dtype=torch.long)
+    return tuple(expand(t, repeat) for t in (plan.a_only, plan.shared_a, plan.shared_b, plan.b_only))
+
+
+def _take(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return w.index_select(0, rows).index_select(1, cols)
+
+
+def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
+                  ) -> dict[str, torch.Tensor]:
+    """The stored tensors of one partitioned layer (keys relative to the layer)."""
+    wa, wb = sa[f"{layer.name}.weight"], sb[f"{layer.name}.weight"]
+    ba, bb = sa.get(f"{layer.name}.bias"), sb.get(f"{layer.name}.bias")
+    ro_a, rs_a, rs_b, ro_b = _sections(plans.get(layer.out_group), 1, wa.shape[0])
+    ci_a, cs_a, cs_b, ci_b = _sections(plans.get(layer.in_group), layer.in_repeat, wa.shape[1])
+    c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" or layer.out_group is None else (1.0, 1.0)
+    out = {}
+    if len(ro_a):
+        out["a_only.weight"] = _take(wa, ro_a, torch.cat([ci_a, cs_a]))
+        if ba is not None:
+            out["a_only.bias"] = ba[ro_a]
+    if len(rs_a):
+        out["shared.weight"] = torch.cat([
+            c_a * _take(wa, rs_a, ci_a),
+            (1 - alpha) * _take(wa, rs_a, cs_a) + alpha * _take(wb, rs_b, cs_b),
+            c_b * _take(wb, rs_b, ci_b),
+        ], 1)
+        if ba is not None:
+            out["shared.bias"] = (1 - alpha) * ba[rs_a] + alpha * bb[rs_b]
+    if len(ro_b):
+        out["b_only.weight"] = _take(wb, ro_b, torch.cat([cs_b, ci_b]))
+        if bb is not None:
+            out["b_only.bias"] = bb[ro_b]
+    return out
+
+
+def _norm_units(plan: GroupPlan, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A per-unit norm parameter in the layout [A-only | shared | B-only]."""
+    return torch.cat([a[plan.a_only], (1 - alpha) * a[plan.shared_a] + alpha * b[plan.shared_b], b[plan.b_only]])
+
+
+def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: dict, state_b: dict,
+                 alpha: float, cross: str) -> dict[str, torch.Tensor]:
+    """The partitioned state dict of the merged network (keys as in ``PartialMergedModel.net``)."""
+    if cross not in CROSS_RULES:
+        raise UsageError(f"unknown cross-block rule {cross!r}; choose one of {CROSS_RULES}")
+    if not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"alpha must be in [0, 1], got {alpha}")
+    out: dict[str, torch.Tensor] = {}
+    covered = set()
+    for layer in spec.layers:
+        for key, t in _layer_blocks(layer, plans, state_a, state_b, alpha, cross).items():
+            out[f"{layer.name}.{key}"] = t
+        covered.update({f"{layer.name}.weight", f"{layer.name}.bias"})
+        if layer.norm:
+            for p in ("weight", "bias", "running_mean", "running_var"):
+                key = f"{layer.norm}.{p}"
+                if key in state_a:
+                    out[key] = _norm_units(plans[layer.out_group], state_a[key], state_b[key], alpha)
+            covered.update(k for k in state_a if k.startswith(f"{layer.norm}."))
+            if f"{layer.norm}.num_batches_tracked" in state_a:
+                out[f"{layer.norm}.num_batches_tracked"] = state_a[f"{layer.norm}.num_batches_tracked"]
+    for key, t in state_a.items():  # anything outside the spec (buffers with no units) comes from A
+        if key not in covered and key not in out:
+            out[key] = t
+    return out
+
+
+def build(spec: PermutationSpec, plans: dict[str, GroupPlan], model_a: nn.Module, model_b: nn.Module, *,
+          architecture: str, model_args: dict, alpha: float = 0.5, cross: str = "interpolate",
+          **config) -> PartialMergedModel:
+    """The partitioned merged model for ``plans`` (γ=0 everywhere gives the ordinary full merge)."""
+    state = merged_state(spec, plans, model_a.state_dict(), model_b.state_dict(), alpha, cross)
+    partition = {g: list(p.sizes) for g, p in plans.items()}
+    dtype = next(model_a.parameters()).dtype
+    model = PartialMergedModel(architecture, model_args, partition, alpha=alpha, cross=cross, **config)
+    model.to(dtype).net.load_state_dict(state, strict=True)
+    return model.to(next(model_a.parameters()).device)

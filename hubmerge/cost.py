@@ -1,0 +1,135 @@
+"""Cost model: non-zero parameters and FLOPs of a partitioned model (method §4), the units of the budget.
+
+Per layer, non-zero weights = (k_A·(k_A′+m′) + m·w′ + k_B·(m′+k_B′)) × kernel size (primes: input group,
+times the flatten stride), plus one bias per output unit and two affine norm parameters per unit. FLOPs
+count 2 per multiply-accumulate of conv/linear layers at the given input resolution (norms, activations
+and pooling are left out, which the relative increase barely notices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .spec import Layer, PermutationSpec
+
+Sizes = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """What a layer's cost depends on besides the partition."""
+
+    kernel: int  # weights per (output unit, input entry) pair: kh·kw for a conv, 1 for a linear
+    positions: int  # output spatial positions per sample at the probed resolution
+    bias: bool
+    norm_params: int  # affine parameters per unit of the following norm
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.params + other.params, self.flops + other.flops)
+
+
+def _weighted(module: nn.Module) -> nn.Module:
+    """The module itself, or the first sub-layer of a partitioned one."""
+    return module if hasattr(module, "weight") else next(m for m in module.children() if hasattr(m, "weight"))
+
+
+@torch.no_grad()
+def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...]) -> dict[str, LayerGeometry]:
+    """Probe one forward pass at ``input_size`` (C, H, W) to learn each layer's output positions."""
+    positions: dict[str, int] = {}
+    hooks = [net.get_submodule(l.name).register_forward_hook(
+        lambda _m, _i, out, name=l.name: positions.__setitem__(name, out[0, 0].numel())) for l in spec.layers]
+    param = next(net.parameters())
+    try:
+        net.eval()(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    geo = {}
+    for l in spec.layers:
+        w = _weighted(net.get_submodule(l.name))
+        norm = net.get_submodule(l.norm) if l.norm else None
+        geo[l.name] = LayerGeometry(
+            kernel=w.weight[0, 0].numel(), positions=positions[l.name], bias=w.bias is not None,
+            norm_params=2 if norm is not None and norm.affine else 0,
+        )
+    return geo
+
+
+def layer_cost(layer: Layer, geo: LayerGeometry, out: Sizes, inp: Sizes) -> Cost:
+    """Closed-form cost of one partitioned layer."""
+    ka, m, kb = out
+    ia, im, ib = (s * layer.in_repeat for s in inp)
+    weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
+    units = ka + m + kb
+    return Cost(weights + units * (geo.bias + geo.norm_params), 2 * weights * geo.positions)
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Per-layer, per-group (layers writing into the group) and total cost."""
+
+    layers: dict[str, Cost]
+    groups: dict[str, Cost]
+    total: Cost
+
+    def to_dict(self) -> dict:
+        return {"total": asdict(self.total), "groups": {g: asdict(c) for g, c in self.groups.items()}}
+
+
+def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[str, Sizes],
+         fixed: dict[str, tuple[int, int]]) -> CostReport:
+    """Cost of the model with ``partition``; ``fixed[layer] = (out, in)`` widths of fixed axes."""
+    layers, groups = {}, {g: Cost(0, 0) for g in spec.groups}
+    for l in spec.layers:
+        out = partition[l.out_group] if l.out_group else (0, fixed[l.name][0], 0)
+        inp = partition[l.in_group] if l.in_group else (0, fixed[l.name][1], 0)
+        layers[l.name] = layer_cost(l, geo[l.name], out, inp)
+        if l.out_group:
+            groups[l.out_group] = groups[l.out_group] + layers[l.name]
+    total = sum(layers.values(), Cost(0, 0))
+    return CostReport(layers, groups, total)
+
+
+def full_partition(spec: PermutationSpec) -> dict[str, Sizes]:
+    """One endpoint's partition: every unit shared."""
+    return {g: (0, grp.width, 0) for g, grp in spec.groups.items()}
+
+
+def fixed_widths(spec: PermutationSpec, net: nn.Module) -> dict[str, tuple[int, int]]:
+    """Widths of every layer's output and input axes as stored (fixed axes never change with γ)."""
+    out = {}
+    for l in spec.layers:
+        module = net.get_submodule(l.name)
+        w = _weighted(module).weight
+        sizes_out = getattr(module, "out_sizes", None)
+        sizes_in = getattr(module, "in_sizes", None)
+        out[l.name] = (sum(sizes_out) if sizes_out else w.shape[0], sum(sizes_in) if sizes_in else w.shape[1])
+    return out
+
+
+class CostModel:
+    """Costs of any partition of one architecture, relative to one endpoint (what the budget counts)."""
+
+    def __init__(self, spec: PermutationSpec, net: nn.Module, input_size: tuple[int, ...]):
+        self.spec = spec
+        self.geo = geometry(net, spec, input_size)
+        self.fixed = fixed_widths(spec, net)
+        self.endpoint = self(full_partition(spec)).total
+
+    def __call__(self, partition: dict[str, Sizes]) -> CostReport:
+        return cost(self.spec, self.geo, partition, self.fixed)
+
+    def increase(self, partition: dict[str, Sizes]) -> dict[str, float]:
+        """Relative increase over one endpoint, in parameters and in FLOPs."""
+        total = self(partition).total
+        return {"params": total.params / self.endpoint.params - 1, "flops": total.flops / self.endpoint.flops - 1}

@@ -1,0 +1,148 @@
+"""Calibration and evaluation data: whatever the user has, as batches of (inputs, labels or None).
+
+Accepted: a torch ``DataLoader`` (or any re-iterable of tensors, ``(x, y)`` tuples or dicts), a torch
+``Dataset``, or a Hugging Face ``datasets.Dataset`` whose image and label columns are found by type or
+name and preprocessed as the endpoint's timm ``pretrained_cfg`` says (size, channels, mean/std).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import DataError
+
+Batches = Union[DataLoader, Iterable]
+IMAGE_NAMES = ("image", "img", "pixel_values", "images", "x", "input", "inputs")
+LABEL_NAMES = ("label", "labels", "y", "target", "targets", "class", "fine_label")
+
+# Progress bars are for people at a terminal; the CLI's --quiet turns them off for everything.
+SHOW_PROGRESS = {"enabled": True}
+
+
+def progress_bar(it: Iterable, desc: str | bool, total: int | None = None) -> Iterable:
+    """Wrap ``it`` in a tqdm bar on stderr when ``desc`` is given and stderr is a terminal."""
+    if not desc or not SHOW_PROGRESS["enabled"] or not sys.stderr.isatty():
+        return it
+    return tqdm(it, desc=str(desc), total=total, leave=False, file=sys.stderr)
+
+
+def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in IMAGE_NAMES if k in batch), None)
+        if x is None:
+            raise DataError(f"batch dict has no input key (one of {IMAGE_NAMES}); keys: {sorted(batch)}")
+        return x, next((batch[k] for k in LABEL_NAMES if k in batch), None)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise DataError(f"cannot read a batch of type {type(batch).__name__}: yield tensors, (x, y) or dicts")
+
+
+def batches(data: Batches, device: torch.device | str = "cpu", progress: str | bool = False
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Iterate ``(x, y)`` on ``device``; ``y`` is None for label-free data."""
+    total = len(data) if hasattr(data, "__len__") else None
+    for batch in progress_bar(data, progress, total):
+        x, y = _split(batch)
+        yield x.to(device), (None if y is None else y.to(device))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image → normalised float tensor of ``input_size`` (C, H, W), as the endpoint was trained."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> Preprocess:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise DataError("the model has no pretrained_cfg['input_size']; give a Preprocess explicitly")
+        c = cfg["input_size"][0]
+        return cls(tuple(cfg["input_size"]), tuple(cfg.get("mean", (0.5,) * c)), tuple(cfg.get("std", (0.5,) * c)))
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(image))
+        scale = 255.0 if t.dtype == torch.uint8 else 1.0
+        t = t.to(torch.float32) / scale
+        if t.dim() == 2:
+            t = t[None]
+        elif t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
+            t = t.permute(2, 0, 1)
+        c, h, w = self.input_size
+        if t.shape[0] == 4:
+            t = t[:3]
+        if t.shape[0] != c:
+            t = t.mean(0, keepdim=True) if c == 1 else t.expand(c, -1, -1)
+        if tuple(t.shape[1:]) != (h, w):
+            t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        mean = torch.tensor(self.mean[:c]).view(-1, 1, 1)
+        std = torch.tensor(self.std[:c]).view(-1, 1, 1)
+        return (t - mean) / std
+
+
+def find_columns(ds: Any, image_column: str | None = None, label_column: str | None = None
+                 ) -> tuple[str, str | None]:
+    """The image column (by ``Image`` feature type or a usual name) and the label column (``ClassLabel``
+    or a usual name; None when there is none, which is fine for label-free calibration)."""
+    import datasets
+
+    features = ds.features
+    for given in (image_column, label_column):
+        if given is not None and given not in features:
+            raise DataError(f"column {given!r} not in the dataset; columns: {list(features)}")
+    image = image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    image = image or next((k for k in IMAGE_NAMES if k in features), None)
+    if image is None:
+        raise DataError(f"no image column found among {list(features)}; name it with image_column=/--image-column")
+    label = label_column or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    label = label or next((k for k in LABEL_NAMES if k in features), None)
+    return image, label
+
+
+class HFImages(Dataset):
+    """A ``datasets.Dataset`` seen as (image tensor, label) pairs."""
+
+    def __init__(self, ds: Any, preprocess: Preprocess, image_column: str | None = None,
+                 label_column: str | None = None):
+        self.ds = ds
+        self.preprocess = preprocess
+        self.image, self.label = find_columns(ds, image_column, label_column)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        row = self.ds[int(i)]
+        x = self.preprocess(row[self.image])
+        return (x, torch.as_tensor(row[self.label])) if self.label else x
+
+
+def as_batches(data: Any, *, preprocess: Preprocess | None = None, batch_size: int = 256,
+               image_column: str | None = None, label_column: str | None = None) -> Batches:
+    """Turn a DataLoader, torch Dataset or ``datasets.Dataset`` into re-iterable batches."""
+    if data is None:
+        raise DataError("no data given")
+    if type(data).__module__.startswith("datasets"):
+        if len(data) == 0:
+            raise DataError("the dataset is empty")
+        if preprocess is None:
+            raise DataError("a datasets.Dataset needs a Preprocess (taken from the endpoint's pretrained_cfg)")
+        data = HFImages(data, preprocess, image_column, label_column)
+    if isinstance(data, Dataset):
+        if len(data) == 0:
+            raise DataError("the dataset is empty")
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    return data

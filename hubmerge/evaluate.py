@@ -1,0 +1,72 @@
+"""Evaluation (method §6): accuracy and cross-entropy, the logit-averaged ensemble, barriers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Batches, batches
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Metrics:
+    accuracy: float
+    loss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """Interpolated endpoints minus the merge (accuracy) and merge minus endpoints (loss); negative is
+    better than the endpoints' average."""
+
+    accuracy: float
+    loss: float
+
+
+class Ensemble(nn.Module):
+    """The logit average (1−α)·f_A + α·f_B, the reference ceiling of a partial merge."""
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, alpha: float = 0.5):
+        super().__init__()
+        self.model_a, self.model_b, self.alpha = model_a, model_b, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.alpha) * self.model_a(x) + self.alpha * self.model_b(x)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, data: Batches, device: torch.device | str = "cpu") -> torch.Tensor:
+    """All logits of ``model`` on ``data``, concatenated (used for label-free agreement scores)."""
+    model.eval().to(device)
+    return torch.cat([model(x).double().cpu() for x, _ in batches(data, device)])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu",
+             progress: str | bool = False) -> Metrics:
+    """Top-1 accuracy and mean cross-entropy on labelled data."""
+    model.eval().to(device)
+    correct, loss, n = 0, 0.0, 0
+    for x, y in batches(data, device, progress):
+        if y is None:
+            raise DataError("evaluation data has no labels; give a label column or (x, y) batches")
+        out = model(x)
+        correct += (out.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(out.double(), y, reduction="sum").item()
+        n += len(y)
+    if n == 0:
+        raise DataError("evaluation data is empty")
+    return Metrics(correct / n, loss / n, n)
+
+
+def barrier(a: Metrics, b: Metrics, merged: Metrics, alpha: float = 0.5) -> Barrier:
+    """Accuracy and loss barrier of ``merged`` against the α-interpolated endpoints."""
+    return Barrier(
+        accuracy=(1 - alpha) * a.accuracy + alpha * b.accuracy - merged.accuracy,
+        loss=merged.loss - ((1 - alpha) * a.loss + alpha * b.loss),
+    )

@@ -1,0 +1,62 @@
+"""Merge options: one validated model at the boundary, shared by the Python API, the CLI and recipes.
+
+Validation happens before any download or compute, so a bad option costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UsageError
+
+
+class MergeOptions(BaseModel):
+    """Every knob of a merge, with the defaults a user gets when saying nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="interpolation factor; 0 = model A, 1 = model B")
+    align: Literal["activation", "weight"] = "activation"
+    repair: Optional[Literal["repair", "reset"]] = "repair"
+    repair_unmerged: bool = Field(False, description="also renormalise unmerged units toward their endpoint")
+    gamma: Union[float, dict[str, float]] = Field(0.0, description="share of units kept apart, per group or all")
+    partial: Literal["forced", "adaptive", "topk", "random"] = "forced"
+    epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")
+    cross: Literal["interpolate", "fill"] = "interpolate"
+    budget: Optional[float] = Field(None, description="relative size increase over one endpoint, 0..1")
+    budget_unit: Literal["params", "flops"] = "params"
+    allocator: Literal["greedy", "benefit", "uniform", "adaptive"] = "greedy"
+    score: Literal["auto", "accuracy", "loss", "agreement"] = Field(
+        "auto", description="benefit measure; auto = loss with labels, KL to the ensemble without")
+    greedy_step: float = Field(0.25, gt=0.0, le=1.0, description="γ step of the greedy allocator")
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeOptions:
+        gammas = self.gamma.values() if isinstance(self.gamma, dict) else [self.gamma]
+        if any(not 0.0 <= g <= 1.0 for g in gammas):
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.budget is not None and not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1] (0 = full merge, 1 = ensemble), got {self.budget}")
+        return self
+
+    @classmethod
+    def parse(cls, **values) -> MergeOptions:
+        """Validate, turning pydantic's report into one UsageError line per problem."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            )
+            raise UsageError(f"invalid merge options: {problems}") from None
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether this merge needs calibration data (only weight matching without REPAIR does not)."""
+        return self.align == "activation" or self.repair is not None or self.budget is not None

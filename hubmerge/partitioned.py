@@ -1,0 +1,168 @@
+"""The partitioned merged model (method §4, thesis App. B).
+
+Every conv/linear of the base architecture becomes a :class:`PartitionedLayer`: up to three dense
+sub-layers, ``a_only`` (reads ``[A-only | shared]``), ``shared`` (reads everything) and ``b_only`` (reads
+``[shared | B-only]``), whose outputs are concatenated. The zero blocks of the equivalent wide layer are
+never stored or computed. Norms become per-unit norms of the wider group. The rest of the architecture
+(activations, pooling, residual adds) is the base model's own code, untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from . import __version__
+from .arch_specs import build_model, spec_for
+from .errors import CheckpointError
+from .spec import Layer, PermutationSpec
+
+BLOCKS = ("a_only", "shared", "b_only")
+Sizes = tuple[int, int, int]
+
+
+def _like(template: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """A Conv2d/Linear with the template's hyper-parameters and the given widths."""
+    bias = template.bias is not None
+    if isinstance(template, nn.Conv2d):
+        return nn.Conv2d(in_features, out_features, template.kernel_size, template.stride, template.padding,
+                         template.dilation, bias=bias, padding_mode=template.padding_mode)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class PartitionedLayer(nn.Module):
+    """A conv/linear layer stored and executed as its non-zero blocks."""
+
+    def __init__(self, template: nn.Module, out_sizes: Sizes, in_sizes: Sizes, in_repeat: int = 1):
+        super().__init__()
+        self.out_sizes, self.in_sizes = tuple(out_sizes), tuple(in_sizes)
+        ka, m, kb = (s * in_repeat for s in in_sizes)
+        total = ka + m + kb
+        self.slices = {"a_only": (0, ka + m), "shared": (0, total), "b_only": (ka, total)}
+        for block, rows in zip(BLOCKS, out_sizes):
+            if rows:
+                lo, hi = self.slices[block]
+                self.add_module(block, _like(template, hi - lo, rows))
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The present sub-layers, in output order."""
+        return [(b, getattr(self, b)) for b in BLOCKS if hasattr(self, b)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.slices["shared"][1]
+        outs = []
+        for block, module in self.blocks():
+            lo, hi = self.slices[block]
+            outs.append(module(x if (lo, hi) == (0, total) else x[:, lo:hi]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def dense(self) -> nn.Module:
+        """The equivalent plain layer, zero blocks included (for inspection and export)."""
+        blocks = self.blocks()
+        template = blocks[0][1]
+        w = template.weight
+        out = _like(template, self.slices["shared"][1], sum(self.out_sizes)).to(w.device, w.dtype)
+        with torch.no_grad():
+            out.weight.zero_()
+            row = 0
+            for block, module in blocks:
+                lo, hi = self.slices[block]
+                rows = module.weight.shape[0]
+                out.weight[row : row + rows, lo:hi] = module.weight
+                if out.bias is not None:
+                    out.bias[row : row + rows] = module.bias
+                row += rows
+        return out
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _norm_like(norm: nn.Module, width: int) -> nn.Module:
+    return type(norm)(width, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                      track_running_stats=norm.track_running_stats)
+
+
+def sizes_for(spec: PermutationSpec, layer: Layer, partition: dict[str, Sizes], model: nn.Module
+              ) -> tuple[Sizes, Sizes]:
+    """(out sizes, in sizes) of a layer; the fixed input and output count as all-shared."""
+    weight = model.get_submodule(layer.name).weight
+    out = tuple(partition[layer.out_group]) if layer.out_group else (0, weight.shape[0], 0)
+    inp = tuple(partition[layer.in_group]) if layer.in_group else (0, weight.shape[1], 0)
+    return out, inp
+
+
+class PartialMergedModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="hubmerge",
+    tags=["hubmerge", "model-merging", "partial-merging"],
+    repo_url="https://pypi.org/project/hubmerge/",
+):
+    """A partially merged model: the base architecture with every layer partitioned per group.
+
+    ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
+    ``alpha``, ``cross``, ``endpoints``, ``settings``) is enough to rebuild the empty model, so
+    :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
+    """
+
+    def __init__(self, architecture: str, model_args: dict, partition: dict[str, list[int]],
+                 alpha: float = 0.5, cross: str = "interpolate", endpoints: dict | None = None,
+                 settings: dict | None = None, hubmerge_version: str = __version__):
+        super().__init__()
+        self.architecture, self.model_args = architecture, dict(model_args)
+        self.alpha, self.cross = alpha, cross
+        self.endpoints, self.settings = endpoints or {}, settings or {}
+        self.hubmerge_version = hubmerge_version
+        net = build_model(architecture, self.model_args)
+        self.spec = spec_for(net)
+        self.partition = self._check_partition(partition)
+        for layer in self.spec.layers:
+            out, inp = sizes_for(self.spec, layer, self.partition, net)
+            template = net.get_submodule(layer.name)
+            if layer.norm:
+                _replace(net, layer.norm, _norm_like(net.get_submodule(layer.norm), sum(out)))
+            _replace(net, layer.name, PartitionedLayer(template, out, inp, layer.in_repeat))
+        self.pretrained_cfg = dict(getattr(net, "pretrained_cfg", {}))
+        self.net = net.eval()
+
+    def _check_partition(self, partition: dict[str, list[int]]) -> dict[str, Sizes]:
+        if set(partition) != set(self.spec.groups):
+            raise CheckpointError(f"partition groups {sorted(partition)} do not match the {self.architecture} "
+                                  f"spec's groups {sorted(self.spec.groups)}")
+        for g, (ka, m, kb) in partition.items():
+            n = self.spec.groups[g].width
+            if ka + m != n or m + kb != n:
+                raise CheckpointError(f"group {g}: sizes {(ka, m, kb)} do not hold all {n} units of each endpoint")
+        return {g: tuple(int(s) for s in v) for g, v in partition.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def layer(self, name: str) -> PartitionedLayer:
+        """The partitioned module of a spec layer."""
+        return self.net.get_submodule(name)
+
+    def materialize(self) -> nn.Module:
+        """An equivalent plain model (zero-padded wide layers); for γ=0 it is the base timm model."""
+        net = copy.deepcopy(self.net)
+        for layer in self.spec.layers:
+            _replace(net, layer.name, net.get_submodule(layer.name).dense())
+        return net
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, map_location: str = "cpu", strict: bool = True,
+                         **model_kwargs):
+        """The mixin's loader, made strict and safetensors-only: a missing, extra, misshapen or truncated
+        tensor is an error, and a pickle checkpoint is refused."""
+        from .hub import load_checkpoint
+
+        return load_checkpoint(cls, model_id=model_id, revision=revision, cache_dir=cache_dir,
+                               force_download=force_download, local_files_only=local_files_only, token=token,
+                               map_location=map_location, model_kwargs=model_kwargs)

@@ -1,0 +1,109 @@
+"""REPAIR (method §5): undo the variance collapse of interpolated units.
+
+``repair``: for each layer, front to back, measure the merged model's pre-activation mean/std per unit on
+calibration data and fold an affine correction into the layer (into its norm when one follows, else into
+its weight and bias), so the statistics become the endpoints' interpolated ones
+(μ* = (1−α)μ_A + αμ_B, σ* = (1−α)σ_A + ασ_B). Shared units always; unmerged units toward their own
+endpoint's statistics when ``unmerged=True``. ``reset``: re-estimate BatchNorm running statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import Batches, batches
+from .errors import UsageError
+from .partial import GroupPlan
+from .partitioned import PartialMergedModel
+from .spec import Layer
+from .statistics import Statistics, layer_moments
+
+REPAIRS = ("repair", "reset")
+VAR_EPS = 1e-5  # keeps the scale bounded for a unit that the merge made dead (σ = 0)
+
+
+def _targets(layer: Layer, plan: GroupPlan, stats: Statistics, alpha: float, unmerged: bool):
+    """Target mean/std per merged unit and the mask of units to correct."""
+    a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
+
+    def lay(ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ta[plan.a_only], (1 - alpha) * ta[plan.shared_a] + alpha * tb[plan.shared_b],
+                          tb[plan.b_only]])
+
+    ka, m, kb = plan.sizes
+    mask = torch.cat([torch.full((ka,), unmerged), torch.ones(m, dtype=torch.bool), torch.full((kb,), unmerged)])
+    return lay(a.mean, b.mean), lay(a.std, b.std), mask
+
+
+@torch.no_grad()
+def _fold(model: PartialMergedModel, layer: Layer, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make the layer's output behave as ``scale·x + shift`` without changing module types."""
+    if layer.norm:
+        norm = model.net.get_submodule(layer.norm)
+        # BN(s·x + t) = (γ·s)·(x − (μ_run − t)/s)/√(σ²_run + ε) + β
+        norm.running_mean.copy_(((norm.running_mean.double() - shift) / scale).to(norm.running_mean.dtype))
+        norm.weight.mul_(scale.to(norm.weight.dtype))
+        return
+    row = 0
+    for _, sub in model.layer(layer.name).blocks():
+        rows = sub.weight.shape[0]
+        s, t = scale[row : row + rows], shift[row : row + rows]
+        if sub.bias is None:
+            raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
+        sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
+        sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
+        row += rows
+
+
+def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches, *,
+           unmerged: bool = False, device: torch.device | str = "cpu") -> PartialMergedModel:
+    """Correct every hidden layer's pre-activation statistics in place, front to back."""
+    for layer in model.spec.layers:
+        if layer.out_group is None:  # the logits are the output, not a unit to renormalise
+            continue
+        mean_t, std_t, mask = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
+        got = layer_moments(model.net, [layer.name], data, device, stop=True)[layer.name]
+        scale = ((std_t**2 + VAR_EPS) / (got.std**2 + VAR_EPS)).sqrt().cpu()
+        scale = torch.where(mask, scale, torch.ones_like(scale))
+        shift = torch.where(mask, mean_t - scale * got.mean.cpu(), torch.zeros_like(scale))
+        _fold(model, layer, scale, shift)
+    return model
+
+
+@torch.no_grad()
+def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "cpu") -> nn.Module:
+    """REPAIR's RESET: recompute every BatchNorm's running statistics on ``data`` (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise UsageError("repair='reset' re-estimates BatchNorm statistics, but the model has none; use 'repair'")
+    model.eval().to(device)
+    momenta = [n.momentum for n in norms]
+    for n in norms:
+        n.reset_running_stats()
+        n.momentum = None
+        n.train()
+    try:
+        for x, _ in batches(data, device):
+            model(x)
+    finally:
+        for n, mom in zip(norms, momenta):
+            n.momentum = mom
+        model.eval()
+    return model
+
+
+def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupPlan], stats: Statistics | None,
+          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu"
+          ) -> PartialMergedModel:
+    """Run the chosen REPAIR variant (None = leave the merge as built)."""
+    if method is None:
+        return model
+    if method not in REPAIRS:
+        raise UsageError(f"unknown repair {method!r}; choose one of {REPAIRS} or None")
+    if data is None:
+        raise UsageError(f"repair={method!r} needs calibration data")
+    if method == "reset":
+        reset_norms(model, data, device)
+        return model
+    return repair(model, plans, stats, data, unmerged=unmerged, device=device)
