@@ -102,6 +102,7 @@ class Prepared:
                                           state_a=model_a.state_dict(), state_b=model_b.state_dict(),
                                           seed=options.seed)
         self.costs = CostModel(self.spec, self.model_a, self._input_size())
+        self._plans: dict = {}
 
     def batches(self, data: Any):
         """User data as batches, preprocessed like the endpoints when it is a ``datasets.Dataset``."""
@@ -129,7 +130,8 @@ class Prepared:
 
     def plans(self, gamma: float | dict[str, float]) -> dict[str, partial.GroupPlan]:
         o = self.options
-        return partial.plan(self.spec, self.scores, gamma, o.partial, epsilon=o.epsilon, seed=o.seed)
+        return partial.plan(self.spec, self.scores, gamma, o.partial, epsilon=o.epsilon, seed=o.seed,
+                            cache=self._plans)
 
     def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default") -> PartialMergedModel:
         """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``."""

@@ -74,7 +74,7 @@ class Preprocess:
         return cls(tuple(cfg["input_size"]), tuple(cfg.get("mean", (0.5,) * c)), tuple(cfg.get("std", (0.5,) * c)))
 
     def __call__(self, image: Any) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(image))
+        t = torch.as_tensor(np.array(image))
         scale = 255.0 if t.dtype == torch.uint8 else 1.0
         t = t.to(torch.float32) / scale
         if t.dim() == 2:

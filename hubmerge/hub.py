@@ -124,5 +124,9 @@ def load_checkpoint(cls, *, model_id: str, revision, cache_dir, force_download: 
     if "architecture" not in kwargs or "partition" not in kwargs:
         raise CheckpointError(f"{model_id}: {CONFIG} is not a hubmerge PartialMergedModel config")
     model = cls(**kwargs)
-    load_state_strict(model, load_weights(resolved, map_location), model_id)
+    state = load_weights(resolved, map_location)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is not None:  # keep the stored precision instead of rounding into a float32 model
+        model.to(dtype)
+    load_state_strict(model, state, model_id)
     return model.to(map_location).eval()

@@ -57,6 +57,11 @@ def _relaxed(scores: torch.Tensor, k: int, fill: tuple[float, float]) -> GroupPl
     splits a pair only where its score is below ε, at most k times (adaptive buffers).
     """
     n = scores.shape[0]
+    if k == 0:  # no buffers: the ordinary assignment, without padding
+        return GroupPlan.from_pairs(torch.arange(n), lap(scores), torch.zeros(n, dtype=torch.bool))
+    if k == n and fill[0] > fill[1]:  # forced with every unit split: nothing left to match
+        every = torch.arange(n)
+        return GroupPlan(every, every[:0], every[:0], every)
     padded = torch.full((n + k, n + k), fill[1], dtype=torch.float64)
     padded[:n, :n] = scores
     padded[:n, n:] = fill[0]
@@ -107,8 +112,18 @@ def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[s
 
 
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | dict[str, float],
-         method: str = "forced", *, epsilon: float = 0.0, seed: int = 0) -> dict[str, GroupPlan]:
-    """Plans for every group (γ per group, a scalar meaning the same γ everywhere)."""
+         method: str = "forced", *, epsilon: float = 0.0, seed: int = 0,
+         cache: dict[tuple[str, float], GroupPlan] | None = None) -> dict[str, GroupPlan]:
+    """Plans for every group (γ per group, a scalar meaning the same γ everywhere).
+
+    A group's plan depends only on its own scores and γ, so ``cache`` (keyed by group and γ) lets the
+    budget search re-plan only the groups it changes.
+    """
     gammas = gammas_for(spec, gamma)
-    return {g: plan_group(scores[g], gammas[g], method, epsilon=epsilon, seed=seed + i)
-            for i, g in enumerate(spec.groups)}
+    cache = {} if cache is None else cache
+    out = {}
+    for i, g in enumerate(spec.groups):
+        if (g, gammas[g]) not in cache:
+            cache[(g, gammas[g])] = plan_group(scores[g], gammas[g], method, epsilon=epsilon, seed=seed + i)
+        out[g] = cache[(g, gammas[g])]
+    return out

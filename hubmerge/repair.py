@@ -20,7 +20,7 @@ from .spec import Layer
 from .statistics import Statistics, layer_moments
 
 REPAIRS = ("repair", "reset")
-VAR_EPS = 1e-5  # keeps the scale bounded for a unit that the merge made dead (σ = 0)
+DEAD = 1e-8  # a merged unit with σ below this is dead: scaling cannot revive it, so only its mean is set
 
 
 def _targets(layer: Layer, plan: GroupPlan, stats: Statistics, alpha: float, unmerged: bool):
@@ -64,8 +64,8 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
             continue
         mean_t, std_t, mask = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
         got = layer_moments(model.net, [layer.name], data, device, stop=True)[layer.name]
-        scale = ((std_t**2 + VAR_EPS) / (got.std**2 + VAR_EPS)).sqrt().cpu()
-        scale = torch.where(mask, scale, torch.ones_like(scale))
+        std = got.std.cpu()
+        scale = torch.where(mask & (std > DEAD), std_t / std.clamp_min(DEAD), torch.ones_like(std))
         shift = torch.where(mask, mean_t - scale * got.mean.cpu(), torch.zeros_like(scale))
         _fold(model, layer, scale, shift)
     return model

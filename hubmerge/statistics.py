@@ -16,8 +16,6 @@ from .data import Batches, batches
 from .errors import DataError
 from .spec import PermutationSpec
 
-EPS = 1e-8  # guards the correlation of a dead unit (zero variance) and REPAIR's division
-
 
 def _flat(out: torch.Tensor) -> torch.Tensor:
     """(N, C, *spatial) → (N·spatial, C) in float64: every position is a sample of each unit."""
@@ -72,7 +70,9 @@ class PairMoments:
         """C[i, j] = corr(x_A,i, x_B,j); a dead unit correlates 0 with everything."""
         n = self.a.count
         cov = self.cross / n - torch.outer(self.a.mean, self.b.mean)
-        return cov / (torch.outer(self.a.std, self.b.std) + EPS)
+        denom = torch.outer(self.a.std, self.b.std)
+        # no epsilon in the denominator: it would bias low-variance units' correlations away from 1
+        return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
 
 
 @dataclass

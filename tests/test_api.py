@@ -1,0 +1,81 @@
+import datasets
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import hubmerge
+from hubmerge.errors import DataError, IncompatibleModelsError, UnsupportedModelError, UsageError
+
+from conftest import labelled, make
+
+
+def test_merge_report_has_every_model_and_barrier():
+    a, b = make("mlp_bn", 1), make("mlp_bn", 2)
+    data = labelled("mlp_bn")
+    result = hubmerge.merge(a, b, data, evaluation=data, gamma=0.2)
+    report = result.report.to_dict()
+    assert set(report["metrics"]) == {"a", "b", "ensemble", "full_merge", "full_merge_repair", "merged"}
+    m = report["metrics"]
+    assert report["barrier"]["accuracy"] == pytest.approx((m["a"]["accuracy"] + m["b"]["accuracy"]) / 2
+                                                          - m["merged"]["accuracy"])
+    assert 0 < report["param_increase"] < 1
+    assert isinstance(result.model, hubmerge.PartialMergedModel)
+
+
+def test_same_inputs_give_the_same_merged_weights():
+    a, b = make("timm_resnet18", 1), make("timm_resnet18", 2)
+    data = labelled("timm_resnet18")
+    one = hubmerge.merge(a, b, data, gamma=0.3, partial="random", seed=4).model.state_dict()
+    two = hubmerge.merge(a, b, data, gamma=0.3, partial="random", seed=4).model.state_dict()
+    assert all(torch.equal(v, two[k]) for k, v in one.items())
+
+
+def test_datasets_dataset_as_calibration_and_evaluation():
+    a, b = make("mlp_bn", 1), make("mlp_bn", 2)
+    rng = np.random.default_rng(0)
+    ds = datasets.Dataset.from_dict(
+        {"image": [rng.integers(0, 255, (6, 6), dtype=np.uint8) for _ in range(20)], "label": [i % 10 for i in range(20)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
+    result = hubmerge.merge(a.float(), b.float(), ds, evaluation=ds, gamma=0.1, batch_size=8)
+    assert result.report.metrics["a"].samples == 20
+
+
+def test_different_architectures_are_refused():
+    with pytest.raises(IncompatibleModelsError, match="different architectures"):
+        hubmerge.merge(make("mlp", 0), make("timm_resnet18", 0), labelled("mlp"))
+
+
+def test_different_class_counts_are_refused():
+    a = timm.create_model("hubmerge_mlp", depth=1, width=4, img_size=6, num_classes=3)
+    b = timm.create_model("hubmerge_mlp", depth=1, width=4, img_size=6, num_classes=5)
+    with pytest.raises(IncompatibleModelsError, match="class counts"):
+        hubmerge.merge(a, b, [torch.randn(2, 1, 6, 6)])
+
+
+def test_model_without_adapter_is_refused():
+    with pytest.raises(UnsupportedModelError, match="Supported families"):
+        hubmerge.merge(nn.Linear(2, 2), nn.Linear(2, 2), [torch.randn(2, 2)])
+
+
+def test_empty_calibration_is_refused():
+    with pytest.raises(DataError, match="empty"):
+        hubmerge.merge(make("mlp", 0), make("mlp", 1), [])
+
+
+def test_missing_calibration_is_refused_unless_data_free():
+    with pytest.raises(DataError, match="calibration data"):
+        hubmerge.merge(make("mlp", 0), make("mlp", 1), None)
+    result = hubmerge.merge(make("mlp", 0), make("mlp", 1), None, align="weight", repair=None)
+    assert result.report.metrics == {}
+
+
+def test_bad_options_are_usage_errors_before_any_work():
+    with pytest.raises(UsageError, match="alpha"):
+        hubmerge.merge(None, None, None, alpha=2.0)
+    with pytest.raises(UsageError, match="budget"):
+        hubmerge.merge(None, None, None, budget=1.5)
+    with pytest.raises(UsageError, match="allocator"):
+        hubmerge.merge(None, None, None, allocator="magic")

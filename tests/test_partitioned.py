@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from hubmerge import PartialMergedModel
+from hubmerge.cost import CostModel
+from hubmerge.errors import CheckpointError
+
+from conftest import inputs
+from helpers import prepared
+
+
+@pytest.fixture
+def saved(tmp_path):
+    p = prepared("timm_resnet18", cross="fill")
+    model = p.build(p.plans(0.3))
+    model.save_pretrained(tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def test_save_load_roundtrip_gives_identical_outputs(saved):
+    model, path = saved
+    loaded = PartialMergedModel.from_pretrained(path).double()
+    x = inputs("timm_resnet18")
+    assert torch.equal(model(x), loaded(x))
+    config = json.loads((path / "config.json").read_text())
+    assert config["architecture"] == "resnet18" and config["cross"] == "fill"
+    assert config["partition"] == {g: list(s) for g, s in model.partition.items()}
+    assert "hubmerge_version" in config
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_stored_tensors_are_only_the_nonzero_blocks(saved):
+    model, path = saved
+    stored = safetensors.torch.load_file(path / "model.safetensors")
+    assert "net.layer1.0.conv1.a_only.weight" in stored and "net.layer1.0.conv1.shared.weight" in stored
+    params = {k for k, _ in model.named_parameters()}
+    stored_params = sum(t.numel() for k, t in stored.items() if k in params)
+    closed_form = CostModel(model.spec, model.net, (3, 32, 32))(model.partition).total.params
+    assert stored_params == sum(p.numel() for p in model.parameters()) == closed_form
+
+
+def _tamper(path, fn):
+    state = safetensors.torch.load_file(path / "model.safetensors")
+    fn(state)
+    safetensors.torch.save_file(state, path / "model.safetensors")
+
+
+def test_missing_tensor_fails_to_load(saved):
+    _, path = saved
+    _tamper(path, lambda s: s.pop("net.fc.shared.weight"))
+    with pytest.raises(CheckpointError, match="missing.*net.fc.shared.weight"):
+        PartialMergedModel.from_pretrained(path)
+
+
+def test_extra_tensor_fails_to_load(saved):
+    _, path = saved
+    _tamper(path, lambda s: s.__setitem__("net.fc.extra", torch.zeros(1)))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        PartialMergedModel.from_pretrained(path)
+
+
+def test_wrong_shape_fails_to_load(saved):
+    _, path = saved
+    _tamper(path, lambda s: s.__setitem__("net.fc.shared.weight", s["net.fc.shared.weight"][:, :-1].clone()))
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        PartialMergedModel.from_pretrained(path)
+
+
+def test_truncated_file_fails_to_load(saved):
+    _, path = saved
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        PartialMergedModel.from_pretrained(path)
+
+
+def test_pickle_only_checkpoint_is_refused(saved):
+    model, path = saved
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        PartialMergedModel.from_pretrained(path)
+
+
+def test_inconsistent_partition_in_config_is_refused(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    group = next(iter(config["partition"]))
+    config["partition"][group][0] += 1
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not hold all"):
+        PartialMergedModel.from_pretrained(path)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from hubmerge.api import Prepared
+from hubmerge.errors import UsageError
+from hubmerge.options import MergeOptions
+from hubmerge.statistics import layer_moments
+
+from conftest import inputs, labelled, make
+from helpers import prepared
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18", "cifar_vgg_stride"])
+def test_repair_of_a_merge_with_itself_changes_nothing(case):
+    a = make(case, 1)
+    p = Prepared(a, make(case, 1), labelled(case), MergeOptions.parse())
+    plans = p.plans(0.0)
+    plain, repaired = p.build(plans, repair=None), p.build(plans)
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(v, repaired.state_dict()[k], atol=1e-9, rtol=1e-9), k
+    x = inputs(case)
+    assert (repaired(x) - a(x)).abs().max() < 1e-9
+
+
+def effective_moments(model, plain, layer, data):
+    """Mean/std of a layer's pre-activation as the network sees it: with a norm, REPAIR's correction
+    s·x + t lives in the norm's weight and running mean, so recover s and t from the unrepaired norm."""
+    got = layer_moments(model.net, [layer.name], data)[layer.name]
+    if not layer.norm:
+        return got.mean, got.std
+    fixed, orig = model.net.get_submodule(layer.norm), plain.net.get_submodule(layer.norm)
+    s = (fixed.weight / orig.weight).detach().double()
+    t = orig.running_mean.double() - s * fixed.running_mean.double()
+    return s * got.mean + t, s.abs() * got.std
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18"])
+def test_repair_sets_merged_statistics_to_the_interpolated_targets(case):
+    p = prepared(case)
+    plans = p.plans(0.3)
+    model, plain = p.build(plans), p.build(plans, repair=None)
+    for layer in p.spec.layers[:-1]:
+        mean, std = effective_moments(model, plain, layer, p.calibration)
+        plan = plans[layer.out_group]
+        ka, m, _ = plan.sizes
+        sa, sb = p.stats.layers_a[layer.name], p.stats.layers_b[layer.name]
+        target_mean = (sa.mean[plan.shared_a] + sb.mean[plan.shared_b]) / 2
+        target_std = (sa.std[plan.shared_a] + sb.std[plan.shared_b]) / 2
+        shared = slice(ka, ka + m)
+        assert torch.allclose(mean[shared], target_mean, atol=1e-8), layer.name
+        live = std[shared] > 1e-6  # a unit the merge killed keeps σ = 0: scaling cannot revive it
+        assert live.float().mean() > 0.9
+        assert torch.allclose(std[shared][live], target_std[live], rtol=1e-8), layer.name
+
+
+def test_unmerged_option_corrects_unmerged_units_toward_their_endpoint():
+    p = prepared("mlp", repair_unmerged=True, cross="fill")
+    plans = p.plans(0.5)
+    model = p.build(plans)
+    layer = p.spec.layers[1]
+    got = layer_moments(model.net, [layer.name], p.calibration)[layer.name]
+    ka = plans[layer.out_group].sizes[0]
+    want = p.stats.layers_a[layer.name].mean[plans[layer.out_group].a_only]
+    assert torch.allclose(got.mean[:ka], want, atol=1e-8)
+    default = prepared("mlp", cross="fill")
+    untouched = layer_moments(default.build(plans).net, [layer.name], p.calibration)[layer.name]
+    assert not torch.allclose(untouched.mean[:ka], want, atol=1e-3)
+
+
+def test_reset_recomputes_batchnorm_statistics():
+    p = prepared("mlp_bn", repair="reset")
+    model = p.build(p.plans(0.0))
+    norm = model.net.blocks[0].norm
+    x = torch.cat([x for x, _ in p.calibration])
+    pre = model.net.blocks[0].fc(x.flatten(1))
+    assert torch.allclose(norm.running_mean, pre.mean(0), atol=1e-9)
+
+
+def test_reset_without_batchnorm_is_a_clear_error():
+    p = prepared("mlp", repair="reset")
+    with pytest.raises(UsageError, match="BatchNorm"):
+        p.build(p.plans(0.0))

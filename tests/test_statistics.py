@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from hubmerge.arch_specs import spec_for
+from hubmerge.errors import DataError
+from hubmerge.statistics import collect
+
+from conftest import inputs, make
+
+
+def test_two_half_passes_equal_one_full_pass():
+    a, b = make("timm_resnet18", 0), make("timm_resnet18", 1)
+    spec = spec_for(a)
+    data = [inputs("timm_resnet18", 4, seed=s) for s in range(4)]
+    full = collect(a, b, spec, data)
+    halves = collect(a, b, spec, data[:2]) + collect(a, b, spec, data[2:])
+    assert halves.samples == full.samples == 16
+    for g in spec.groups:
+        assert torch.allclose(halves.correlation(g), full.correlation(g), atol=1e-12, rtol=0)
+    for name, mom in full.layers_a.items():
+        assert torch.allclose(halves.layers_a[name].mean, mom.mean, atol=1e-12)
+        assert torch.allclose(halves.layers_b[name].std, full.layers_b[name].std, atol=1e-12)
+
+
+def test_correlation_matches_numpy_on_one_point():
+    a, b = make("mlp", 0), make("mlp", 1)
+    spec = spec_for(a)
+    x = inputs("mlp", 50)
+    stats = collect(a, b, spec, [x])
+    feats = {}
+    hooks = [m.blocks[0].act.register_forward_hook(lambda _m, _i, o, k=k: feats.__setitem__(k, o))
+             for k, m in (("a", a), ("b", b))]
+    a(x), b(x)
+    for h in hooks:
+        h.remove()
+    ref = torch.corrcoef(torch.cat([feats["a"].T, feats["b"].T]))[:10, 10:]
+    ref = torch.nan_to_num(ref)
+    assert torch.allclose(stats.correlation("blocks.0"), ref, atol=1e-6)
+
+
+def test_memory_does_not_grow_with_data():
+    a, b = make("mlp", 0), make("mlp", 1)
+    spec = spec_for(a)
+    small = collect(a, b, spec, [inputs("mlp", 4)])
+    large = collect(a, b, spec, [inputs("mlp", 4, seed=s) for s in range(10)])
+    assert [pm.cross.shape for pm in small.points.values()] == [pm.cross.shape for pm in large.points.values()]
+
+
+def test_empty_calibration_is_an_error():
+    a, b = make("mlp", 0), make("mlp", 1)
+    with pytest.raises(DataError, match="empty"):
+        collect(a, b, spec_for(a), [])
