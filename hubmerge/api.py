@@ -19,6 +19,7 @@ from torch import nn
 
 from . import alignment, build as build_stage, partial, repair as repair_stage
 from .arch_specs import adapter_for, architecture_of, spec_for
+from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
 from .errors import DataError, IncompatibleModelsError, UsageError
@@ -128,10 +129,12 @@ class Prepared:
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
-    def plans(self, gamma: float | dict[str, float]) -> dict[str, partial.GroupPlan]:
+    def plans(self, gamma: float | dict[str, float], method: str | None = None,
+              epsilon: float | None = None) -> dict[str, partial.GroupPlan]:
+        """Plans for ``gamma`` with the options' partial method (or the one given)."""
         o = self.options
-        return partial.plan(self.spec, self.scores, gamma, o.partial, epsilon=o.epsilon, seed=o.seed,
-                            cache=self._plans)
+        return partial.plan(self.spec, self.scores, gamma, method or o.partial,
+                            epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans)
 
     def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default") -> PartialMergedModel:
         """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``."""
@@ -180,17 +183,16 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     opts = MergeOptions.parse(**options)
     t0 = time.perf_counter()
     prepared = Prepared(model_a, model_b, calibration, opts, endpoints)
-    allocation, trace = [], []
+    allocation, trace, method, epsilon = [], [], None, None
     if opts.budget is not None:
-        from .budget import allocate
-
         with prepared.timed("allocation"):
             result = allocate(prepared)
         gamma, allocation, trace = result.gammas, result.allocation, result.trace
+        method, epsilon = result.partial, result.epsilon
     else:
         gamma = opts.gamma
     with prepared.timed("build"):
-        plans = prepared.plans(gamma)
+        plans = prepared.plans(gamma, method, epsilon)
         model = prepared.build(plans)
     metrics, bar = {}, None
     if evaluation is not None:

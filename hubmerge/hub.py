@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub import errors as hf_errors
 
+from .arch_specs import build_model
 from .errors import CheckpointError, RemoteError
 
 WEIGHTS = "model.safetensors"
@@ -130,3 +132,40 @@ def load_checkpoint(cls, *, model_id: str, revision, cache_dir, force_download: 
         model.to(dtype)
     load_state_strict(model, state, model_id)
     return model.to(map_location).eval()
+
+
+@dataclass
+class Endpoint:
+    """A loaded endpoint and where it came from (recorded in the merged model's config and card)."""
+
+    model: torch.nn.Module
+    ref: str
+    commit: str | None
+
+    def describe(self) -> dict:
+        return {"id": self.ref, "commit": self.commit}
+
+
+def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: str = "cpu",
+                  model_class: type | None = None, local_files_only: bool = False) -> Endpoint:
+    """Load a timm-format repo (``architecture`` + ``model_args`` in ``config.json``), or, with
+    ``model_class``, a ``PyTorchModelHubMixin`` repo of that class; safetensors only, strict."""
+    resolved = resolve(ref, revision, patterns=[CONFIG, "*.safetensors"], token=token,
+                       local_files_only=local_files_only)
+    config = read_config(resolved)
+    if model_class is not None:
+        kwargs = {k: config[k] for k in model_class._hub_mixin_init_parameters if k in config}
+        model = model_class(**kwargs)
+    elif "architecture" in config:
+        args = dict(config.get("model_args") or {})
+        if "num_classes" in config:
+            args.setdefault("num_classes", config["num_classes"])
+        model = build_model(config["architecture"], args)
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **(config.get("pretrained_cfg") or {}),
+                                "architecture": config["architecture"]}
+    else:
+        raise CheckpointError(f"{ref}: {CONFIG} has no 'architecture' (timm format); for a "
+                              "PyTorchModelHubMixin repo pass its model class")
+    load_state_strict(model, load_weights(resolved, device), ref)
+    label = ref if resolved.commit is None else f"{resolved.repo_id}@{resolved.revision or 'main'}"
+    return Endpoint(model.to(device).eval(), label, resolved.commit)

@@ -113,17 +113,18 @@ def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[s
 
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | dict[str, float],
          method: str = "forced", *, epsilon: float = 0.0, seed: int = 0,
-         cache: dict[tuple[str, float], GroupPlan] | None = None) -> dict[str, GroupPlan]:
+         cache: dict[tuple, GroupPlan] | None = None) -> dict[str, GroupPlan]:
     """Plans for every group (γ per group, a scalar meaning the same γ everywhere).
 
-    A group's plan depends only on its own scores and γ, so ``cache`` (keyed by group and γ) lets the
-    budget search re-plan only the groups it changes.
+    A group's plan depends only on its own scores, γ and the method, so ``cache`` (keyed by those) lets
+    the budget search re-plan only the groups it changes.
     """
     gammas = gammas_for(spec, gamma)
     cache = {} if cache is None else cache
     out = {}
     for i, g in enumerate(spec.groups):
-        if (g, gammas[g]) not in cache:
-            cache[(g, gammas[g])] = plan_group(scores[g], gammas[g], method, epsilon=epsilon, seed=seed + i)
-        out[g] = cache[(g, gammas[g])]
+        key = (g, gammas[g], method, epsilon, seed)
+        if key not in cache:
+            cache[key] = plan_group(scores[g], gammas[g], method, epsilon=epsilon, seed=seed + i)
+        out[g] = cache[key]
     return out
