@@ -30,4 +30,6 @@ def finish(model: nn.Module, architecture: str, model_args: dict, kwargs: dict, 
         "license": "apache-2.0",
     }
     model.num_classes = model_args["num_classes"]
+    # timm's hub writer reads num_features (the classifier's input width) from every model
+    model.num_features = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
     return model

@@ -39,6 +39,8 @@ class MergeReport:
     barrier: Barrier | None
     param_increase: float
     flop_increase: float
+    endpoint_params: int
+    endpoint_flops: int
     partition: dict[str, list[int]]
     options: dict
     endpoints: dict
@@ -202,6 +204,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     prepared.timings["total"] = time.perf_counter() - t0
     report = MergeReport(
         metrics=metrics, barrier=bar, param_increase=increase["params"], flop_increase=increase["flops"],
+        endpoint_params=prepared.costs.endpoint.params, endpoint_flops=prepared.costs.endpoint.flops,
         partition={g: list(s) for g, s in prepared.partition(plans).items()},
         options=opts.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation, trace=trace,
         timings=prepared.timings,

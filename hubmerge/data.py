@@ -146,3 +146,40 @@ def as_batches(data: Any, *, preprocess: Preprocess | None = None, batch_size: i
             raise DataError("the dataset is empty")
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     return data
+
+
+def load_dataset_ref(ref: str, split: str = "train", samples: int | None = None, seed: int = 0) -> Any:
+    """A ``datasets.Dataset`` from a hub id, a ``save_to_disk`` folder, parquet file(s) or an image
+    folder; ``split`` may carry a slice (``train[:2000]``); ``samples`` draws a seeded random subset."""
+    import re
+    from pathlib import Path
+
+    import datasets
+
+    path = Path(ref)
+    try:
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            name, lo, hi = re.fullmatch(r"([\w-]+)(?:\[(\d*):(\d*)\])?", split).groups()
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if name not in ds:
+                    raise DataError(f"{ref}: no split {name!r}; splits: {list(ds)}")
+                ds = ds[name]
+            if lo or hi:
+                ds = ds.select(range(int(lo or 0), min(len(ds), int(hi or len(ds)))))
+        elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+            files = str(path) if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
+            ds = datasets.load_dataset("parquet", data_files={split.split("[")[0]: files}, split=split)
+        elif path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        else:
+            ds = datasets.load_dataset(ref, split=split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"cannot load dataset {ref!r} split {split!r}: {exc}") from exc
+    except ConnectionError as exc:
+        raise DataError(f"dataset {ref!r} is not local and the hub is unreachable ({exc})") from exc
+    if len(ds) == 0:
+        raise DataError(f"dataset {ref!r} split {split!r} is empty")
+    if samples is not None and samples < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(samples))
+    return ds

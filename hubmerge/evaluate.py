@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Batches, batches
+from .data import Batches, Preprocess, as_batches, batches
 from .errors import DataError
 
 
@@ -48,8 +48,13 @@ def logits(model: nn.Module, data: Batches, device: torch.device | str = "cpu") 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu",
-             progress: str | bool = False) -> Metrics:
-    """Top-1 accuracy and mean cross-entropy on labelled data."""
+             progress: str | bool = False, batch_size: int = 256) -> Metrics:
+    """Top-1 accuracy and mean cross-entropy on labelled data (a DataLoader, a torch Dataset, or a
+    ``datasets.Dataset`` preprocessed from the model's ``pretrained_cfg``)."""
+    if type(data).__module__.startswith("datasets"):
+        data = as_batches(data, preprocess=Preprocess.from_model(model), batch_size=batch_size)
+    else:
+        data = as_batches(data, batch_size=batch_size)
     model.eval().to(device)
     correct, loss, n = 0, 0.0, 0
     for x, y in batches(data, device, progress):

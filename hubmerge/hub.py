@@ -139,11 +139,12 @@ class Endpoint:
     """A loaded endpoint and where it came from (recorded in the merged model's config and card)."""
 
     model: torch.nn.Module
-    ref: str
+    repo_id: str
+    revision: str | None
     commit: str | None
 
     def describe(self) -> dict:
-        return {"id": self.ref, "commit": self.commit}
+        return {"id": self.repo_id, "revision": self.revision, "commit": self.commit}
 
 
 def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: str = "cpu",
@@ -167,5 +168,4 @@ def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: 
         raise CheckpointError(f"{ref}: {CONFIG} has no 'architecture' (timm format); for a "
                               "PyTorchModelHubMixin repo pass its model class")
     load_state_strict(model, load_weights(resolved, device), ref)
-    label = ref if resolved.commit is None else f"{resolved.repo_id}@{resolved.revision or 'main'}"
-    return Endpoint(model.to(device).eval(), label, resolved.commit)
+    return Endpoint(model.to(device).eval(), resolved.repo_id, resolved.revision, resolved.commit)

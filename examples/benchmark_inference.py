@@ -1,0 +1,74 @@
+"""Issue "partial merging": inference speed of the partitioned model against its alternatives.
+
+Times one endpoint, the partitioned merge at γ ∈ {0.1, 0.22, 0.5}, the zero-padded equivalent of each and
+the two-model ensemble on the same batch, in one process, interleaved round by round, and prints median
+times as ratios to one endpoint next to the parameter increase. Target: partitioned ≤ (1 + increase +
+0.05)× one endpoint, and faster than zero-padded. Weights are random: speed does not depend on them.
+
+    python examples/benchmark_inference.py --arch hubmerge_vgg11 --width 0.5 --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+from hubmerge.api import Prepared
+from hubmerge.arch_specs import randomize_
+from hubmerge.evaluate import Ensemble
+from hubmerge.options import MergeOptions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="hubmerge_vgg11")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    margs = dict(width_multiplier=args.width) if "resnet" not in args.arch else dict(width_multiplier=int(args.width))
+    a = randomize_(timm.create_model(args.arch, **margs), 1).eval()
+    b = randomize_(timm.create_model(args.arch, **margs), 2).eval()
+    size = a.pretrained_cfg["input_size"]
+    calib = [torch.randn(64, *size) for _ in range(2)]
+    prepared = Prepared(a, b, calib, MergeOptions.parse(repair=None))
+    models = {"endpoint": a, "ensemble": Ensemble(a, b)}
+    increase = {"endpoint": 0.0, "ensemble": 1.0}
+    for g in (0.1, 0.22, 0.5):
+        plans = prepared.plans(g)
+        part = prepared.build(plans)
+        models[f"partitioned γ={g}"] = part
+        models[f"zero-padded γ={g}"] = part.materialize().eval()
+        increase[f"partitioned γ={g}"] = increase[f"zero-padded γ={g}"] = prepared.costs.increase(
+            prepared.partition(plans))["params"]
+    x = torch.randn(args.batch, *size, device=args.device)
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.to(args.device)(x)  # warm-up
+        for _ in range(args.rounds):
+            for name, m in models.items():
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m(x)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["endpoint"])
+    print(f"{args.arch} ×{args.width}, batch {args.batch} at {tuple(size)}, {args.device}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    print(f"{'model':24s} {'+params':>8s} {'ms':>8s} {'× endpoint':>11s} {'target ≤':>9s}")
+    for name, t in times.items():
+        med = statistics.median(t)
+        target = f"{1 + increase[name] + 0.05:.2f}" if name.startswith("partitioned") else ""
+        print(f"{name:24s} {100 * increase[name]:7.1f}% {1000 * med:8.2f} {med / base:10.2f}× {target:>9s}")
+
+
+if __name__ == "__main__":
+    main()

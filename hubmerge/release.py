@@ -1,0 +1,138 @@
+"""The hub pipeline: pull two endpoints, calibrate from ``datasets``, merge, write a repo folder, push once.
+
+``hubmerge run`` is a thin shell over :func:`run`; a release pipeline can call it from Python with the same
+names. Everything that can be checked without downloads (options, token, output folder, data presence) is
+checked first; the result is staged in a temporary folder and only then moved into place or uploaded in
+one commit, so no half-written folder or repo is ever left behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, get_token
+
+from . import card
+from .api import MergeReport, merge
+from .data import HFImages, Preprocess, load_dataset_ref
+from .errors import UsageError
+from .hub import load_endpoint, remote_errors, split_revision
+from .options import MergeOptions
+from .partitioned import PartialMergedModel
+
+
+@dataclass
+class RunResult:
+    model: PartialMergedModel
+    report: MergeReport
+    output: Path | None
+    repo_url: str | None
+
+    def to_dict(self) -> dict:
+        return {"report": self.report.to_dict(), "output": str(self.output) if self.output else None,
+                "repo_url": self.repo_url}
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Where calibration or evaluation data comes from."""
+
+    ref: str
+    split: str = "train"
+    samples: int | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out")
+
+
+def _token(push: bool, token: str | None) -> str | None:
+    token = token or get_token()
+    if push and not token:
+        raise UsageError("pushing needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def _dataset(ref: DataRef | None, model, seed: int) -> HFImages | None:
+    if ref is None:
+        return None
+    ds = load_dataset_ref(ref.ref, ref.split, ref.samples, seed)
+    return HFImages(ds, Preprocess.from_model(model), ref.image_column, ref.label_column)
+
+
+def _default_repo(api: HfApi, a: str, b: str, token: str) -> str:
+    with remote_errors("who am I (for the default repo name)"):
+        user = api.whoami(token=token)["name"]
+    name = "-".join(Path(split_revision(x)[0]).name for x in (a, b))
+    return f"{user}/{name}-hubmerge"
+
+
+def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | None = None,
+        out: Path | None = None, overwrite: bool = False, push: bool = False, repo_id: str | None = None,
+        private: bool = False, revision: str | None = None, token: str | None = None,
+        model_class: type | None = None, recipe: dict | None = None, **options: Any) -> RunResult:
+    """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result.
+
+    ``options`` are :class:`~hubmerge.options.MergeOptions`; ``recipe`` is the effective recipe to embed
+    in the card (the CLI passes its merged command line and ``--config``).
+    """
+    opts = MergeOptions.parse(**options)
+    token = _token(push, token)
+    _check_out(out, overwrite)
+    if calib is None and opts.needs_data:
+        raise UsageError("this merge needs calibration data (--calib): activation matching, REPAIR and budget "
+                         "allocation measure activations; use --align weight --no-repair for a data-free merge")
+    api = HfApi(token=token)
+    if push and repo_id is None:
+        repo_id = _default_repo(api, a, b, token)
+    t0 = time.perf_counter()
+    ea = load_endpoint(a, token=token, device=opts.device, model_class=model_class)
+    eb = load_endpoint(b, token=token, device=opts.device, model_class=model_class)
+    download_s = time.perf_counter() - t0
+    result = merge(ea.model, eb.model, _dataset(calib, ea.model, opts.seed),
+                   evaluation=_dataset(evaluation, ea.model, opts.seed),
+                   endpoints={"a": ea.describe(), "b": eb.describe()}, **opts.model_dump())
+    result.report.timings["download"] = download_s
+    staging = Path(tempfile.mkdtemp(prefix=".hubmerge-", dir=(out.parent if out else None)))
+    try:
+        result.model.save_pretrained(staging)
+        card.write(staging, result.report, repo_id=repo_id or str(out or "path/to/folder"),
+                   recipe=recipe or {"a": a, "b": b, **opts.model_dump(mode="json")},
+                   endpoints=result.report.endpoints, datasets=[d.ref for d in (calib, evaluation) if d],
+                   licenses=[e.model.pretrained_cfg.get("license") for e in (ea, eb)],
+                   preprocess=Preprocess.from_model(ea.model).__dict__)
+        url = None
+        if push:
+            t1 = time.perf_counter()
+            url = _push(api, staging, repo_id, private=private, revision=revision, report=result.report, a=a, b=b)
+            result.report.timings["upload"] = time.perf_counter() - t1
+        if out is not None:
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return RunResult(result.model, result.report, out, url)
+
+
+def _push(api: HfApi, folder: Path, repo_id: str, *, private: bool, revision: str | None, report: MergeReport,
+          a: str, b: str) -> str:
+    """Create the repo (and branch) and upload the staged folder in one commit."""
+    o = report.options
+    how = f"budget {o['budget']} ({o['allocator']})" if o["budget"] is not None else f"gamma {o['gamma']}"
+    message = f"hubmerge: partial merge of {a} and {b}, {how}, +{100 * report.param_increase:.1f}% params"
+    with remote_errors(f"pushing to {repo_id}"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, commit_message=message)
+    return str(getattr(info, "commit_url", info))
