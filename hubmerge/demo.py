@@ -110,3 +110,29 @@ def endpoints(architecture: str, model_args: dict, train_data: TensorDataset, ca
                       model_args)
         folders.append(folder)
     return folders[0], folders[1]
+
+
+def _to_hf(ds: TensorDataset):
+    """Back to a ``datasets.Dataset`` of uint8 images (undoing the [-1, 1] scaling) and class labels."""
+    import datasets
+
+    x, y = ds.tensors
+    images = ((x[:, 0] * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return datasets.Dataset.from_dict(
+        {"image": list(images), "label": y.tolist()},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
+
+
+def prepare(folder: Path, dataset: str = "digits", epochs: int = 20) -> dict[str, Path]:
+    """Endpoints (two MLPs, seeds 0 and 1) and calibration/test ``save_to_disk`` folders for the quick start."""
+    img, width = (8, 64) if dataset == "digits" else (28, 256)
+    model_args = dict(depth=3, width=width, bn=False, in_chans=1, img_size=img, num_classes=10)
+    train_set, test_set = load(dataset, "train", img), load(dataset, "test", img)
+    a, b = endpoints("hubmerge_mlp", model_args, train_set, folder, epochs=epochs, tag=f"-{dataset}")
+    paths = {"a": a, "b": b, "calib": folder / f"{dataset}-calib", "test": folder / f"{dataset}-test"}
+    if not paths["calib"].is_dir():
+        _to_hf(subset(train_set, 1000, seed=1)).save_to_disk(str(paths["calib"]))
+    if not paths["test"].is_dir():
+        _to_hf(test_set).save_to_disk(str(paths["test"]))
+    return paths

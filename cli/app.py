@@ -1,0 +1,323 @@
+"""``hubmerge`` command line: parses, calls the library, reports, exits.
+
+Exit codes: 0 ok, 1 unexpected failure, 2 bad usage, 3 bad input (models, data, files), 4 remote failure.
+Errors are one line on stderr (a traceback only with ``--debug``); ``--json`` prints one JSON object on
+stdout and nothing else there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+log = logging.getLogger("hubmerge")
+
+
+class Allocator(str, Enum):
+    greedy = "greedy"
+    benefit = "benefit"
+    uniform = "uniform"
+    adaptive = "adaptive"
+
+
+class Unit(str, Enum):
+    params = "params"
+    flops = "flops"
+
+
+class Align(str, Enum):
+    activation = "activation"
+    weight = "weight"
+
+
+class Partial(str, Enum):
+    forced = "forced"
+    adaptive = "adaptive"
+    topk = "topk"
+    random = "random"
+
+
+class Cross(str, Enum):
+    interpolate = "interpolate"
+    fill = "fill"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+def _setup(quiet: bool, json_out: bool) -> None:
+    from hubmerge.data import SHOW_PROGRESS
+
+    SHOW_PROGRESS["enabled"] = not quiet
+    if quiet or not sys.stderr.isatty():  # the libraries' own bars follow the same rule as ours
+        import datasets
+        from huggingface_hub.utils import disable_progress_bars
+
+        datasets.disable_progress_bars()
+        disable_progress_bars()
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s" if sys.stderr.isatty() else "hubmerge: %(message)s")
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    from hubmerge.errors import HubmergeError
+
+    if debug:
+        raise exc
+    code = exc.exit_code if isinstance(exc, HubmergeError) else 1
+    kind = "" if isinstance(exc, HubmergeError) else f"unexpected {type(exc).__name__}: "
+    typer.echo(f"error: {kind}{exc} (rerun with --debug for a traceback)" if not isinstance(exc, HubmergeError)
+               else f"error: {exc}", err=True)
+    raise typer.Exit(code)
+
+
+def _effective(ctx: typer.Context, config: Optional[Path], params: dict[str, Any]) -> dict[str, Any]:
+    """Options from ``--config`` YAML, overridden by every option given on the command line."""
+    from hubmerge.errors import UsageError
+
+    values = dict(params)
+    if config is None:
+        return values
+    try:
+        recipe = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read --config {config}: {exc}") from exc
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {config} must hold a mapping of option names to values")
+    for key, value in recipe.items():
+        name = key.replace("-", "_")
+        if name not in values:
+            raise UsageError(f"--config {config}: unknown option {key!r}")
+        source = ctx.get_parameter_source(name)  # typer vendors click: compare the enum by name
+        if source is None or source.name != "COMMANDLINE":
+            values[name] = value
+    return values
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from hubmerge.errors import UsageError
+
+        raise UsageError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    return name
+
+
+def _enum(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    model_a: Optional[str] = typer.Argument(None, help="endpoint A: hub id[@revision] or local folder"),
+    model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
+    budget: Optional[float] = typer.Option(None, help="relative size increase over one endpoint, 0..1"),
+    budget_unit: Unit = typer.Option(Unit.params, help="what the budget counts"),
+    allocator: Allocator = typer.Option(Allocator.greedy, help="how the budget is spread over groups"),
+    gamma: float = typer.Option(0.0, help="uniform share of units kept apart, when no --budget"),
+    calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),
+    calib_split: str = typer.Option("train", help="split, optionally sliced: train[:2000]"),
+    calib_samples: Optional[int] = typer.Option(2000, help="random calibration samples (seeded)"),
+    eval: Optional[str] = typer.Option(None, help="evaluation data (same forms as --calib)"),
+    eval_split: str = typer.Option("test", help="evaluation split"),
+    image_column: Optional[str] = typer.Option(None, help="image column (found automatically if omitted)"),
+    label_column: Optional[str] = typer.Option(None, help="label column (found automatically if omitted)"),
+    align: Align = typer.Option(Align.activation),
+    partial: Partial = typer.Option(Partial.forced, help="how pairs are chosen to stay apart"),
+    cross: Cross = typer.Option(Cross.interpolate, help="cross blocks of shared rows"),
+    alpha: float = typer.Option(0.5, help="interpolation factor (0 = A, 1 = B)"),
+    repair: bool = typer.Option(True, "--repair/--no-repair", help="REPAIR merged units' statistics"),
+    device: Device = typer.Option(Device.cpu),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="write the merged repo folder here"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    push: bool = typer.Option(False, help="upload the result to the hub"),
+    repo_id: Optional[str] = typer.Option(None, help="target repo (default: <user>/<a>-<b>-hubmerge)"),
+    private: bool = typer.Option(False, help="create the repo private"),
+    revision: Optional[str] = typer.Option(None, help="branch to push to"),
+    config: Optional[Path] = typer.Option(None, help="YAML recipe with the same option names"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON report on stdout"),
+    quiet: bool = typer.Option(False, help="no progress bars or info logs"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Merge two endpoints partially, write a loadable repo folder and/or push it."""
+    _setup(quiet, json_out)
+    try:
+        from hubmerge.errors import UsageError
+        from hubmerge.release import DataRef, run as run_merge
+
+        params = {k: _enum(v) for k, v in ctx.params.items()}
+        values = _effective(ctx, config, {k: v for k, v in params.items() if k != "config"})
+        if not values["model_a"] or not values["model_b"]:
+            raise UsageError("give two endpoints: hubmerge run MODEL_A MODEL_B (or model_a/model_b in --config)")
+        if values["out"] is None and not values["push"]:
+            raise UsageError("say where the result goes: --out DIR, --push, or both")
+        recipe = {k: v for k, v in values.items() if k not in ("json_out", "quiet", "debug", "overwrite")}
+        recipe["out"] = str(recipe["out"]) if recipe["out"] else None
+        calib_ref = values["calib"] and DataRef(values["calib"], values["calib_split"], values["calib_samples"],
+                                                values["image_column"], values["label_column"])
+        eval_ref = values["eval"] and DataRef(values["eval"], values["eval_split"], None, values["image_column"],
+                                              values["label_column"])
+        result = run_merge(
+            values["model_a"], values["model_b"], calib=calib_ref or None, evaluation=eval_ref or None,
+            out=Path(values["out"]) if values["out"] else None, overwrite=values["overwrite"], push=values["push"],
+            repo_id=values["repo_id"], private=values["private"], revision=values["revision"], recipe=recipe,
+            budget=values["budget"], budget_unit=values["budget_unit"], allocator=values["allocator"],
+            gamma=values["gamma"], align=values["align"], partial=values["partial"], cross=values["cross"],
+            alpha=values["alpha"], repair="repair" if values["repair"] else None,
+            device=_device(values["device"]), seed=values["seed"],
+        )
+    except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes
+        _fail(exc, debug)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    _print_report(result)
+
+
+def _print_report(result) -> None:
+    r = result.report
+    if r.metrics:
+        typer.echo(f"{'model':20s} {'accuracy':>9s} {'loss':>8s}")
+        for name, m in r.metrics.items():
+            typer.echo(f"{name:20s} {100 * m.accuracy:8.2f}% {m.loss:8.4f}")
+        typer.echo(f"barrier: {100 * r.barrier.accuracy:.2f} pp accuracy, {r.barrier.loss:.4f} loss")
+    typer.echo(f"size: +{100 * r.param_increase:.1f}% parameters, +{100 * r.flop_increase:.1f}% FLOPs "
+               f"over one endpoint ({r.endpoint_params:,} parameters)")
+    if result.output:
+        typer.echo(f"written to {result.output}")
+    if result.repo_url:
+        typer.echo(f"pushed: {result.repo_url}")
+
+
+def _load_any(ref: str):
+    """A merged repo (has ``partition`` in its config) or an endpoint."""
+    from hubmerge import PartialMergedModel
+    from hubmerge.hub import CONFIG, load_endpoint, read_config, resolve
+
+    config = read_config(resolve(ref, patterns=[CONFIG]))
+    if "partition" in config:
+        return PartialMergedModel.from_pretrained(ref)
+    return load_endpoint(ref).model
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="endpoint or merged model: hub id[@revision] or folder"),
+    data: str = typer.Option(..., help="dataset: hub id, save_to_disk folder, parquet, image folder"),
+    split: str = typer.Option("test"),
+    samples: Optional[int] = typer.Option(None, help="random subset size (seeded)"),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False),
+    debug: bool = typer.Option(False),
+) -> None:
+    """Accuracy and cross-entropy of an endpoint or a merged model."""
+    _setup(quiet, json_out)
+    try:
+        from hubmerge.data import HFImages, Preprocess, load_dataset_ref
+        from hubmerge.evaluate import evaluate
+
+        net = _load_any(model)
+        ds = HFImages(load_dataset_ref(data, split, samples, seed), Preprocess.from_model(net))
+        metrics = evaluate(net, ds, progress="evaluating")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    if json_out:
+        typer.echo(json.dumps({"model": model, "accuracy": metrics.accuracy, "loss": metrics.loss,
+                               "samples": metrics.samples}))
+    else:
+        typer.echo(f"{model}: accuracy {100 * metrics.accuracy:.2f}%, loss {metrics.loss:.4f} "
+                   f"({metrics.samples} samples)")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="endpoint or merged model: hub id[@revision] or folder"),
+    json_out: bool = typer.Option(False, "--json"),
+    debug: bool = typer.Option(False),
+) -> None:
+    """Architecture family and permutation groups; for a merged model its partition and costs."""
+    _setup(True, json_out)
+    try:
+        from hubmerge import PartialMergedModel
+        from hubmerge.arch_specs import spec_for
+        from hubmerge.cost import CostModel
+
+        net = _load_any(model)
+        merged = isinstance(net, PartialMergedModel)
+        spec = net.spec if merged else spec_for(net)
+        info = {"model": model, "family": spec.family, "groups": []}
+        for g, grp in spec.groups.items():
+            touched = [f"{n}" for n, axes in spec.param_axes().items() if any(a and a[0] == g for a in axes)]
+            info["groups"].append({"name": g, "width": grp.width, "parameters": touched})
+        if merged:
+            costs = CostModel(spec, net.net, tuple(net.pretrained_cfg["input_size"]))
+            report = costs(net.partition)
+            for row in info["groups"]:
+                row["partition"] = list(net.partition[row["name"]])
+                row["params"] = report.groups[row["name"]].params
+                row["flops"] = report.groups[row["name"]].flops
+            info["increase"] = costs.increase(net.partition)
+            info["endpoints"] = net.endpoints
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups")
+    for row in info["groups"]:
+        part = f"  A-only/shared/B-only {row['partition']}  params {row['params']:,}" if merged else ""
+        typer.echo(f"  {row['name']:28s} width {row['width']:5d}{part}  ({len(row['parameters'])} tensors: "
+                   f"{', '.join(row['parameters'][:3])}{', …' if len(row['parameters']) > 3 else ''})")
+    if merged:
+        inc = info["increase"]
+        typer.echo(f"increase over one endpoint: +{100 * inc['params']:.1f}% parameters, +{100 * inc['flops']:.1f}% FLOPs")
+
+
+@app.command()
+def archs() -> None:
+    """Supported architecture families."""
+    from hubmerge.arch_specs import families
+
+    for name, description in families().items():
+        typer.echo(f"{name:14s} {description}")
+
+
+@app.command("demo-data")
+def demo_data(
+    folder: Path = typer.Argument(Path("runs/demo"), help="where endpoints and data go"),
+    dataset: str = typer.Option("digits", help="digits (ships with scikit-learn) or fashion-mnist (Debian package)"),
+    epochs: int = typer.Option(20, help="training epochs per endpoint"),
+    quiet: bool = typer.Option(False),
+    debug: bool = typer.Option(False),
+) -> None:
+    """Train (or reuse) two example MLP endpoints from different seeds on real offline data, and write
+    calibration and test sets as datasets folders, ready for `hubmerge run`."""
+    _setup(quiet, False)
+    try:
+        from hubmerge.demo import prepare
+
+        paths = prepare(folder, dataset, epochs)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, debug)
+    typer.echo(f"endpoints: {paths['a']} {paths['b']}\ncalibration: {paths['calib']}\ntest: {paths['test']}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,143 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import yaml
+from typer.testing import CliRunner
+
+import datasets
+from hubmerge import PartialMergedModel
+from hubmerge.arch_specs import randomize_
+from hubmerge.cli.app import app
+from hubmerge.demo import save_timm
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    args = dict(depth=2, width=12, bn=True, img_size=8, num_classes=10)
+    for i in (0, 1):
+        save_timm(randomize_(timm.create_model("hubmerge_mlp", **args), i), root / f"ep{i}", "hubmerge_mlp", args)
+    rng = np.random.default_rng(0)
+    datasets.Dataset.from_dict(
+        {"image": [rng.integers(0, 255, (8, 8), dtype=np.uint8) for _ in range(40)], "label": [i % 10 for i in range(40)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    ).save_to_disk(str(root / "data"))
+    return root
+
+
+def base(root: Path, *extra: str) -> list[str]:
+    return ["run", str(root / "ep0"), str(root / "ep1"), "--calib", str(root / "data"), "--quiet", *extra]
+
+
+def test_run_writes_a_loadable_folder_and_a_json_report(local, tmp_path):
+    result = runner.invoke(app, base(local, "--eval", str(local / "data"), "--gamma", "0.25", "--out",
+                                     str(tmp_path / "m"), "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["output"] == str(tmp_path / "m")
+    assert set(report["report"]["metrics"]) >= {"a", "b", "ensemble", "merged"}
+    assert report["report"]["timings"]["total"] > 0
+    model = PartialMergedModel.from_pretrained(tmp_path / "m")
+    assert model.partition["blocks.0"] == (3, 9, 3)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "barrier_vs_params.png",
+                                                                  "config.json", "model.safetensors"]
+
+
+def test_config_file_round_trips_and_command_line_wins(local, tmp_path):
+    recipe = {"model_a": str(local / "ep0"), "model_b": str(local / "ep1"), "calib": str(local / "data"),
+              "budget": 0.3, "allocator": "uniform", "cross": "fill", "out": str(tmp_path / "m")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "recipe.yaml"), "--cross", "interpolate",
+                                 "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.stdout)["report"]["options"]
+    assert options["budget"] == 0.3 and options["allocator"] == "uniform"
+    assert options["cross"] == "interpolate"  # the command line wins over the file
+    card = (tmp_path / "m" / "README.md").read_text()
+    embedded = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert embedded["budget"] == 0.3 and embedded["cross"] == "interpolate"
+    # the recipe embedded in the card reproduces the merge
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump({**embedded, "out": str(tmp_path / "again")}))
+    again = runner.invoke(app, ["run", "--config", str(tmp_path / "again.yaml"), "--quiet"])
+    assert again.exit_code == 0, again.output
+    one = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert one == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--budget", "1.5", "--out", "x"], 2, "budget must be in [0, 1]"),
+    (["--allocator", "magic", "--out", "x"], 2, "magic"),
+    (["--push"], 2, "token"),
+    (["--out", "{existing}"], 2, "not empty"),
+])
+def test_bad_usage_is_one_line_and_exit_2_before_any_work(local, tmp_path, args, code, message, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "f").write_text("x")
+    args = [a.replace("{existing}", str(tmp_path / "existing")) for a in args]
+    result = runner.invoke(app, ["run", "no/such-model-a", "no/such-model-b", *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_calibration_where_needed_is_usage_error(local, tmp_path):
+    result = runner.invoke(app, ["run", str(local / "ep0"), str(local / "ep1"), "--budget", "0.2", "--out",
+                                 str(tmp_path / "m")])
+    assert result.exit_code == 2 and "--calib" in result.output
+
+
+def test_bad_input_exits_3_and_remote_failure_4(local, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    args = dict(depth=1, width=4, img_size=8, num_classes=5)
+    save_timm(timm.create_model("hubmerge_mlp", **args), other, "hubmerge_mlp", args)
+    result = runner.invoke(app, ["run", str(local / "ep0"), str(other), "--calib", str(local / "data"),
+                                 "--out", str(tmp_path / "m")])
+    assert result.exit_code == 3 and "differ" in result.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["run", "nobody/none", str(local / "ep1"), "--calib", str(local / "data"),
+                                 "--out", str(tmp_path / "m2"), "--align", "weight", "--no-repair"])
+    assert result.exit_code == 4, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
+    result = runner.invoke(app, ["inspect", str(local / "ep0"), "--json"])
+    info = json.loads(result.stdout)
+    assert info["family"] == "mlp" and [g["width"] for g in info["groups"]] == [12, 12]
+    assert "blocks.0.fc.weight" in info["groups"][0]["parameters"]
+    runner.invoke(app, base(local, "--gamma", "0.5", "--out", str(tmp_path / "m")))
+    merged = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "m"), "--json"]).stdout)
+    assert merged["groups"][0]["partition"] == [6, 6, 6] and merged["increase"]["params"] > 0
+    text = runner.invoke(app, ["inspect", str(tmp_path / "m")]).output
+    assert "A-only/shared/B-only [6, 6, 6]" in text
+    archs = runner.invoke(app, ["archs"]).output
+    for family in ("mlp", "cifar_vgg", "timm_vgg", "timm_resnet", "cifar_resnet"):
+        assert family in archs
+
+
+def test_eval_command(local):
+    result = runner.invoke(app, ["eval", str(local / "ep0"), "--data", str(local / "data"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 40
+
+
+def test_real_subprocess_json_has_nothing_else_on_stdout(local, tmp_path):
+    exe = Path(sys.executable).with_name("hubmerge")
+    proc = subprocess.run([str(exe), *base(local, "--gamma", "0.2", "--out", str(tmp_path / "m"), "--json")],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("HF_")})
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1
+    assert json.loads(proc.stdout)["report"]["partition"]["blocks.0"] == [2, 10, 2]
+    bad = subprocess.run([str(exe), "run", "a", "b", "--alpha", "3", "--out", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
