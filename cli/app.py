@@ -139,7 +139,7 @@ def run(
     label_column: Optional[str] = typer.Option(None, help="label column (found automatically if omitted)"),
     align: Align = typer.Option(Align.activation),
     partial: Partial = typer.Option(Partial.forced, help="how pairs are chosen to stay apart"),
-    cross: Cross = typer.Option(Cross.interpolate, help="cross blocks of shared rows"),
+    cross: Cross = typer.Option(Cross.fill, help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
     alpha: float = typer.Option(0.5, help="interpolation factor (0 = A, 1 = B)"),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="REPAIR merged units' statistics"),
     device: Device = typer.Option(Device.cpu),

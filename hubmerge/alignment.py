@@ -30,25 +30,28 @@ def activation_scores(spec: PermutationSpec, stats: Statistics) -> dict[str, tor
     return {g: stats.correlation(g) for g in spec.groups}
 
 
-def _weight_axes(spec: PermutationSpec) -> dict[str, list[tuple[str, int, int]]]:
-    """group → [(param, dim, repeat)]: every weight/bias axis the group acts on (not running stats)."""
-    out: dict[str, list[tuple[str, int, int]]] = {g: [] for g in spec.groups}
+def _weight_axes(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
+    """group → [(param, dim)]: every weight/bias axis the group acts on (not running stats)."""
+    out: dict[str, list[tuple[str, int]]] = {g: [] for g in spec.groups}
     for name, axes in spec.param_axes().items():
         if name.endswith(("running_mean", "running_var")):
             continue
         for dim, axis in enumerate(axes):
             if axis is not None:
-                out[axis[0]].append((name, dim, axis[1]))
+                out[axis[0]].append((name, dim))
     return out
 
 
 def _unit_vectors(
-    state: dict[str, torch.Tensor], axes: list[tuple[str, int, int]], perms: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor], axes: list[tuple[str, int]], perms: dict[str, torch.Tensor],
     spec_axes: dict, width: int,
 ) -> torch.Tensor:
-    """(width, d) matrix: each unit's weights along all its axes, other axes permuted by ``perms``."""
+    """(width, d) matrix: each unit's weights along all its axes, other axes permuted by ``perms``.
+
+    A flattened axis holds each unit's ``repeat`` entries contiguously, so ``reshape(width, -1)`` keeps
+    them with their unit."""
     parts = []
-    for name, dim, repeat in axes:
+    for name, dim in axes:
         if name not in state:
             continue
         t = state[name].double()

@@ -8,7 +8,6 @@ what to do.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +69,6 @@ def resolve(ref: str, revision: str | None = None, *, patterns: list[str] | None
         return Resolved(Path(ref), ref, None, None)
     repo_id, at = split_revision(ref)
     revision = revision or at
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(DEFAULT_TIMEOUT_S)))
     with remote_errors(f"{repo_id}@{revision or 'main'}"):
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                    cache_dir=cache_dir, local_files_only=local_files_only,

@@ -24,7 +24,9 @@ class MergeOptions(BaseModel):
     gamma: Union[float, dict[str, float]] = Field(0.0, description="share of units kept apart, per group or all")
     partial: Literal["forced", "adaptive", "topk", "random"] = "forced"
     epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")
-    cross: Literal["interpolate", "fill"] = "interpolate"
+    # measured on Fashion-MNIST VGG11 (examples/gamma_sweep.py): after REPAIR, fill has the lower barrier
+    # at most γ; interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property
+    cross: Literal["interpolate", "fill"] = "fill"
     budget: Optional[float] = Field(None, description="relative size increase over one endpoint, 0..1")
     budget_unit: Literal["params", "flops"] = "params"
     allocator: Literal["greedy", "benefit", "uniform", "adaptive"] = "greedy"

@@ -18,6 +18,7 @@ from torch import nn
 from . import __version__
 from .arch_specs import build_model, spec_for
 from .errors import CheckpointError
+from .hub import load_checkpoint
 from .spec import Layer, PermutationSpec
 
 BLOCKS = ("a_only", "shared", "b_only")
@@ -161,8 +162,6 @@ class PartialMergedModel(
                          **model_kwargs):
         """The mixin's loader, made strict and safetensors-only: a missing, extra, misshapen or truncated
         tensor is an error, and a pickle checkpoint is refused."""
-        from .hub import load_checkpoint
-
         return load_checkpoint(cls, model_id=model_id, revision=revision, cache_dir=cache_dir,
                                force_download=force_download, local_files_only=local_files_only, token=token,
                                map_location=map_location, model_kwargs=model_kwargs)

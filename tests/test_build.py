@@ -24,7 +24,7 @@ def test_gamma_one_everywhere_is_the_logit_averaged_ensemble(case, cross, alpha)
 @pytest.mark.parametrize("alpha,side", [(0.0, "a"), (1.0, "b")])
 @pytest.mark.parametrize("gamma", [0.0, "partial", 1.0])
 def test_alpha_zero_is_a_and_alpha_one_is_b(case, alpha, side, gamma):
-    p = prepared(case, alpha=alpha)
+    p = prepared(case, alpha=alpha, cross="interpolate")
     model = p.build(p.plans(partial_gamma(case) if gamma == "partial" else gamma), repair=None)
     x = inputs(case)
     endpoint = p.model_a if side == "a" else p.model_b

@@ -143,7 +143,7 @@ def test_offline_cache_and_clear_errors(hub):
     assert out["no_image_column"].startswith("DataError") and "no image column" in out["no_image_column"]
     assert out["push_without_token"].startswith("UsageError") and "HF_TOKEN" in out["push_without_token"]
 
-    offline = scenario(f"""
+    offline = scenario("""
         e = load_endpoint("tester/mlp-a")
         out["offline_commit"] = e.commit
         expect_error("offline_uncached", lambda: load_endpoint("tester/never-downloaded"))
