@@ -12,7 +12,7 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import typer
 import yaml
@@ -21,33 +21,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 log = logging.getLogger("hubmerge")
 
 
-class Allocator(str, Enum):
-    greedy = "greedy"
-    benefit = "benefit"
-    uniform = "uniform"
-    adaptive = "adaptive"
+def _choices(field: str) -> type[Enum]:
+    """A CLI choice type from the ``MergeOptions`` field's literal values (one source of truth)."""
+    from hubmerge.options import MergeOptions
+
+    values = get_args(MergeOptions.model_fields[field].annotation)
+    return Enum(field.title().replace("_", ""), {v: v for v in values}, type=str)
 
 
-class Unit(str, Enum):
-    params = "params"
-    flops = "flops"
-
-
-class Align(str, Enum):
-    activation = "activation"
-    weight = "weight"
-
-
-class Partial(str, Enum):
-    forced = "forced"
-    adaptive = "adaptive"
-    topk = "topk"
-    random = "random"
-
-
-class Cross(str, Enum):
-    interpolate = "interpolate"
-    fill = "fill"
+Allocator, Unit, Align = _choices("allocator"), _choices("budget_unit"), _choices("align")
+Partial, Cross = _choices("partial"), _choices("cross")
 
 
 class Device(str, Enum):
@@ -127,8 +110,8 @@ def run(
     model_a: Optional[str] = typer.Argument(None, help="endpoint A: hub id[@revision] or local folder"),
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
     budget: Optional[float] = typer.Option(None, help="relative size increase over one endpoint, 0..1"),
-    budget_unit: Unit = typer.Option(Unit.params, help="what the budget counts"),
-    allocator: Allocator = typer.Option(Allocator.greedy, help="how the budget is spread over groups"),
+    budget_unit: Unit = typer.Option("params", help="what the budget counts"),
+    allocator: Allocator = typer.Option("greedy", help="how the budget is spread over groups"),
     gamma: float = typer.Option(0.0, help="uniform share of units kept apart, when no --budget"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),
     calib_split: str = typer.Option("train", help="split, optionally sliced: train[:2000]"),
@@ -137,9 +120,9 @@ def run(
     eval_split: str = typer.Option("test", help="evaluation split"),
     image_column: Optional[str] = typer.Option(None, help="image column (found automatically if omitted)"),
     label_column: Optional[str] = typer.Option(None, help="label column (found automatically if omitted)"),
-    align: Align = typer.Option(Align.activation),
-    partial: Partial = typer.Option(Partial.forced, help="how pairs are chosen to stay apart"),
-    cross: Cross = typer.Option(Cross.fill, help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
+    align: Align = typer.Option("activation"),
+    partial: Partial = typer.Option("forced", help="how pairs are chosen to stay apart"),
+    cross: Cross = typer.Option("fill", help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
     alpha: float = typer.Option(0.5, help="interpolation factor (0 = A, 1 = B)"),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="REPAIR merged units' statistics"),
     device: Device = typer.Option(Device.cpu),

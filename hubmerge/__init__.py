@@ -8,7 +8,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from . import arch_specs  # noqa: E402,F401  (registers adapters and hubmerge's timm models)
-from .api import MergeReport, MergeResult, Prepared, merge  # noqa: E402
+from .api import MergeReport, MergeResult, Prepared, interpolation_curve, merge  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError, DataError, HubmergeError, IncompatibleModelsError, RemoteError, UnsupportedModelError,
     UsageError,
@@ -18,7 +18,7 @@ from .options import MergeOptions  # noqa: E402
 from .partitioned import PartialMergedModel  # noqa: E402
 
 __all__ = [
-    "merge", "MergeResult", "MergeReport", "MergeOptions", "Prepared", "PartialMergedModel", "Ensemble", "evaluate",
+    "merge", "interpolation_curve", "MergeResult", "MergeReport", "MergeOptions", "Prepared", "PartialMergedModel", "Ensemble", "evaluate",
     "HubmergeError", "UsageError", "UnsupportedModelError", "IncompatibleModelsError", "DataError",
     "CheckpointError", "RemoteError", "__version__",
 ]

@@ -137,14 +137,16 @@ class Prepared:
         return partial.plan(self.spec, self.scores, gamma, method or o.partial,
                             epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans)
 
-    def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default") -> PartialMergedModel:
-        """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``."""
+    def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default",
+              alpha: float | None = None) -> PartialMergedModel:
+        """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``,
+        at the options' α or the one given."""
         o = self.options
         method = o.repair if repair == "default" else repair
         model = build_stage.build(
             self.spec, plans, self.model_a, self.model_b, architecture=self.architecture,
-            model_args=self.model_args, alpha=o.alpha, cross=o.cross, endpoints=self.endpoints,
-            settings=o.model_dump(mode="json"),
+            model_args=self.model_args, alpha=o.alpha if alpha is None else alpha, cross=o.cross,
+            endpoints=self.endpoints, settings=o.model_dump(mode="json"),
         )
         return repair_stage.apply(model, method, plans, self.stats, self.calibration,
                                   unmerged=o.repair_unmerged, device=o.device)
@@ -209,3 +211,23 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
         timings=prepared.timings,
     )
     return MergeResult(model, report)
+
+
+def interpolation_curve(model_a: nn.Module, model_b: nn.Module, calibration: Any, evaluation: Any, *,
+                        alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), **options: Any) -> list[dict]:
+    """Accuracy and loss of the merge along α (alignment and statistics computed once), each with and
+    without the options' REPAIR; ``gamma`` and the other options apply at every point."""
+    opts = MergeOptions.parse(**options)
+    prepared = Prepared(model_a, model_b, calibration, opts)
+    data = prepared.batches(evaluation)
+    plans = prepared.plans(opts.gamma)
+    curve = []
+    for alpha in alphas:
+        row = {"alpha": alpha}
+        for key, method in (("merge", None), ("repair", opts.repair)):
+            if key == "repair" and method is None:
+                continue
+            met = evaluate(prepared.build(plans, repair=method, alpha=alpha), data, opts.device)
+            row[key] = asdict(met)
+        curve.append(row)
+    return curve
