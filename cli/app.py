@@ -125,6 +125,8 @@ def run(
     cross: Cross = typer.Option("fill", help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
     alpha: float = typer.Option(0.5, help="interpolation factor (0 = A, 1 = B)"),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="REPAIR merged units' statistics"),
+    repair_unmerged: bool = typer.Option(True, "--repair-unmerged/--repair-shared-only",
+                                         help="also renormalise unmerged units toward their endpoint"),
     device: Device = typer.Option(Device.cpu),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="write the merged repo folder here"),
@@ -163,6 +165,7 @@ def run(
             budget=values["budget"], budget_unit=values["budget_unit"], allocator=values["allocator"],
             gamma=values["gamma"], align=values["align"], partial=values["partial"], cross=values["cross"],
             alpha=values["alpha"], repair="repair" if values["repair"] else None,
+            repair_unmerged=values["repair_unmerged"],
             device=_device(values["device"]), seed=values["seed"],
         )
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes

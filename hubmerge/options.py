@@ -20,7 +20,8 @@ class MergeOptions(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="interpolation factor; 0 = model A, 1 = model B")
     align: Literal["activation", "weight"] = "activation"
     repair: Optional[Literal["repair", "reset"]] = "repair"
-    repair_unmerged: bool = Field(False, description="also renormalise unmerged units toward their endpoint")
+    # measured (examples/repair_unmerged.py, Fashion-MNIST VGG11): lower barrier at every γ and rule tried
+    repair_unmerged: bool = Field(True, description="also renormalise unmerged units toward their endpoint")
     gamma: Union[float, dict[str, float]] = Field(0.0, description="share of units kept apart, per group or all")
     partial: Literal["forced", "adaptive", "topk", "random"] = "forced"
     epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")

@@ -62,8 +62,8 @@ def test_unmerged_option_corrects_unmerged_units_toward_their_endpoint():
     ka = plans[layer.out_group].sizes[0]
     want = p.stats.layers_a[layer.name].mean[plans[layer.out_group].a_only]
     assert torch.allclose(got.mean[:ka], want, atol=1e-8)
-    default = prepared("mlp", cross="fill")
-    untouched = layer_moments(default.build(plans).net, [layer.name], p.calibration)[layer.name]
+    shared_only = prepared("mlp", cross="fill", repair_unmerged=False)
+    untouched = layer_moments(shared_only.build(plans).net, [layer.name], p.calibration)[layer.name]
     assert not torch.allclose(untouched.mean[:ka], want, atol=1e-3)
 
 
