@@ -7,9 +7,11 @@ name and preprocessed as the endpoint's timm ``pretrained_cfg`` says (size, chan
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -151,9 +153,6 @@ def as_batches(data: Any, *, preprocess: Preprocess | None = None, batch_size: i
 def load_dataset_ref(ref: str, split: str = "train", samples: int | None = None, seed: int = 0) -> Any:
     """A ``datasets.Dataset`` from a hub id, a ``save_to_disk`` folder, parquet file(s) or an image
     folder; ``split`` may carry a slice (``train[:2000]``); ``samples`` draws a seeded random subset."""
-    import re
-    from pathlib import Path
-
     import datasets
 
     path = Path(ref)

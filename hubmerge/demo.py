@@ -59,11 +59,10 @@ def load(name: str, split: str, img_size: int) -> TensorDataset:
     return TensorDataset((t - 0.5) / 0.5, torch.from_numpy(y))
 
 
-def subset(ds: TensorDataset, n: int, seed: int = 0, labels: set[int] | None = None) -> TensorDataset:
-    """``n`` random samples (optionally only of some classes), reproducible by ``seed``."""
+def subset(ds: TensorDataset, n: int, seed: int = 0) -> TensorDataset:
+    """``n`` random samples, reproducible by ``seed``."""
     x, y = ds.tensors
-    keep = torch.arange(len(y)) if labels is None else torch.nonzero(torch.isin(y, torch.tensor(sorted(labels)))).flatten()
-    keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:n]]
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
     return TensorDataset(x[keep], y[keep])
 
 
