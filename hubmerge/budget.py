@@ -86,9 +86,12 @@ class _Search:
     def gammas(self, k: dict[str, int]) -> dict[str, float]:
         return {g: k[g] / self.widths[g] for g in k}
 
+    def partition(self, k: dict[str, int]) -> dict[str, tuple[int, int, int]]:
+        """k units of each group kept apart on both sides: sizes (k, n − k, k)."""
+        return {g: (k[g], self.widths[g] - k[g], k[g]) for g in k}
+
     def increase(self, k: dict[str, int]) -> float:
-        partition = {g: (k[g], self.widths[g] - k[g], k[g]) for g in k}
-        return self.p.costs.increase(partition)[self.unit]
+        return self.p.costs.increase(self.partition(k))[self.unit]
 
     def fits(self, k: dict[str, int]) -> bool:
         return self.increase(k) <= self.budget + 1e-12
@@ -109,9 +112,8 @@ class _Search:
         return scorer(model)
 
     def result(self, trace: list[dict], benefits: dict[str, float] | None = None, **extra) -> Allocation:
-        cost = self.p.costs
-        base = cost({g: (0, n, 0) for g, n in self.widths.items()}).groups
-        now = cost({g: (self.k[g], n - self.k[g], self.k[g]) for g, n in self.widths.items()}).groups
+        base = self.p.costs(self.partition({g: 0 for g in self.widths})).groups
+        now = self.p.costs(self.partition(self.k)).groups
         rows = [{
             "group": g, "gamma": self.k[g] / n, "units_added": self.k[g],
             "params_added": now[g].params - base[g].params, "flops_added": now[g].flops - base[g].flops,
@@ -176,7 +178,7 @@ def _greedy(s: _Search, scorer: Scorer) -> Allocation:
     current = s.score(scorer, s.k)
     trace, benefits = [], {g: 0.0 for g in s.widths}
     while True:
-        best = None
+        best, spent = None, s.increase(s.k)
         for g, n in s.widths.items():
             if s.k[g] >= n:
                 continue
@@ -184,7 +186,7 @@ def _greedy(s: _Search, scorer: Scorer) -> Allocation:
             if k_next == s.k[g]:
                 continue
             cand = {**s.k, g: k_next}
-            cost = s.increase(cand) - s.increase(s.k)
+            cost = s.increase(cand) - spent
             gain = current - s.score(scorer, cand)
             ratio = gain / cost if cost > 0 else float("inf")
             if best is None or ratio > best[0]:

@@ -113,23 +113,31 @@ def load_state_strict(model, state: dict, what: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def mixin_kwargs(cls, config: dict) -> dict:
+    """The entries of ``config.json`` that a ``PyTorchModelHubMixin`` class's ``__init__`` takes."""
+    return {k: config[k] for k in cls._hub_mixin_init_parameters if k in config}
+
+
+def load_into(model, resolved: Resolved, device: str, what: str):
+    """Load ``model.safetensors`` strictly into ``model``, keeping the stored precision instead of
+    rounding it into the model's default float32."""
+    state = load_weights(resolved, device)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is not None:
+        model.to(dtype)
+    load_state_strict(model, state, what)
+    return model.to(device).eval()
+
+
 def load_checkpoint(cls, *, model_id: str, revision, cache_dir, force_download: bool, local_files_only: bool,
                     token, map_location: str, model_kwargs: dict):
     """Build ``cls`` from its config and load its safetensors strictly (PartialMergedModel's loader)."""
     resolved = resolve(model_id, revision, patterns=[CONFIG, "*.safetensors"], token=token, cache_dir=cache_dir,
                        local_files_only=local_files_only, force_download=force_download)
-    config = read_config(resolved)
-    kwargs = {k: config[k] for k in cls._hub_mixin_init_parameters if k in config}
-    kwargs.update(model_kwargs)
+    kwargs = {**mixin_kwargs(cls, read_config(resolved)), **model_kwargs}
     if "architecture" not in kwargs or "partition" not in kwargs:
         raise CheckpointError(f"{model_id}: {CONFIG} is not a hubmerge PartialMergedModel config")
-    model = cls(**kwargs)
-    state = load_weights(resolved, map_location)
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-    if dtype is not None:  # keep the stored precision instead of rounding into a float32 model
-        model.to(dtype)
-    load_state_strict(model, state, model_id)
-    return model.to(map_location).eval()
+    return load_into(cls(**kwargs), resolved, map_location, model_id)
 
 
 @dataclass
@@ -153,8 +161,7 @@ def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: 
                        local_files_only=local_files_only)
     config = read_config(resolved)
     if model_class is not None:
-        kwargs = {k: config[k] for k in model_class._hub_mixin_init_parameters if k in config}
-        model = model_class(**kwargs)
+        model = model_class(**mixin_kwargs(model_class, config))
     elif "architecture" in config:
         args = dict(config.get("model_args") or {})
         if "num_classes" in config:
@@ -165,5 +172,5 @@ def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: 
     else:
         raise CheckpointError(f"{ref}: {CONFIG} has no 'architecture' (timm format); for a "
                               "PyTorchModelHubMixin repo pass its model class")
-    load_state_strict(model, load_weights(resolved, device), ref)
-    return Endpoint(model.to(device).eval(), resolved.repo_id, resolved.revision, resolved.commit)
+    model = load_into(model, resolved, device, ref)
+    return Endpoint(model, resolved.repo_id, resolved.revision, resolved.commit)
