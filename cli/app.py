@@ -29,6 +29,13 @@ def _choices(field: str) -> type[Enum]:
     return Enum(field.title().replace("_", ""), {v: v for v in values}, type=str)
 
 
+def _default(field: str) -> Any:
+    """The ``MergeOptions`` default of a field, so the CLI and the Python API cannot drift apart."""
+    from hubmerge.options import MergeOptions
+
+    return MergeOptions.model_fields[field].default
+
+
 Allocator, Unit, Align = _choices("allocator"), _choices("budget_unit"), _choices("align")
 Partial, Cross = _choices("partial"), _choices("cross")
 
@@ -110,9 +117,9 @@ def run(
     model_a: Optional[str] = typer.Argument(None, help="endpoint A: hub id[@revision] or local folder"),
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
     budget: Optional[float] = typer.Option(None, help="relative size increase over one endpoint, 0..1"),
-    budget_unit: Unit = typer.Option("params", help="what the budget counts"),
-    allocator: Allocator = typer.Option("greedy", help="how the budget is spread over groups"),
-    gamma: float = typer.Option(0.0, help="uniform share of units kept apart, when no --budget"),
+    budget_unit: Unit = typer.Option(_default("budget_unit"), help="what the budget counts"),
+    allocator: Allocator = typer.Option(_default("allocator"), help="how the budget is spread over groups"),
+    gamma: float = typer.Option(_default("gamma"), help="uniform share of units kept apart, when no --budget"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),
     calib_split: str = typer.Option("train", help="split, optionally sliced: train[:2000]"),
     calib_samples: Optional[int] = typer.Option(2000, help="random calibration samples (seeded)"),
@@ -120,15 +127,15 @@ def run(
     eval_split: str = typer.Option("test", help="evaluation split"),
     image_column: Optional[str] = typer.Option(None, help="image column (found automatically if omitted)"),
     label_column: Optional[str] = typer.Option(None, help="label column (found automatically if omitted)"),
-    align: Align = typer.Option("activation"),
-    partial: Partial = typer.Option("forced", help="how pairs are chosen to stay apart"),
-    cross: Cross = typer.Option("fill", help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
-    alpha: float = typer.Option(0.5, help="interpolation factor (0 = A, 1 = B)"),
+    align: Align = typer.Option(_default("align")),
+    partial: Partial = typer.Option(_default("partial"), help="how pairs are chosen to stay apart"),
+    cross: Cross = typer.Option(_default("cross"), help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
+    alpha: float = typer.Option(_default("alpha"), help="interpolation factor (0 = A, 1 = B)"),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="REPAIR merged units' statistics"),
-    repair_unmerged: bool = typer.Option(True, "--repair-unmerged/--repair-shared-only",
+    repair_unmerged: bool = typer.Option(_default("repair_unmerged"), "--repair-unmerged/--repair-shared-only",
                                          help="also renormalise unmerged units toward their endpoint"),
     device: Device = typer.Option(Device.cpu),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(_default("seed")),
     out: Optional[Path] = typer.Option(None, help="write the merged repo folder here"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     push: bool = typer.Option(False, help="upload the result to the hub"),

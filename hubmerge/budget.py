@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .data import batches, progress_bar
 from .errors import UsageError
 from .evaluate import Ensemble, logits
+from .repair import Repaired
 
 log = logging.getLogger("hubmerge")
 
@@ -42,7 +43,7 @@ class Allocation:
 
 
 class Scorer:
-    """Badness of a candidate merge on calibration data (lower is better), with a count and a clock."""
+    """Badness of a candidate merge on calibration data (lower is better)."""
 
     def __init__(self, prepared):
         self.prepared = prepared
@@ -57,10 +58,8 @@ class Scorer:
         if self.kind == "agreement":
             ens = logits(Ensemble(prepared.model_a, prepared.model_b, o.alpha), data, o.device)
             self.target = F.log_softmax(ens, 1)
-        self.evaluations, self.seconds = 0, 0.0
 
     def __call__(self, model) -> float:
-        t0 = time.perf_counter()
         out = logits(model, self.prepared.calibration, self.prepared.options.device)
         if self.kind == "loss":
             value = F.cross_entropy(out, self.labels).item()
@@ -68,13 +67,12 @@ class Scorer:
             value = 1.0 - (out.argmax(1) == self.labels).double().mean().item()
         else:
             value = F.kl_div(F.log_softmax(out, 1), self.target, log_target=True, reduction="batchmean").item()
-        self.evaluations += 1
-        self.seconds += time.perf_counter() - t0
         return value
 
 
 class _Search:
-    """Shared state of the measured allocators: units per group, costs, and candidate evaluation."""
+    """Shared state of the measured allocators: units per group, costs, and candidate evaluation (counted
+    and timed: build, REPAIR and scoring)."""
 
     def __init__(self, prepared):
         self.p = prepared
@@ -82,6 +80,7 @@ class _Search:
         self.budget = prepared.options.budget
         self.widths = {g: grp.width for g, grp in prepared.spec.groups.items()}
         self.k = {g: 0 for g in self.widths}
+        self.evaluations, self.seconds = 0, 0.0
 
     def gammas(self, k: dict[str, int]) -> dict[str, float]:
         return {g: k[g] / self.widths[g] for g in k}
@@ -107,9 +106,17 @@ class _Search:
                 hi = mid - 1
         return lo
 
-    def score(self, scorer: Scorer, k: dict[str, int]) -> float:
-        model = self.p.build(self.p.plans(self.gammas(k)))
-        return scorer(model)
+    def score(self, scorer: Scorer, k: dict[str, int], reference: Repaired | None = None
+              ) -> tuple[float, Repaired]:
+        """Score of the merge with ``k`` units apart per group; REPAIR reuses ``reference``'s corrections
+        in front of the first group where the two differ."""
+        t0 = time.perf_counter()
+        plans = self.p.plans(self.gammas(k))
+        model = self.p.build(plans, reference=reference)
+        value = scorer(model)
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - t0
+        return value, Repaired(model, plans)
 
     def result(self, trace: list[dict], benefits: dict[str, float] | None = None, **extra) -> Allocation:
         base = self.p.costs(self.partition({g: 0 for g in self.widths})).groups
@@ -158,12 +165,12 @@ def _adaptive(s: _Search) -> Allocation:
 
 
 def _benefit(s: _Search, scorer: Scorer) -> Allocation:
-    base = s.score(scorer, s.k)
+    base, reference = s.score(scorer, s.k)
     full = {g: 0 for g in s.widths}
     benefit, trace = {}, []
     for g, n in progress_bar(list(s.widths.items()), "measuring benefit per group"):
         k = {**full, g: n}
-        gain = base - s.score(scorer, k)
+        gain = base - s.score(scorer, k, reference)[0]
         cost = s.increase(k)
         benefit[g] = gain / cost if cost > 0 else 0.0
         trace.append({"group": g, "score_gain": gain, "cost": cost, "benefit_factor": benefit[g]})
@@ -175,7 +182,7 @@ def _benefit(s: _Search, scorer: Scorer) -> Allocation:
 
 def _greedy(s: _Search, scorer: Scorer) -> Allocation:
     step = s.p.options.greedy_step
-    current = s.score(scorer, s.k)
+    current, reference = s.score(scorer, s.k)
     trace, benefits = [], {g: 0.0 for g in s.widths}
     while True:
         best, spent = None, s.increase(s.k)
@@ -187,13 +194,14 @@ def _greedy(s: _Search, scorer: Scorer) -> Allocation:
                 continue
             cand = {**s.k, g: k_next}
             cost = s.increase(cand) - spent
-            gain = current - s.score(scorer, cand)
+            value, built = s.score(scorer, cand, reference)
+            gain = current - value
             ratio = gain / cost if cost > 0 else float("inf")
             if best is None or ratio > best[0]:
-                best = (ratio, g, k_next, gain)
+                best = (ratio, g, k_next, gain, built)
         if best is None:  # nothing fits any more: the budget is spent to the unit
             break
-        ratio, g, k_next, gain = best
+        ratio, g, k_next, gain, reference = best
         s.k[g] = k_next
         current -= gain
         benefits[g] += gain
@@ -213,6 +221,6 @@ def allocate(prepared) -> Allocation:
         return _adaptive(s)
     scorer = Scorer(prepared)
     result = _benefit(s, scorer) if o.allocator == "benefit" else _greedy(s, scorer)
-    result.trace.append({"evaluations": scorer.evaluations, "evaluation_seconds": scorer.seconds,
+    result.trace.append({"evaluations": s.evaluations, "evaluation_seconds": s.seconds,
                          "score": scorer.kind})
     return result

@@ -9,6 +9,9 @@ For each layer (rows = output group sections, columns = input group sections):
 
 with ``c_A, c_B = 1−α, α`` for ``cross="interpolate"`` and ``1, 1`` for ``cross="fill"`` (the logits layer
 always interpolates). Biases and norms: A-only from A, B-only from B, shared interpolated.
+
+The table is stored as the blocks of :class:`~hubmerge.partitioned.PartitionedLayer`: ``a_side`` (the top-left 2×2),
+``shared_from_b`` (shared rows × B-only columns) and ``b_only`` (B-only rows × shared and B-only columns).
 """
 
 from __future__ import annotations
@@ -44,19 +47,15 @@ def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict,
     ro_a, rs_a, rs_b, ro_b = _sections(plans.get(layer.out_group), 1, wa.shape[0])
     ci_a, cs_a, cs_b, ci_b = _sections(plans.get(layer.in_group), layer.in_repeat, wa.shape[1])
     c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" or layer.out_group is None else (1.0, 1.0)
-    out = {}
-    if len(ro_a):
-        out["a_only.weight"] = _take(wa, ro_a, torch.cat([ci_a, cs_a]))
-        if ba is not None:
-            out["a_only.bias"] = ba[ro_a]
-    if len(rs_a):
-        out["shared.weight"] = torch.cat([
-            c_a * _take(wa, rs_a, ci_a),
-            (1 - alpha) * _take(wa, rs_a, cs_a) + alpha * _take(wb, rs_b, cs_b),
-            c_b * _take(wb, rs_b, ci_b),
-        ], 1)
-        if ba is not None:
-            out["shared.bias"] = (1 - alpha) * ba[rs_a] + alpha * bb[rs_b]
+    shared = (1 - alpha) * _take(wa, rs_a, cs_a) + alpha * _take(wb, rs_b, cs_b)
+    out = {"a_side.weight": torch.cat([
+        _take(wa, ro_a, torch.cat([ci_a, cs_a])),
+        torch.cat([c_a * _take(wa, rs_a, ci_a), shared], 1),
+    ])}
+    if ba is not None:
+        out["a_side.bias"] = torch.cat([ba[ro_a], (1 - alpha) * ba[rs_a] + alpha * bb[rs_b]])
+    if len(rs_a) and len(ci_b):
+        out["shared_from_b.weight"] = c_b * _take(wb, rs_b, ci_b)
     if len(ro_b):
         out["b_only.weight"] = _take(wb, ro_b, torch.cat([cs_b, ci_b]))
         if bb is not None:

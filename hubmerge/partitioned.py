@@ -1,10 +1,21 @@
 """The partitioned merged model (method §4, thesis App. B).
 
-Every conv/linear of the base architecture becomes a :class:`PartitionedLayer`: up to three dense
-sub-layers, ``a_only`` (reads ``[A-only | shared]``), ``shared`` (reads everything) and ``b_only`` (reads
-``[shared | B-only]``), whose outputs are concatenated. The zero blocks of the equivalent wide layer are
-never stored or computed. Norms become per-unit norms of the wider group. The rest of the architecture
-(activations, pooling, residual adds) is the base model's own code, untouched.
+Every conv/linear of the base architecture becomes a :class:`PartitionedLayer` that stores and runs only
+the non-zero part of the equivalent wide layer. With rows (outputs) and columns (inputs) in the layout
+``[A-only | shared | B-only]``, the zero blocks are A-only rows × B-only columns and B-only rows × A-only
+columns; the rest is covered by three dense blocks on contiguous slices:
+
+    block          rows                 columns (input slice)
+    a_side         [A-only | shared]    [A-only | shared]
+    shared_from_b  shared               B-only
+    b_only         B-only               [shared | B-only]
+
+``a_side`` has A's shape, so the bulk of the work runs as one full-width op: measured on CPU this is
+faster than the thesis's row split (A-only rows, shared rows, B-only rows), whose two thin A-only/B-only
+convolutions each read a whole input slice. ``shared_from_b`` adds into the shared rows; ``b_only`` is
+concatenated. When a layer has no zero block (its input or output group fully merged, or the fixed
+input/logits), the blocks are stacked into one op. Norms become per-unit norms of the wider group. The
+rest of the architecture (activations, pooling, residual adds) is the base model's own code, untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
@@ -21,61 +33,81 @@ from .errors import CheckpointError
 from .hub import load_checkpoint
 from .spec import Layer, PermutationSpec
 
-BLOCKS = ("a_only", "shared", "b_only")
+BLOCKS = ("a_side", "shared_from_b", "b_only")
 Sizes = tuple[int, int, int]
 
 
-def _like(template: nn.Module, in_features: int, out_features: int) -> nn.Module:
+def _like(template: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Module:
     """A Conv2d/Linear with the template's hyper-parameters and the given widths."""
-    bias = template.bias is not None
     if isinstance(template, nn.Conv2d):
         return nn.Conv2d(in_features, out_features, template.kernel_size, template.stride, template.padding,
                          template.dilation, bias=bias, padding_mode=template.padding_mode)
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+def _apply(template: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(template, nn.Conv2d):
+        return template._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class PartitionedLayer(nn.Module):
-    """A conv/linear layer stored and executed as its non-zero blocks."""
+    """A conv/linear layer stored and executed as its non-zero blocks (see the module docstring)."""
 
     def __init__(self, template: nn.Module, out_sizes: Sizes, in_sizes: Sizes, in_repeat: int = 1):
         super().__init__()
         self.out_sizes, self.in_sizes = tuple(out_sizes), tuple(in_sizes)
-        ka, m, kb = (s * in_repeat for s in in_sizes)
-        total = ka + m + kb
-        self.slices = {"a_only": (0, ka + m), "shared": (0, total), "b_only": (ka, total)}
-        for block, rows in zip(BLOCKS, out_sizes):
-            if rows:
-                lo, hi = self.slices[block]
-                self.add_module(block, _like(template, hi - lo, rows))
+        ka, m, kb = self.out_sizes
+        ia, im, ib = (s * in_repeat for s in in_sizes)
+        self.width_in = ia + im + ib
+        # (first row, last row), (first column, last column) of each block in the wide layer
+        self.extent = {"a_side": ((0, ka + m), (0, ia + im)), "shared_from_b": ((ka, ka + m), (ia + im, self.width_in)),
+                       "b_only": ((ka + m, ka + m + kb), (ia, self.width_in))}
+        bias = template.bias is not None
+        for block, ((r0, r1), (c0, c1)) in self.extent.items():
+            if r1 > r0 and c1 > c0:
+                self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
+        # no zero block when either side has nothing unmerged: then the blocks tile one dense rectangle
+        self.stacked = (ka == kb == 0 or ia == ib == 0) and len(self.blocks()) > 1
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
-        """The present sub-layers, in output order."""
+        """The present sub-layers, in the order ``a_side``, ``shared_from_b``, ``b_only``."""
         return [(b, getattr(self, b)) for b in BLOCKS if hasattr(self, b)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = self.slices["shared"][1]
-        outs = []
-        for block, module in self.blocks():
-            lo, hi = self.slices[block]
-            outs.append(module(x if (lo, hi) == (0, total) else x[:, lo:hi]))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        if self.stacked:
+            return self._stacked(x)
+        cols = self.extent["a_side"][1][1]
+        out = self.a_side(x if cols == self.width_in else x[:, :cols])
+        if hasattr(self, "shared_from_b"):
+            (r0, r1), (c0, _) = self.extent["shared_from_b"]
+            out[:, r0:r1] += self.shared_from_b(x[:, c0:])
+        if hasattr(self, "b_only"):
+            out = torch.cat([out, self.b_only(x[:, self.extent["b_only"][1][0]:])], 1)
+        return out
+
+    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """One op: blocks stacked by rows (fully merged input) or side by side (fully merged output)."""
+        blocks = [m for _, m in self.blocks()]
+        by_rows = self.in_sizes[0] == self.in_sizes[2] == 0
+        weight = torch.cat([m.weight for m in blocks], 0 if by_rows else 1)
+        bias = None
+        if blocks[0].bias is not None:
+            bias = torch.cat([m.bias for m in blocks]) if by_rows else blocks[0].bias
+        return _apply(blocks[0], x, weight, bias)
 
     def dense(self) -> nn.Module:
         """The equivalent plain layer, zero blocks included (for inspection and export)."""
-        blocks = self.blocks()
-        template = blocks[0][1]
+        template = self.a_side
         w = template.weight
-        out = _like(template, self.slices["shared"][1], sum(self.out_sizes)).to(w.device, w.dtype)
+        out = _like(template, self.width_in, sum(self.out_sizes), template.bias is not None).to(w.device, w.dtype)
         with torch.no_grad():
             out.weight.zero_()
-            row = 0
-            for block, module in blocks:
-                lo, hi = self.slices[block]
-                rows = module.weight.shape[0]
-                out.weight[row : row + rows, lo:hi] = module.weight
-                if out.bias is not None:
-                    out.bias[row : row + rows] = module.bias
-                row += rows
+            for block, module in self.blocks():
+                (r0, r1), (c0, c1) = self.extent[block]
+                out.weight[r0:r1, c0:c1] = module.weight
+                if module.bias is not None:
+                    out.bias[r0:r1] = module.bias
         return out
 
 

@@ -9,6 +9,8 @@ endpoint's statistics when ``unmerged=True``. ``reset``: re-estimate BatchNorm r
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import nn
 
@@ -45,21 +47,59 @@ def _fold(model: PartialMergedModel, layer: Layer, scale: torch.Tensor, shift: t
         norm.running_mean.copy_(((norm.running_mean.double() - shift) / scale).to(norm.running_mean.dtype))
         norm.weight.mul_(scale.to(norm.weight.dtype))
         return
-    row = 0
-    for _, sub in model.layer(layer.name).blocks():
-        rows = sub.weight.shape[0]
-        s, t = scale[row : row + rows], shift[row : row + rows]
-        if sub.bias is None:
-            raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
+    part = model.layer(layer.name)
+    if part.a_side.bias is None:
+        raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
+    for block, sub in part.blocks():  # every block scales its rows; the shift goes into each row's one bias
+        (r0, r1), _ = part.extent[block]
+        s, t = scale[r0:r1], shift[r0:r1]
         sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
-        sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
-        row += rows
+        if sub.bias is not None:
+            sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
+
+
+@dataclass(frozen=True)
+class Repaired:
+    """A repaired merge and the plans it was built from, kept so a candidate that differs only in later
+    groups can copy the corrections of the layers in front of the first difference instead of measuring
+    them again (the budget search builds many such candidates)."""
+
+    model: PartialMergedModel
+    plans: dict[str, GroupPlan]
+
+
+def _same(p: GroupPlan, q: GroupPlan) -> bool:
+    return p is q or all(torch.equal(getattr(p, f.name), getattr(q, f.name)) for f in fields(GroupPlan))
+
+
+def shared_prefix(layers: list[Layer], plans: dict[str, GroupPlan], other: dict[str, GroupPlan]) -> int:
+    """How many leading layers (in forward order) read and write only groups planned alike in both."""
+    for i, layer in enumerate(layers):
+        if any(g is not None and not _same(plans[g], other[g]) for g in (layer.in_group, layer.out_group)):
+            return i
+    return len(layers)
+
+
+@torch.no_grad()
+def _copy_layer(model: PartialMergedModel, source: PartialMergedModel, layer: Layer) -> None:
+    for name in filter(None, (layer.name, layer.norm)):
+        model.net.get_submodule(name).load_state_dict(source.net.get_submodule(name).state_dict())
 
 
 def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches, *,
-           unmerged: bool = False, device: torch.device | str = "cpu") -> PartialMergedModel:
-    """Correct every hidden layer's pre-activation statistics in place, front to back."""
-    for layer in model.spec.layers:
+           unmerged: bool = False, device: torch.device | str = "cpu", reference: Repaired | None = None
+           ) -> PartialMergedModel:
+    """Correct every hidden layer's pre-activation statistics in place, front to back.
+
+    With a ``reference`` repaired the same way (same endpoints, data and settings), the layers in front of
+    the first group planned differently copy its corrections: their inputs are the same, so measuring
+    them again would give the same numbers.
+    """
+    reused = shared_prefix(model.spec.layers, plans, reference.plans) if reference else 0
+    for i, layer in enumerate(model.spec.layers):
+        if i < reused:
+            _copy_layer(model, reference.model, layer)
+            continue
         if layer.out_group is None:  # the logits are the output, not a unit to renormalise
             continue
         mean_t, std_t, mask = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
@@ -94,9 +134,9 @@ def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "c
 
 
 def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupPlan], stats: Statistics | None,
-          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu"
-          ) -> PartialMergedModel:
-    """Run the chosen REPAIR variant (None = leave the merge as built)."""
+          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu",
+          reference: Repaired | None = None) -> PartialMergedModel:
+    """Run the chosen REPAIR variant (None = leave the merge as built); ``reference`` as in :func:`repair`."""
     if method is None:
         return model
     if method not in REPAIRS:
@@ -106,4 +146,4 @@ def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupP
     if method == "reset":
         reset_norms(model, data, device)
         return model
-    return repair(model, plans, stats, data, unmerged=unmerged, device=device)
+    return repair(model, plans, stats, data, unmerged=unmerged, device=device, reference=reference)

@@ -69,10 +69,16 @@ def test_fill_differs_from_interpolate_in_hidden_layers_only():
     p_int, p_fill = prepared("mlp", cross="interpolate"), prepared("mlp", cross="fill")
     plans = p_int.plans(0.4)
     a, b = p_int.build(plans, repair=None), p_fill.build(plans, repair=None)
-    ha, hb = a.layer("blocks.1.fc").shared.weight, b.layer("blocks.1.fc").shared.weight
-    ka = plans["blocks.0"].sizes[0]
-    assert torch.allclose(2 * ha[:, :ka], hb[:, :ka])  # A-only columns: (1−α)·W_A vs W_A
-    assert torch.equal(a.layer("head").shared.weight, b.layer("head").shared.weight)  # logits interpolate
+    ha, hb = (m.layer("blocks.1.fc").dense().weight for m in (a, b))
+    ka_in, _, kb_in = plans["blocks.0"].sizes
+    ka, m, _ = plans["blocks.1"].sizes
+    shared = slice(ka, ka + m)
+    assert ka_in and kb_in and m
+    assert torch.allclose(2 * ha[shared, :ka_in], hb[shared, :ka_in])  # A-only columns: (1−α)·W_A vs W_A
+    assert torch.allclose(2 * ha[shared, -kb_in:], hb[shared, -kb_in:])  # B-only columns: α·P(W_B) vs P(W_B)
+    assert torch.equal(ha[shared, ka_in:-kb_in], hb[shared, ka_in:-kb_in])  # shared × shared interpolates in both
+    assert torch.equal(ha[:ka], hb[:ka]) and torch.equal(ha[ka + m:], hb[ka + m:])  # unmerged rows: W_A, P(W_B)
+    assert torch.equal(a.layer("head").dense().weight, b.layer("head").dense().weight)  # logits interpolate
 
 
 def test_per_group_gamma():

@@ -35,7 +35,8 @@ def test_save_load_roundtrip_gives_identical_outputs(saved):
 def test_stored_tensors_are_only_the_nonzero_blocks(saved):
     model, path = saved
     stored = safetensors.torch.load_file(path / "model.safetensors")
-    assert "net.layer1.0.conv1.a_only.weight" in stored and "net.layer1.0.conv1.shared.weight" in stored
+    blocks = {k.split(".")[-2] for k in stored if k.startswith("net.layer1.0.conv1.")}
+    assert blocks == {"a_side", "shared_from_b", "b_only"}
     params = {k for k, _ in model.named_parameters()}
     stored_params = sum(t.numel() for k, t in stored.items() if k in params)
     closed_form = CostModel(model.spec, model.net, (3, 32, 32))(model.partition).total.params
@@ -50,8 +51,8 @@ def _tamper(path, fn):
 
 def test_missing_tensor_fails_to_load(saved):
     _, path = saved
-    _tamper(path, lambda s: s.pop("net.fc.shared.weight"))
-    with pytest.raises(CheckpointError, match="missing.*net.fc.shared.weight"):
+    _tamper(path, lambda s: s.pop("net.fc.shared_from_b.weight"))
+    with pytest.raises(CheckpointError, match="missing.*net.fc.shared_from_b.weight"):
         PartialMergedModel.from_pretrained(path)
 
 
@@ -64,7 +65,8 @@ def test_extra_tensor_fails_to_load(saved):
 
 def test_wrong_shape_fails_to_load(saved):
     _, path = saved
-    _tamper(path, lambda s: s.__setitem__("net.fc.shared.weight", s["net.fc.shared.weight"][:, :-1].clone()))
+    key = "net.fc.shared_from_b.weight"
+    _tamper(path, lambda s: s.__setitem__(key, s[key][:, :-1].clone()))
     with pytest.raises(CheckpointError, match="wrong shapes"):
         PartialMergedModel.from_pretrained(path)
 

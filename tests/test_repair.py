@@ -4,6 +4,7 @@ import torch
 from hubmerge.api import Prepared
 from hubmerge.errors import UsageError
 from hubmerge.options import MergeOptions
+from hubmerge.repair import Repaired, shared_prefix
 from hubmerge.statistics import layer_moments
 
 from conftest import inputs, labelled, make
@@ -80,3 +81,22 @@ def test_reset_without_batchnorm_is_a_clear_error():
     p = prepared("mlp", repair="reset")
     with pytest.raises(UsageError, match="BatchNorm"):
         p.build(p.plans(0.0))
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18", "cifar_vgg_stride"])
+def test_reusing_a_reference_repair_gives_the_same_model(case):
+    """The budget search copies the corrections in front of the first changed group; the result must be
+    the model REPAIR would have measured, bit for bit, and only the prefix may be copied."""
+    p = prepared(case, repair_unmerged=True)
+    groups = list(p.spec.groups)
+    base_plans = p.plans(0.2)
+    reference = Repaired(p.build(base_plans), base_plans)
+    for changed in (groups[0], groups[len(groups) // 2], groups[-1]):
+        plans = p.plans({g: (0.6 if g == changed else 0.2) for g in groups})
+        prefix = shared_prefix(p.spec.layers, plans, base_plans)
+        first = p.spec.layers[prefix] if prefix < len(p.spec.layers) else None
+        assert first is not None and changed in (first.in_group, first.out_group)
+        fresh, reused = p.build(plans), p.build(plans, reference=reference)
+        want = fresh.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in reused.state_dict().items())
+    assert shared_prefix(p.spec.layers, base_plans, p.plans(0.2)) == len(p.spec.layers)

@@ -1,0 +1,52 @@
+"""Calibration data as a user hands it over: image folders, saved datasets, slices and subsets."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hubmerge.data import Preprocess, as_batches, batches, load_dataset_ref
+from hubmerge.errors import DataError
+
+PRE = Preprocess(input_size=(1, 8, 8), mean=(0.5,), std=(0.25,))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An ImageFolder tree: train/<class>/<i>.png with 12×10 RGB images (resized and greyed on load)."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog", "eel"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(root / "train" / cls / f"{i}.png")
+    return root
+
+
+def test_image_folder_loads_with_class_labels_and_endpoint_preprocessing(folder):
+    ds = load_dataset_ref(str(folder), "train")
+    assert len(ds) == 12 and ds.features["label"].names == ["cat", "dog", "eel"]
+    xs, ys = zip(*batches(as_batches(ds, preprocess=PRE, batch_size=5)))
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (12, 1, 8, 8) and x.dtype == torch.float32
+    assert sorted(y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    first = np.asarray(ds[0]["image"].convert("RGB"), dtype=np.float32).mean(-1) / 255  # greyscale, [0, 1]
+    want = torch.nn.functional.interpolate(torch.tensor(first)[None, None], size=(8, 8), mode="bilinear",
+                                           align_corners=False)[0]
+    assert torch.allclose(x[0], (want - 0.5) / 0.25, atol=1e-5)
+
+
+def test_saved_dataset_split_slice_and_seeded_subset(tmp_path):
+    rows = {"image": [np.full((4, 4), i, dtype=np.uint8) for i in range(30)], "label": list(range(30))}
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path))
+    assert load_dataset_ref(str(tmp_path), "test[5:9]")["label"] == [5, 6, 7, 8]
+    one = load_dataset_ref(str(tmp_path), "test", samples=7, seed=3)["label"]
+    assert one == load_dataset_ref(str(tmp_path), "test", samples=7, seed=3)["label"] and len(set(one)) == 7
+    with pytest.raises(DataError, match="no split 'train'; splits: \\['test'\\]"):
+        load_dataset_ref(str(tmp_path), "train")
+
+
+def test_a_datasets_dataset_without_preprocessing_is_a_clear_error(folder):
+    with pytest.raises(DataError, match="needs a Preprocess"):
+        as_batches(load_dataset_ref(str(folder), "train"))
