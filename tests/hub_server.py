@@ -77,6 +77,17 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _revision(self, repo_id: str, rev: str, head: bool = False) -> tuple[dict, str] | None:
+        """The repo and the commit ``rev`` names, or None after answering 404 as the hub does."""
+        repo = self._repo(repo_id, head)
+        if repo is None:
+            return None
+        sha = self.store.resolve(repo_id, rev)
+        if sha is None:
+            self._error(404, "RevisionNotFound", head)
+            return None
+        return repo, sha
+
     # ---- routes
     def do_GET(self, head: bool = False):
         path = unquote(urlparse(self.path).path)
@@ -84,34 +95,28 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {"name": USER, "type": "user"}) if self._authed() else self._error(401, "Unauthorized")
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m:
-            repo = self._repo(m[1])
-            if repo is None:
+            found = self._revision(m[1], m[2] or "main")
+            if found is None:
                 return
-            sha = self.store.resolve(m[1], m[2] or "main")
-            if sha is None:
-                return self._error(404, "RevisionNotFound")
+            repo, sha = found
             files = repo["commits"][sha]
             return self._send(200, {"id": m[1], "modelId": m[1], "sha": sha, "private": repo["private"],
                                     "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []})
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if m:
-            repo = self._repo(m[1])
-            if repo is None:
+            found = self._revision(m[1], m[2])
+            if found is None:
                 return
-            sha = self.store.resolve(m[1], m[2])
-            if sha is None:
-                return self._error(404, "RevisionNotFound")
+            repo, sha = found
             files = repo["commits"][sha]
             return self._send(200, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_id(d)}
                                     for p, d in sorted(files.items())])
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m:
-            repo = self._repo(m[1], head)
-            if repo is None:
+            found = self._revision(m[1], m[2], head)
+            if found is None:
                 return
-            sha = self.store.resolve(m[1], m[2])
-            if sha is None:
-                return self._error(404, "RevisionNotFound", head)
+            repo, sha = found
             data = repo["commits"][sha].get(m[3])
             if data is None:
                 return self._error(404, "EntryNotFound", head)
@@ -152,12 +157,10 @@ class Handler(BaseHTTPRequestHandler):
                                               for f in files]})
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path)
         if m:
-            repo = self._repo(m[1])
-            if repo is None:
+            found = self._revision(m[1], m[2])
+            if found is None:
                 return
-            parent = self.store.resolve(m[1], m[2])
-            if parent is None:
-                return self._error(404, "RevisionNotFound")
+            repo, parent = found
             files = dict(repo["commits"][parent])
             summary = ""
             for line in body.decode().splitlines():
