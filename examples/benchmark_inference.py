@@ -2,10 +2,12 @@
 
 Times one endpoint, the partitioned merge at γ ∈ {0.1, 0.22, 0.5}, the zero-padded equivalent of each and
 the two-model ensemble on the same batch, in one process, interleaved round by round, and prints median
-times as ratios to one endpoint next to the parameter increase. Target: partitioned ≤ (1 + increase +
-0.05)× one endpoint, and faster than zero-padded. Weights are random: speed does not depend on them.
+times as ratios to one endpoint next to the parameter and FLOP increase. Target: partitioned ≤ (1 +
+increase + 0.05)× one endpoint, and faster than zero-padded. Weights are random: speed does not depend on
+them. The last column, time ratio ÷ FLOP ratio, separates what the layout computes from how efficiently
+the kernels run it: 1.00 means the model runs at the endpoint's speed per FLOP.
 
-    python examples/benchmark_inference.py --arch hubmerge_vgg11 --width 0.5 --batch 128
+    python examples/benchmark_inference.py --arch hubmerge_vgg11 --width 0.5 --batch 128 [--channels-last]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--channels-last", action="store_true", help="run every model in channels_last memory format")
     args = ap.parse_args()
     margs = dict(width_multiplier=args.width) if "resnet" not in args.arch else dict(width_multiplier=int(args.width))
     a = randomize_(timm.create_model(args.arch, **margs), 1).eval()
@@ -38,19 +41,23 @@ def main() -> None:
     calib = [torch.randn(64, *size) for _ in range(2)]
     prepared = Prepared(a, b, calib, MergeOptions.parse(repair=None))
     models = {"endpoint": a, "ensemble": Ensemble(a, b)}
-    increase = {"endpoint": 0.0, "ensemble": 1.0}
+    increase = {"endpoint": {"params": 0.0, "flops": 0.0}, "ensemble": {"params": 1.0, "flops": 1.0}}
     for g in (0.1, 0.22, 0.5):
         plans = prepared.plans(g)
         part = prepared.build(plans)
+        partition = prepared.partition(plans)
         models[f"partitioned γ={g}"] = part
         models[f"zero-padded γ={g}"] = part.materialize().eval()
-        increase[f"partitioned γ={g}"] = increase[f"zero-padded γ={g}"] = prepared.costs.increase(
-            prepared.partition(plans))["params"]
-    x = torch.randn(args.batch, *size, device=args.device)
+        increase[f"partitioned γ={g}"] = prepared.costs.increase(partition)
+        # the zero-padded model computes every unit against every unit: all-shared groups of the wide width
+        increase[f"zero-padded γ={g}"] = prepared.costs.increase({k: (0, sum(s), 0) for k, s in partition.items()})
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    models = {k: m.to(args.device, memory_format=memory_format) for k, m in models.items()}
+    x = torch.randn(args.batch, *size, device=args.device).contiguous(memory_format=memory_format)
     times = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
-            m.to(args.device)(x)  # warm-up
+            m(x)  # warm-up
         for _ in range(args.rounds):
             for name, m in models.items():
                 if args.device.startswith("cuda"):
@@ -62,12 +69,14 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["endpoint"])
     print(f"{args.arch} ×{args.width}, batch {args.batch} at {tuple(size)}, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
-    print(f"{'model':24s} {'+params':>8s} {'ms':>8s} {'× endpoint':>11s} {'target ≤':>9s}")
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'model':24s} {'+params':>8s} {'+FLOPs':>8s} {'ms':>8s} {'× endpoint':>11s} {'target ≤':>9s} {'÷ FLOPs':>8s}")
     for name, t in times.items():
-        med = statistics.median(t)
-        target = f"{1 + increase[name] + 0.05:.2f}" if name.startswith("partitioned") else ""
-        print(f"{name:24s} {100 * increase[name]:7.1f}% {1000 * med:8.2f} {med / base:10.2f}× {target:>9s}")
+        med, inc = statistics.median(t), increase[name]
+        target = f"{1 + inc['params'] + 0.05:.2f}" if name.startswith("partitioned") else ""
+        print(f"{name:24s} {100 * inc['params']:7.1f}% {100 * inc['flops']:7.1f}% {1000 * med:8.2f} "
+              f"{med / base:10.2f}× {target:>9s} {med / base / (1 + inc['flops']):8.2f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ with ``c_A, c_B = 1−α, α`` for ``cross="interpolate"`` and ``1, 1`` for ``cr
 always interpolates). Biases and norms: A-only from A, B-only from B, shared interpolated.
 
 The table is stored as the blocks of :class:`~hubmerge.partitioned.PartitionedLayer`: ``a_side`` (the top-left 2×2),
-``shared_from_b`` (shared rows × B-only columns) and ``b_only`` (B-only rows × shared and B-only columns).
+``shared_from_b`` (shared rows × B-only columns) and ``b_only`` (B-only rows × shared and B-only columns),
+or one ``whole`` block where the layer has no zero block.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from .errors import UsageError
 from .partial import GroupPlan
-from .partitioned import PartialMergedModel
+from .partitioned import PartialMergedModel, Sizes, block_extents
 from .spec import Layer, PermutationSpec, expand
 
 CROSS_RULES = ("interpolate", "fill")
@@ -39,27 +40,38 @@ def _take(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
     return w.index_select(0, rows).index_select(1, cols)
 
 
-def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
-                  ) -> dict[str, torch.Tensor]:
-    """The stored tensors of one partitioned layer (keys relative to the layer)."""
+def _wide(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
+          ) -> tuple[torch.Tensor, torch.Tensor | None, Sizes, Sizes]:
+    """The layer's wide weight (zero blocks included) and bias, with its (out, in) section sizes."""
     wa, wb = sa[f"{layer.name}.weight"], sb[f"{layer.name}.weight"]
     ba, bb = sa.get(f"{layer.name}.bias"), sb.get(f"{layer.name}.bias")
     ro_a, rs_a, rs_b, ro_b = _sections(plans.get(layer.out_group), 1, wa.shape[0])
     ci_a, cs_a, cs_b, ci_b = _sections(plans.get(layer.in_group), layer.in_repeat, wa.shape[1])
     c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" or layer.out_group is None else (1.0, 1.0)
-    shared = (1 - alpha) * _take(wa, rs_a, cs_a) + alpha * _take(wb, rs_b, cs_b)
-    out = {"a_side.weight": torch.cat([
-        _take(wa, ro_a, torch.cat([ci_a, cs_a])),
-        torch.cat([c_a * _take(wa, rs_a, ci_a), shared], 1),
-    ])}
-    if ba is not None:
-        out["a_side.bias"] = torch.cat([ba[ro_a], (1 - alpha) * ba[rs_a] + alpha * bb[rs_b]])
-    if len(rs_a) and len(ci_b):
-        out["shared_from_b.weight"] = c_b * _take(wb, rs_b, ci_b)
-    if len(ro_b):
-        out["b_only.weight"] = _take(wb, ro_b, torch.cat([cs_b, ci_b]))
-        if bb is not None:
-            out["b_only.bias"] = bb[ro_b]
+
+    def zeros(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return wa.new_zeros(len(rows), len(cols), *wa.shape[2:])
+
+    weight = torch.cat([
+        torch.cat([_take(wa, ro_a, ci_a), _take(wa, ro_a, cs_a), zeros(ro_a, ci_b)], 1),
+        torch.cat([c_a * _take(wa, rs_a, ci_a), (1 - alpha) * _take(wa, rs_a, cs_a) + alpha * _take(wb, rs_b, cs_b),
+                   c_b * _take(wb, rs_b, ci_b)], 1),
+        torch.cat([zeros(ro_b, ci_a), _take(wb, ro_b, cs_b), _take(wb, ro_b, ci_b)], 1),
+    ])
+    bias = None if ba is None else torch.cat([ba[ro_a], (1 - alpha) * ba[rs_a] + alpha * bb[rs_b], bb[ro_b]])
+    return weight, bias, (len(ro_a), len(rs_a), len(ro_b)), (len(ci_a), len(cs_a), len(ci_b))
+
+
+def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
+                  ) -> dict[str, torch.Tensor]:
+    """The stored tensors of one partitioned layer (keys relative to the layer): its wide weight cut
+    into the blocks of :func:`~hubmerge.partitioned.block_extents`, which leave out the zero blocks."""
+    weight, bias, out_sizes, in_sizes = _wide(layer, plans, sa, sb, alpha, cross)
+    out = {}
+    for block, ((r0, r1), (c0, c1)) in block_extents(out_sizes, in_sizes).items():
+        out[f"{block}.weight"] = weight[r0:r1, c0:c1]
+        if bias is not None and block != "shared_from_b":  # shared rows take their bias from a_side
+            out[f"{block}.bias"] = bias[r0:r1]
     return out
 
 

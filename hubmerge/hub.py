@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub import errors as hf_errors
 
+from . import __version__
 from .arch_specs import build_model
 from .errors import CheckpointError, RemoteError
 
@@ -137,7 +138,14 @@ def load_checkpoint(cls, *, model_id: str, revision, cache_dir, force_download: 
     kwargs = {**mixin_kwargs(cls, read_config(resolved)), **model_kwargs}
     if "architecture" not in kwargs or "partition" not in kwargs:
         raise CheckpointError(f"{model_id}: {CONFIG} is not a hubmerge PartialMergedModel config")
-    return load_into(cls(**kwargs), resolved, map_location, model_id)
+    try:
+        return load_into(cls(**kwargs), resolved, map_location, model_id)
+    except CheckpointError as exc:
+        written = kwargs.get("hubmerge_version")
+        if written and written != __version__:  # the stored block layout may differ between versions
+            raise CheckpointError(f"{exc} (written by hubmerge {written}, this is {__version__}: load it with "
+                                  f"pip install hubmerge=={written})") from exc
+        raise
 
 
 @dataclass

@@ -48,7 +48,7 @@ def _fold(model: PartialMergedModel, layer: Layer, scale: torch.Tensor, shift: t
         norm.weight.mul_(scale.to(norm.weight.dtype))
         return
     part = model.layer(layer.name)
-    if part.a_side.bias is None:
+    if part.blocks()[0][1].bias is None:
         raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
     for block, sub in part.blocks():  # every block scales its rows; the shift goes into each row's one bias
         (r0, r1), _ = part.extent[block]

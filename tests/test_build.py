@@ -88,3 +88,15 @@ def test_per_group_gamma():
     assert model.partition[groups[0]][1] == 0
     assert model.partition[groups[3]][0] == round(0.5 * p.spec.groups[groups[3]].width)
     assert all(model.partition[g][0] == 0 for g in groups if g not in (groups[0], groups[3]))
+
+
+def test_layers_without_a_zero_block_are_stored_whole():
+    """Next to a fully merged group a layer has no zero block: one dense block, no per-forward joins."""
+    p = prepared("timm_resnet18")
+    model = p.build(p.plans({"layer1": 0.5, "layer1.1.conv1": 0.5}), repair=None)
+    blocks = {l.name: [b for b, _ in model.layer(l.name).blocks()] for l in p.spec.layers}
+    assert blocks["layer1.1.conv1"] == ["a_side", "shared_from_b", "b_only"]  # partial in, partial out
+    assert blocks["layer1.0.conv2"] == ["whole"]  # merged in, partial out
+    assert blocks["layer2.0.conv1"] == ["whole"]  # partial in, merged out
+    x = inputs("timm_resnet18")
+    assert (model(x) - model.materialize()(x)).abs().max() <= 1e-10

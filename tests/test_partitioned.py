@@ -37,6 +37,8 @@ def test_stored_tensors_are_only_the_nonzero_blocks(saved):
     stored = safetensors.torch.load_file(path / "model.safetensors")
     blocks = {k.split(".")[-2] for k in stored if k.startswith("net.layer1.0.conv1.")}
     assert blocks == {"a_side", "shared_from_b", "b_only"}
+    # the logits and the stem have no zero block (fixed output / fixed input): one block each
+    assert {k.split(".")[-2] for k in stored if k.startswith(("net.fc.", "net.conv1."))} == {"whole"}
     params = {k for k, _ in model.named_parameters()}
     stored_params = sum(t.numel() for k, t in stored.items() if k in params)
     closed_form = CostModel(model.spec, model.net, (3, 32, 32))(model.partition).total.params
@@ -51,8 +53,17 @@ def _tamper(path, fn):
 
 def test_missing_tensor_fails_to_load(saved):
     _, path = saved
-    _tamper(path, lambda s: s.pop("net.fc.shared_from_b.weight"))
-    with pytest.raises(CheckpointError, match="missing.*net.fc.shared_from_b.weight"):
+    _tamper(path, lambda s: s.pop("net.layer1.0.conv1.shared_from_b.weight"))
+    with pytest.raises(CheckpointError, match="missing.*net.layer1.0.conv1.shared_from_b.weight"):
+        PartialMergedModel.from_pretrained(path)
+
+
+def test_mismatch_from_another_hubmerge_version_names_both_versions(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hubmerge_version": "0.0.1"}))
+    _tamper(path, lambda s: s.pop("net.layer1.0.conv1.b_only.weight"))
+    with pytest.raises(CheckpointError, match=r"missing.*written by hubmerge 0\.0\.1.*hubmerge==0\.0\.1"):
         PartialMergedModel.from_pretrained(path)
 
 
@@ -65,7 +76,7 @@ def test_extra_tensor_fails_to_load(saved):
 
 def test_wrong_shape_fails_to_load(saved):
     _, path = saved
-    key = "net.fc.shared_from_b.weight"
+    key = "net.layer1.0.conv1.shared_from_b.weight"
     _tamper(path, lambda s: s.__setitem__(key, s[key][:, :-1].clone()))
     with pytest.raises(CheckpointError, match="wrong shapes"):
         PartialMergedModel.from_pretrained(path)
