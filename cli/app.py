@@ -107,6 +107,31 @@ def _device(name: str) -> str:
     return name
 
 
+def _numbers(value: Any, name: str, kind: type) -> tuple | None:
+    """``"0.5,0.5,0.5"`` (command line) or a list (``--config``) → a tuple of ``kind``."""
+    from hubmerge.errors import UsageError
+
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(kind(p) for p in parts)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--{name.replace('_', '-')} takes comma-separated numbers, got {value!r}") from exc
+
+
+def _preprocess(values: dict[str, Any]) -> dict[str, tuple]:
+    """The preprocessing fields given on the command line (they replace the endpoint's own)."""
+    kinds = {"input_size": int, "mean": float, "std": float}
+    given = {k: _numbers(values[k], k, kind) for k, kind in kinds.items()}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+INPUT_SIZE_HELP = "input C,H,W for datasets (default: the endpoint's pretrained_cfg)"
+MEAN_HELP = "per-channel normalisation mean, comma-separated (default: the endpoint's pretrained_cfg)"
+STD_HELP = "per-channel normalisation std, comma-separated (default: the endpoint's pretrained_cfg)"
+
+
 def _enum(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
@@ -127,6 +152,9 @@ def run(
     eval_split: str = typer.Option("test", help="evaluation split"),
     image_column: Optional[str] = typer.Option(None, help="image column (found automatically if omitted)"),
     label_column: Optional[str] = typer.Option(None, help="label column (found automatically if omitted)"),
+    input_size: Optional[str] = typer.Option(None, help=INPUT_SIZE_HELP),
+    mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
+    std: Optional[str] = typer.Option(None, help=STD_HELP),
     align: Align = typer.Option(_default("align")),
     partial: Partial = typer.Option(_default("partial"), help="how pairs are chosen to stay apart"),
     cross: Cross = typer.Option(_default("cross"), help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
@@ -169,6 +197,7 @@ def run(
             values["model_a"], values["model_b"], calib=calib_ref or None, evaluation=eval_ref or None,
             out=Path(values["out"]) if values["out"] else None, overwrite=values["overwrite"], push=values["push"],
             repo_id=values["repo_id"], private=values["private"], revision=values["revision"], recipe=recipe,
+            preprocess=_preprocess(values),
             budget=values["budget"], budget_unit=values["budget_unit"], allocator=values["allocator"],
             gamma=values["gamma"], align=values["align"], partial=values["partial"], cross=values["cross"],
             alpha=values["alpha"], repair="repair" if values["repair"] else None,
@@ -216,6 +245,9 @@ def eval_cmd(
     split: str = typer.Option("test"),
     samples: Optional[int] = typer.Option(None, help="random subset size (seeded)"),
     seed: int = typer.Option(0),
+    input_size: Optional[str] = typer.Option(None, help=INPUT_SIZE_HELP.replace("endpoint", "model")),
+    mean: Optional[str] = typer.Option(None, help=MEAN_HELP.replace("endpoint", "model")),
+    std: Optional[str] = typer.Option(None, help=STD_HELP.replace("endpoint", "model")),
     json_out: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False),
     debug: bool = typer.Option(False),
@@ -227,7 +259,8 @@ def eval_cmd(
         from hubmerge.evaluate import evaluate
 
         net = _load_any(model)
-        ds = HFImages(load_dataset_ref(data, split, samples, seed), Preprocess.from_model(net))
+        pre = Preprocess.from_model(net, **_preprocess(dict(input_size=input_size, mean=mean, std=std)))
+        ds = HFImages(load_dataset_ref(data, split, samples, seed), pre)
         metrics = evaluate(net, ds, progress="evaluating")
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)

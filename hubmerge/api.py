@@ -79,7 +79,7 @@ class Prepared:
     """An endpoint pair with its spec, calibration statistics, alignment scores and cost model."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, calibration: Any, options: MergeOptions,
-                 endpoints: dict | None = None):
+                 endpoints: dict | None = None, preprocess: Preprocess | None = None):
         self.options = options
         self.timings: dict[str, float] = {}
         self.architecture, self.model_args = check_compatible(model_a, model_b)
@@ -87,7 +87,9 @@ class Prepared:
         self.model_b = model_b.eval().to(options.device)
         self.spec = spec_for(model_a)
         self.endpoints = endpoints or {}
-        self.preprocess = Preprocess.from_model(model_a) if getattr(model_a, "pretrained_cfg", None) else None
+        if preprocess is None and getattr(model_a, "pretrained_cfg", None):
+            preprocess = Preprocess.from_model(model_a)
+        self.preprocess = preprocess
         self.calibration = None
         if calibration is not None:
             self.calibration = self.batches(calibration)
@@ -148,6 +150,7 @@ class Prepared:
             self.spec, plans, self.model_a, self.model_b, architecture=self.architecture,
             model_args=self.model_args, alpha=o.alpha if alpha is None else alpha, cross=o.cross,
             endpoints=self.endpoints, settings=o.model_dump(mode="json"),
+            preprocess=self.preprocess.to_dict() if self.preprocess else None,
         )
         return repair_stage.apply(model, method, plans, self.stats, self.calibration,
                                   unmerged=o.repair_unmerged, device=o.device, reference=reference)
@@ -174,11 +177,12 @@ def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, evaluation: Any = None,
-          endpoints: dict | None = None, **options: Any) -> MergeResult:
+          endpoints: dict | None = None, preprocess: Preprocess | None = None, **options: Any) -> MergeResult:
     """Merge two endpoints of one architecture, partially or fully, and report what it measured.
 
     ``calibration`` / ``evaluation``: a torch DataLoader (or iterable of batches), a torch Dataset, or a
-    ``datasets.Dataset`` (preprocessed from the endpoint's ``pretrained_cfg``). ``options`` are those of
+    ``datasets.Dataset`` (preprocessed as ``preprocess`` says, by default from the endpoint's
+    ``pretrained_cfg``; the merged model records it for later evaluation). ``options`` are those of
     :class:`~hubmerge.options.MergeOptions`: ``alpha``, ``align``, ``repair``, ``gamma``, ``partial``,
     ``cross``, ``budget``, ``allocator``… With ``budget`` set, per-group γ comes from the allocator;
     otherwise ``gamma`` (scalar or per group) is used as given. γ=0 everywhere is the full merge, whose
@@ -186,7 +190,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     """
     opts = MergeOptions.parse(**options)
     t0 = time.perf_counter()
-    prepared = Prepared(model_a, model_b, calibration, opts, endpoints)
+    prepared = Prepared(model_a, model_b, calibration, opts, endpoints, preprocess)
     allocation, trace, method, epsilon = [], [], None, None
     if opts.budget is not None:
         with prepared.timed("allocation"):

@@ -137,17 +137,20 @@ class PartialMergedModel(
     """A partially merged model: the base architecture with every layer partitioned per group.
 
     ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
-    ``alpha``, ``cross``, ``endpoints``, ``settings``) is enough to rebuild the empty model, so
-    :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
+    ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``) is enough to rebuild the empty model,
+    so :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
+    ``preprocess`` (``input_size``, ``mean``, ``std``, as the endpoints were fed) overrides the
+    architecture's defaults in ``pretrained_cfg``.
     """
 
     def __init__(self, architecture: str, model_args: dict, partition: dict[str, list[int]],
                  alpha: float = 0.5, cross: str = "interpolate", endpoints: dict | None = None,
-                 settings: dict | None = None, hubmerge_version: str = __version__):
+                 settings: dict | None = None, preprocess: dict | None = None,
+                 hubmerge_version: str = __version__):
         super().__init__()
         self.architecture, self.model_args = architecture, dict(model_args)
         self.alpha, self.cross = alpha, cross
-        self.endpoints, self.settings = endpoints or {}, settings or {}
+        self.endpoints, self.settings, self.preprocess = endpoints or {}, settings or {}, preprocess
         self.hubmerge_version = hubmerge_version
         net = build_model(architecture, self.model_args)
         self.spec = spec_for(net)
@@ -158,7 +161,9 @@ class PartialMergedModel(
             if layer.norm:
                 _replace(net, layer.norm, _norm_like(net.get_submodule(layer.norm), sum(out)))
             _replace(net, layer.name, PartitionedLayer(template, out, inp, layer.in_repeat))
-        self.pretrained_cfg = dict(getattr(net, "pretrained_cfg", {}))
+        # the endpoints' input preprocessing, not the architecture's default, so evaluating the merge
+        # normalises data as the merge itself was measured
+        self.pretrained_cfg = {**getattr(net, "pretrained_cfg", {}), **(preprocess or {})}
         self.net = net.eval()
 
     def _check_partition(self, partition: dict[str, list[int]]) -> dict[str, Sizes]:

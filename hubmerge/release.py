@@ -61,11 +61,11 @@ def _token(push: bool, token: str | None) -> str | None:
     return token
 
 
-def _dataset(ref: DataRef | None, model, seed: int) -> HFImages | None:
+def _dataset(ref: DataRef | None, preprocess: Preprocess, seed: int) -> HFImages | None:
     if ref is None:
         return None
     ds = load_dataset_ref(ref.ref, ref.split, ref.samples, seed)
-    return HFImages(ds, Preprocess.from_model(model), ref.image_column, ref.label_column)
+    return HFImages(ds, preprocess, ref.image_column, ref.label_column)
 
 
 def _default_repo(api: HfApi, a: str, b: str, token: str) -> str:
@@ -78,11 +78,14 @@ def _default_repo(api: HfApi, a: str, b: str, token: str) -> str:
 def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | None = None,
         out: Path | None = None, overwrite: bool = False, push: bool = False, repo_id: str | None = None,
         private: bool = False, revision: str | None = None, token: str | None = None,
-        model_class: type | None = None, recipe: dict | None = None, **options: Any) -> RunResult:
+        model_class: type | None = None, recipe: dict | None = None, preprocess: dict | None = None,
+        **options: Any) -> RunResult:
     """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result.
 
     ``options`` are :class:`~hubmerge.options.MergeOptions`; ``recipe`` is the effective recipe to embed
-    in the card (the CLI passes its merged command line and ``--config``).
+    in the card (the CLI passes its merged command line and ``--config``); ``preprocess`` replaces fields
+    (``input_size``, ``mean``, ``std``) of endpoint A's ``pretrained_cfg`` for the datasets, and is
+    recorded in the merged model.
     """
     opts = MergeOptions.parse(**options)
     token = _token(push, token)
@@ -97,8 +100,9 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
     ea = load_endpoint(a, token=token, device=opts.device, model_class=model_class)
     eb = load_endpoint(b, token=token, device=opts.device, model_class=model_class)
     download_s = time.perf_counter() - t0
-    result = merge(ea.model, eb.model, _dataset(calib, ea.model, opts.seed),
-                   evaluation=_dataset(evaluation, ea.model, opts.seed),
+    pre = Preprocess.from_model(ea.model, **(preprocess or {}))
+    result = merge(ea.model, eb.model, _dataset(calib, pre, opts.seed),
+                   evaluation=_dataset(evaluation, pre, opts.seed), preprocess=pre,
                    endpoints={"a": ea.describe(), "b": eb.describe()}, **opts.model_dump())
     result.report.timings["download"] = download_s
     staging = Path(tempfile.mkdtemp(prefix=".hubmerge-", dir=(out.parent if out else None)))
@@ -108,7 +112,7 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
                    recipe=recipe or {"a": a, "b": b, **opts.model_dump(mode="json")},
                    endpoints=result.report.endpoints, datasets=[d.ref for d in (calib, evaluation) if d],
                    licenses=[e.model.pretrained_cfg.get("license") for e in (ea, eb)],
-                   preprocess=Preprocess.from_model(ea.model).__dict__)
+                   preprocess=pre.to_dict())
         url = None
         if push:
             t1 = time.perf_counter()

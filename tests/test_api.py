@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import hubmerge
+from hubmerge.data import Preprocess
 from hubmerge.errors import DataError, IncompatibleModelsError, UnsupportedModelError, UsageError
 
 from conftest import labelled, make
@@ -41,6 +42,18 @@ def test_datasets_dataset_as_calibration_and_evaluation():
     )
     result = hubmerge.merge(a.float(), b.float(), ds, evaluation=ds, gamma=0.1, batch_size=8)
     assert result.report.metrics["a"].samples == 20
+
+
+def test_merged_model_keeps_the_endpoints_preprocessing_not_the_architecture_default(tmp_path):
+    a, b = make("mlp_bn", 1), make("mlp_bn", 2)
+    a.pretrained_cfg = {**a.pretrained_cfg, "mean": (0.3,), "std": (0.2,)}
+    assert timm.create_model("hubmerge_mlp").pretrained_cfg["mean"] != (0.3,)
+    result = hubmerge.merge(a, b, labelled("mlp_bn"), gamma=0.2)
+    result.model.save_pretrained(tmp_path / "m")
+    loaded = hubmerge.PartialMergedModel.from_pretrained(tmp_path / "m")
+    assert Preprocess.from_model(loaded) == Preprocess.from_model(a)
+    given = Preprocess(input_size=a.pretrained_cfg["input_size"], mean=(0.1,), std=(0.9,))
+    assert hubmerge.merge(a, b, labelled("mlp_bn"), gamma=0.2, preprocess=given).model.preprocess == given.to_dict()
 
 
 def test_different_architectures_are_refused():

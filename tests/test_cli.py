@@ -131,6 +131,37 @@ def test_eval_command(local):
     assert json.loads(result.stdout)["samples"] == 40
 
 
+def test_preprocessing_override_is_used_recorded_and_reused_by_eval(local, tmp_path):
+    result = runner.invoke(app, base(local, "--eval", str(local / "data"), "--gamma", "0.25", "--mean", "0.3",
+                                     "--std", "0.2", "--out", str(tmp_path / "m"), "--json"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["report"]["metrics"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["preprocess"] == {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.2]}
+
+    def loss(*args):
+        out = runner.invoke(app, ["eval", *args, "--data", str(local / "data"), "--json", "--quiet"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)["loss"]
+
+    # the merge measured endpoint A with the override, not with A's own mean/std (0.5)
+    assert loss(str(local / "ep0"), "--mean", "0.3", "--std", "0.2") == pytest.approx(metrics["a"]["loss"], rel=1e-9)
+    assert loss(str(local / "ep0")) != pytest.approx(metrics["a"]["loss"], rel=1e-3)
+    # the merged model carries the preprocessing it was measured with
+    assert loss(str(tmp_path / "m")) == pytest.approx(metrics["merged"]["loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--mean", "0.3,0.3"], 3, "one value per input channel"),
+    (["--std", "zero"], 2, "--std takes comma-separated numbers"),
+    (["--input-size", "1,8"], 3, "(channels, height, width)"),
+])
+def test_bad_preprocessing_override_is_a_clear_error(local, args, code, message):
+    result = runner.invoke(app, ["eval", str(local / "ep0"), "--data", str(local / "data"), *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
 def test_real_subprocess_json_has_nothing_else_on_stdout(local, tmp_path):
     exe = Path(sys.executable).with_name("hubmerge")
     proc = subprocess.run([str(exe), *base(local, "--gamma", "0.2", "--out", str(tmp_path / "m"), "--json")],
