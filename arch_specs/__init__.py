@@ -1,14 +1,14 @@
-"""Architecture adapters, registered by family name.
+"""Architectures: specs derived by tracing, timm rebuilds, and what tracing cannot know.
 
-An adapter turns a model instance into a :class:`~hubmerge.spec.PermutationSpec` and tells how to rebuild
-the same architecture with timm (name + ``model_args``). Adding an architecture means adding one module
-here that defines an adapter and calls :func:`register_adapter`; importing this package registers all of
-them, and with them hubmerge's own literature models in timm's registry.
+Every model's permutation spec comes from its traced computation (:func:`hubmerge.trace.derive`); nothing
+here is a hand-written spec. What stays in this package is what tracing cannot tell: hubmerge's own
+literature models (registered in timm so hub repos round-trip) and the table of families with the tiny
+configuration each is tested on (``families.py``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
 
 import timm
 import torch
@@ -16,87 +16,100 @@ from torch import nn
 
 from hubmerge.errors import UnsupportedModelError
 from hubmerge.spec import PermutationSpec
+from hubmerge.trace import derive
+
+from .families import FAMILIES, Family
+
+_SPECS: dict[str, PermutationSpec] = {}
 
 
-class Adapter(Protocol):
-    """What every architecture family provides."""
-
-    family: str
-    description: str
-
-    def matches(self, model: nn.Module) -> bool:
-        """Whether this adapter describes ``model``."""
-
-    def spec(self, model: nn.Module) -> PermutationSpec:
-        """The permutation spec of ``model`` (groups and layers in forward order)."""
-
-    def model_args(self, model: nn.Module) -> dict:
-        """timm ``model_args`` that rebuild ``model``'s shapes from its architecture name."""
+def families() -> dict[str, Family]:
+    """The tested families, with the support level the family test measures."""
+    return dict(FAMILIES)
 
 
-_ADAPTERS: dict[str, Adapter] = {}
+def family_of(model: nn.Module) -> str:
+    """The family name of a model: the module its class is defined in (``resnet``, ``vision_transformer``)."""
+    return type(model).__module__.rpartition(".")[2]
 
 
-def register_adapter(adapter: Adapter) -> Adapter:
-    """Add an adapter under its family name (a later registration of the same family replaces it)."""
-    _ADAPTERS[adapter.family] = adapter
-    return adapter
+def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, batch: int = 2) -> torch.Tensor:
+    """A fixed random batch at the model's own input size (``pretrained_cfg['input_size']``) or the one
+    given, in the model's dtype and device: what specs are traced with."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['input_size']: give the "
+                                        "input size (C, H, W) to trace it with")
+        input_size = tuple(cfg["input_size"])
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_size, generator=gen, dtype=torch.float64).to(param.device, param.dtype)
 
 
-def families() -> dict[str, str]:
-    """Supported families and what each covers."""
-    return {name: a.description for name, a in _ADAPTERS.items()}
-
-
-def _unsupported(what: str) -> UnsupportedModelError:
-    names = ", ".join(f"{k} ({v})" for k, v in families().items())
-    return UnsupportedModelError(
-        f"no hubmerge adapter for {what}. Supported families: {names}. To add one, write a module in "
-        "hubmerge/arch_specs/ that builds a PermutationSpec and calls register_adapter()."
-    )
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter that describes ``model``, or a clear error naming the supported families."""
-    for adapter in _ADAPTERS.values():
-        if adapter.matches(model):
-            return adapter
-    raise _unsupported(f"model class {type(model).__name__}")
-
-
-def spec_for(model: nn.Module) -> PermutationSpec:
-    """The validated permutation spec of ``model``."""
-    spec = adapter_for(model).spec(model)
-    spec.validate(model)
+def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> PermutationSpec:
+    """The permutation spec of ``model``, derived by tracing (cached per architecture, arguments and input
+    size: the spec depends on nothing else)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    args = getattr(model, "model_args", None)
+    key = None
+    if cfg.get("architecture") and args is not None:
+        key = json.dumps([cfg["architecture"], args, list(input_size or cfg.get("input_size") or [])],
+                         sort_keys=True, default=str)
+        if key in _SPECS:
+            return _SPECS[key]
+    spec = derive(model, example_input(model, input_size), family_of(model))
+    if key is not None:
+        _SPECS[key] = spec
     return spec
 
 
-def architecture_of(model: nn.Module) -> tuple[str, dict]:
-    """timm architecture name and ``model_args`` that rebuild ``model`` (checked by rebuilding it)."""
-    adapter = adapter_for(model)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture")
-    if not name:
-        raise _unsupported(f"a {type(model).__name__} without pretrained_cfg['architecture']")
-    args = adapter.model_args(model)
-    rebuilt = build_model(name, args)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if want != got:
-        raise UnsupportedModelError(
-            f"cannot rebuild this {name} from model_args {args}: its shapes differ from timm's construction"
-        )
-    return name, args
-
-
 def build_model(architecture: str, model_args: dict) -> nn.Module:
-    """Create an untrained model with timm (hubmerge's literature models are registered there)."""
+    """Create an untrained model with timm (hubmerge's literature models are registered there); it keeps
+    ``model_args`` so the merge can rebuild it."""
     try:
         model = timm.create_model(architecture, pretrained=False, **model_args)
     except RuntimeError as exc:  # timm's "Unknown model"
-        raise _unsupported(f"architecture {architecture!r} ({exc})") from exc
-    adapter_for(model)
+        raise UnsupportedModelError(f"timm does not know the architecture {architecture!r} ({exc})") from exc
+    except TypeError as exc:
+        raise UnsupportedModelError(f"{architecture} does not take model_args {model_args}: {exc}") from exc
+    model.model_args = dict(model_args)
     return model
+
+
+@torch.no_grad()
+def architecture_of(model: nn.Module) -> tuple[str, dict]:
+    """timm architecture name and ``model_args`` that rebuild ``model``.
+
+    ``model_args`` are the model's own (``model.model_args``, which hubmerge sets on every model it loads
+    from a timm-format repo's ``config.json``). A model created in Python carries none; then only
+    ``num_classes`` is assumed, and the assumption is checked: the rebuilt model, given the same weights,
+    must compute the same outputs.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise UnsupportedModelError(
+            f"a {type(model).__name__} without pretrained_cfg['architecture']: hubmerge rebuilds merges with "
+            "timm.create_model(architecture, **model_args), so give it a timm model")
+    args = getattr(model, "model_args", None)
+    assumed = args is None
+    if assumed:
+        args = {"num_classes": model.num_classes} if hasattr(model, "num_classes") else {}
+    hint = ("set model.model_args to the keyword arguments you gave timm.create_model" if assumed else
+            "its model_args do not rebuild it")
+    rebuilt = build_model(name, args).to(next(model.parameters()).dtype)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        raise UnsupportedModelError(f"cannot rebuild this {name} from model_args {args}: {hint}")
+    if assumed:
+        rebuilt.load_state_dict(model.state_dict())
+        rebuilt.eval().to(next(model.parameters()).device)
+        x = example_input(model)
+        if not torch.equal(rebuilt(x), model.eval()(x)):
+            raise UnsupportedModelError(f"{name} rebuilt from model_args {args} computes something else: {hint}")
+    return name, dict(args)
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -120,4 +133,4 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-from . import mlp, resnet, vgg  # noqa: E402,F401  (registers the families)
+from . import mlp, resnet, vgg  # noqa: E402,F401  (registers hubmerge's literature models in timm)

@@ -1,4 +1,4 @@
-"""MLP family: ``hubmerge_mlp`` (depth hidden layers of one width, optional BatchNorm)."""
+"""``hubmerge_mlp`` (depth hidden layers of one width, optional BatchNorm), registered in timm."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from hubmerge.spec import Group, Layer, PermutationSpec
-
-from . import register_adapter
 from .literature import finish
 
 
@@ -40,28 +37,3 @@ def hubmerge_mlp(pretrained: bool = False, depth: int = 3, width: int = 512, bn:
     """An MLP for small images (MNIST-like by default)."""
     args = dict(depth=depth, width=width, bn=bn, in_chans=in_chans, img_size=img_size, num_classes=num_classes)
     return finish(MLP(**args), "hubmerge_mlp", args, kwargs, first_conv="blocks.0.fc")
-
-
-class MLPAdapter:
-    family = "mlp"
-    description = "hubmerge_mlp (depth, width, optional BN)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, MLP)
-
-    def spec(self, model: nn.Module) -> PermutationSpec:
-        groups, layers, prev = {}, [], None
-        for i, block in enumerate(model.blocks):
-            name = f"blocks.{i}"
-            groups[name] = Group(name, block.fc.out_features, (f"{name}.act",))
-            norm = f"{name}.norm" if isinstance(block.norm, nn.BatchNorm1d) else None
-            layers.append(Layer(f"{name}.fc", name, prev, norm))
-            prev = name
-        layers.append(Layer("head", None, prev))
-        return PermutationSpec(self.family, groups, tuple(layers))
-
-    def model_args(self, model: nn.Module) -> dict:
-        return dict(model.model_args)
-
-
-register_adapter(MLPAdapter())

@@ -288,12 +288,14 @@ def inspect(
         net = _load_any(model)
         merged = isinstance(net, PartialMergedModel)
         spec = net.spec if merged else spec_for(net)
-        info = {"model": model, "family": spec.family, "groups": []}
+        info = {"model": model, "family": spec.family, "partial_merging": spec.partial is None,
+                "partial_unavailable_because": spec.partial, "groups": []}
         for g, grp in spec.groups.items():
-            touched = [f"{n}" for n, axes in spec.param_axes().items() if any(a and a[0] == g for a in axes)]
-            info["groups"].append({"name": g, "width": grp.width, "parameters": touched})
+            touched = list(dict.fromkeys(n for n, _ in spec.group_axes(g)))
+            info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
+                                   "parameters": touched})
         if merged:
-            costs = CostModel(spec, net.net, tuple(net.pretrained_cfg["input_size"]))
+            costs = CostModel(spec, net.net, tuple(net.input_size or net.pretrained_cfg["input_size"]))
             report = costs(net.partition)
             for row in info["groups"]:
                 row["partition"] = list(net.partition[row["name"]])
@@ -306,7 +308,9 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(info))
         return
-    typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups")
+    support = ("partial merges and budgets" if info["partial_merging"] else
+               f"full merges only (partial merging needs: {info['partial_unavailable_because']})")
+    typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups; {support}")
     for row in info["groups"]:
         part = f"  A-only/shared/B-only {row['partition']}  params {row['params']:,}" if merged else ""
         typer.echo(f"  {row['name']:28s} width {row['width']:5d}{part}  ({len(row['parameters'])} tensors: "
@@ -318,11 +322,13 @@ def inspect(
 
 @app.command()
 def archs() -> None:
-    """Supported architecture families."""
+    """Tested architecture families and how far each is supported (any other timm model is traced too:
+    ``hubmerge inspect MODEL`` shows what it supports)."""
     from hubmerge.arch_specs import families
 
-    for name, description in families().items():
-        typer.echo(f"{name:14s} {description}")
+    for name, fam in families().items():
+        level = "partial merges, budgets" if fam.support == "partial" else "full merges"
+        typer.echo(f"{name:14s} {level:24s} tested on {fam.architecture} {fam.model_args or ''}")
 
 
 @app.command("demo-data")

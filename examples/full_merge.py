@@ -5,13 +5,23 @@ Trains (or reuses) two endpoints of a literature architecture from different see
 full merge and the full merge + REPAIR / RESET, with the barriers.
 
     python examples/full_merge.py --dataset fashion-mnist --arch hubmerge_vgg11 --width 0.25
+    python examples/full_merge.py --arch convnext_atto --model-args '{"depths": [1, 1, 2, 1], "dims": [16, 32, 48, 64]}'
+    python examples/full_merge.py --arch vit_tiny_patch16_224 \
+        --model-args '{"patch_size": 4, "img_size": 32, "depth": 4, "embed_dim": 64, "num_heads": 2}'
+
+Any timm architecture works with ``--model-args`` (``in_chans`` and ``num_classes`` are added); families
+without partial merging (see the README) still take full merges with REPAIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 from pathlib import Path
+
+import torch
 
 import hubmerge
 from hubmerge import demo
@@ -24,6 +34,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="fashion-mnist", choices=demo.DATASETS)
     ap.add_argument("--arch", default="hubmerge_vgg11")
     ap.add_argument("--width", type=float, default=0.25, help="width multiplier (VGG) / width (MLP)")
+    ap.add_argument("--model-args", type=json.loads, default=None,
+                    help="timm model_args as JSON, for any other architecture (replaces --width)")
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=2000)
@@ -33,7 +45,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     img = 8 if args.dataset == "digits" else (28 if "mlp" in args.arch else 32)
-    if "mlp" in args.arch:
+    tag = f"-{args.dataset}"
+    if args.model_args is not None:
+        model_args = dict(args.model_args, in_chans=1, num_classes=10)
+        tag += "-" + hashlib.sha1(json.dumps(model_args, sort_keys=True).encode()).hexdigest()[:8]
+    elif "mlp" in args.arch:
         model_args = dict(depth=3, width=int(args.width), img_size=img, in_chans=1, num_classes=10)
     elif "resnet" in args.arch:
         model_args = dict(width_multiplier=int(args.width), in_chans=1, num_classes=10)
@@ -43,19 +59,21 @@ def main() -> None:
     test = demo.load(args.dataset, "test", img)
     calib = demo.subset(train, args.calib_samples, seed=1)
     evaluation = demo.subset(test, args.eval_samples, seed=2)
-    fa, fb = demo.endpoints(args.arch, model_args, train, args.cache, epochs=args.epochs, tag=f"-{args.dataset}")
+    fa, fb = demo.endpoints(args.arch, model_args, train, args.cache, epochs=args.epochs, tag=tag)
     a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
 
     rows = {}
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
     for align in ("activation", "weight"):
-        for repair in (None, "repair", "reset"):
+        for repair in (None, "repair", "reset") if has_bn else (None, "repair"):
             result = hubmerge.merge(a, b, calib, evaluation=evaluation, align=align, repair=repair, gamma=0.0)
             m = result.report.metrics
             rows.setdefault("A", m["a"])
             rows.setdefault("B", m["b"])
             rows.setdefault("ensemble", m["ensemble"])
             rows[f"full merge ({align}, {repair or 'no repair'})"] = m["merged"]
-    print(f"\n{args.arch} ×{args.width} on {args.dataset}: {args.train_samples} training samples, "
+    size = json.dumps(args.model_args) if args.model_args is not None else f"×{args.width}"
+    print(f"\n{args.arch} {size} on {args.dataset}: {args.train_samples} training samples, "
           f"{args.epochs} epochs, calibration {args.calib_samples}, evaluation {args.eval_samples}")
     print(f"{'model':42s} {'acc':>7s} {'loss':>7s} {'barrier acc':>12s} {'barrier loss':>13s}")
     for name, met in rows.items():

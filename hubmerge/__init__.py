@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-from . import arch_specs  # noqa: E402,F401  (registers adapters and hubmerge's timm models)
+from . import arch_specs  # noqa: E402,F401  (registers hubmerge's own models in timm)
 from .api import MergeReport, MergeResult, Prepared, interpolation_curve, merge  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError, DataError, HubmergeError, IncompatibleModelsError, RemoteError, UnsupportedModelError,

@@ -8,15 +8,18 @@ same way; a full linear assignment on the scores is the ordinary permutation ali
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import UsageError
-from .spec import PermutationSpec, expand
+from .spec import PermutationSpec
 from .statistics import Statistics
 
 ALIGNMENTS = ("activation", "weight")
+log = logging.getLogger("hubmerge")
 
 
 def lap(scores: torch.Tensor) -> torch.Tensor:
@@ -25,43 +28,46 @@ def lap(scores: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
 
 
-def activation_scores(spec: PermutationSpec, stats: Statistics) -> dict[str, torch.Tensor]:
-    """Per-group correlation matrices from the statistics pass."""
-    return {g: stats.correlation(g) for g in spec.groups}
+def activation_scores(spec: PermutationSpec, stats: Statistics, state_a: dict[str, torch.Tensor],
+                      state_b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-group correlation matrices from the statistics pass. A group that no module outputs (attention's
+    q and k when the projection is computed inside the attention module) is scored by the cosine similarity
+    of its units' weights, every other group aligned by its correlations; the log says which."""
+    scores = {g: stats.correlation(grp) for g, grp in spec.groups.items() if grp.observe}
+    unseen = [g for g, grp in spec.groups.items() if not grp.observe]
+    if unseen:
+        log.warning("groups observed at no module output, aligned by their weights: %s", ", ".join(unseen))
+        perms = {g: lap(s) for g, s in scores.items()}
+        scores.update(weight_scores(spec, state_a, state_b, perms, unseen))
+    return {g: scores[g] for g in spec.groups}
 
 
 def _weight_axes(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
     """group → [(param, dim)]: every weight/bias axis the group acts on (not running stats)."""
-    out: dict[str, list[tuple[str, int]]] = {g: [] for g in spec.groups}
-    for name, axes in spec.param_axes().items():
-        if name.endswith(("running_mean", "running_var")):
-            continue
-        for dim, axis in enumerate(axes):
-            if axis is not None:
-                out[axis[0]].append((name, dim))
-    return out
+    return {g: [(n, d) for n, d in spec.group_axes(g) if not n.endswith(("running_mean", "running_var"))]
+            for g in spec.groups}
 
 
-def _unit_vectors(
-    state: dict[str, torch.Tensor], axes: list[tuple[str, int]], perms: dict[str, torch.Tensor],
-    spec_axes: dict, width: int,
-) -> torch.Tensor:
-    """(width, d) matrix: each unit's weights along all its axes, other axes permuted by ``perms``.
-
-    A flattened axis holds each unit's ``repeat`` entries contiguously, so ``reshape(width, -1)`` keeps
-    them with their unit."""
+def _unit_vectors(spec: PermutationSpec, group: str, state: dict[str, torch.Tensor], axes: list[tuple[str, int]],
+                  perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(width, d) matrix: each unit's weights along all its axes, other axes permuted by ``perms``; every
+    place the group occupies on an axis (a flattened map's H·W copies, a grouped conv's blocks) adds its
+    entries to the unit's vector."""
     parts = []
     for name, dim in axes:
         if name not in state:
             continue
         t = state[name].double()
-        for d, axis in enumerate(spec_axes[name]):
-            if d != dim and axis is not None and axis[0] in perms:
-                t = t.index_select(d, expand(perms[axis[0]], axis[1]))
-        # each parameter counts equally: raw inner products let one large layer drown the others
-        # (timm VGG's 4096×8 fc2 outweighs fc1 500-fold) and trap the descent in a local optimum
-        t = t.movedim(dim, 0).reshape(width, -1)
-        parts.append(t / t.norm().clamp_min(1e-12))
+        for d in range(t.dim()):
+            index = None if d == dim else spec.gather(name, d, perms)
+            if index is not None:
+                t = t.index_select(d, index)
+        moved = t.movedim(dim, 0)
+        for rows in spec.occurrences(name, dim, group):
+            part = moved[rows.reshape(-1)].reshape(rows.shape[0], -1)
+            # each parameter counts equally: raw inner products let one large layer drown the others
+            # (timm VGG's 4096×8 fc2 outweighs fc1 500-fold) and trap the descent in a local optimum
+            parts.append(part / part.norm().clamp_min(1e-12))
     return torch.cat(parts, 1)
 
 
@@ -73,7 +79,7 @@ def weight_matching(
     Σ⟨W_A[i], P(W_B)[j]⟩ over every axis of the group; visit groups in a seeded random order; stop when
     a sweep improves no group. Each parameter's term is normalised by its norm (our choice): the
     exact alignment of a permuted copy still maximises every term, but no layer dominates by scale."""
-    axes, spec_axes = _weight_axes(spec), spec.param_axes()
+    axes = _weight_axes(spec)
     perms = {g: torch.arange(grp.width) for g, grp in spec.groups.items()}
     rng = np.random.default_rng(seed)
     names = list(spec.groups)
@@ -81,8 +87,8 @@ def weight_matching(
         improved = False
         for g in rng.permutation(names):
             width = spec.groups[g].width
-            va = _unit_vectors(state_a, axes[g], {}, spec_axes, width)
-            vb = _unit_vectors(state_b, axes[g], perms, spec_axes, width)
+            va = _unit_vectors(spec, g, state_a, axes[g], {})
+            vb = _unit_vectors(spec, g, state_b, axes[g], perms)
             vb = vb.index_select(0, perms[g])
             cost = va @ vb.T
             choice = lap(cost)
@@ -96,15 +102,16 @@ def weight_matching(
 
 def weight_scores(
     spec: PermutationSpec, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
-    perms: dict[str, torch.Tensor],
+    perms: dict[str, torch.Tensor], groups: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cosine similarity of unit weight vectors per group, every other group aligned by ``perms``."""
-    axes, spec_axes = _weight_axes(spec), spec.param_axes()
+    """Cosine similarity of unit weight vectors per group (all, or ``groups``), every other group aligned
+    by ``perms``."""
+    axes = _weight_axes(spec)
     scores = {}
-    for g, grp in spec.groups.items():
+    for g in groups or spec.groups:
         others = {k: v for k, v in perms.items() if k != g}
-        va = torch.nn.functional.normalize(_unit_vectors(state_a, axes[g], {}, spec_axes, grp.width), dim=1)
-        vb = torch.nn.functional.normalize(_unit_vectors(state_b, axes[g], others, spec_axes, grp.width), dim=1)
+        va = torch.nn.functional.normalize(_unit_vectors(spec, g, state_a, axes[g], {}), dim=1)
+        vb = torch.nn.functional.normalize(_unit_vectors(spec, g, state_b, axes[g], others), dim=1)
         scores[g] = va @ vb.T
     return scores
 
@@ -117,7 +124,7 @@ def align(
     if method == "activation":
         if stats is None:
             raise UsageError("activation alignment needs calibration statistics")
-        return activation_scores(spec, stats)
+        return activation_scores(spec, stats, state_a, state_b)
     if method == "weight":
         perms = weight_matching(spec, state_a, state_b, seed=seed)
         return weight_scores(spec, state_a, state_b, perms)

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from . import alignment, build as build_stage, partial, repair as repair_stage
-from .arch_specs import adapter_for, architecture_of, spec_for
+from .arch_specs import architecture_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
@@ -62,9 +62,6 @@ class MergeResult:
 
 def check_compatible(model_a: nn.Module, model_b: nn.Module) -> tuple[str, dict]:
     """Both endpoints must be the same architecture with the same shapes; returns (name, model_args)."""
-    fam_a, fam_b = adapter_for(model_a).family, adapter_for(model_b).family
-    if fam_a != fam_b:
-        raise IncompatibleModelsError(f"different architectures: A is {fam_a}, B is {fam_b}")
     arch_a, arch_b = architecture_of(model_a), architecture_of(model_b)
     if arch_a[0] != arch_b[0]:
         raise IncompatibleModelsError(f"different architectures: A is {arch_a[0]}, B is {arch_b[0]}")
@@ -85,7 +82,6 @@ class Prepared:
         self.architecture, self.model_args = check_compatible(model_a, model_b)
         self.model_a = model_a.eval().to(options.device)
         self.model_b = model_b.eval().to(options.device)
-        self.spec = spec_for(model_a)
         self.endpoints = endpoints or {}
         if preprocess is None and getattr(model_a, "pretrained_cfg", None):
             preprocess = Preprocess.from_model(model_a)
@@ -96,6 +92,8 @@ class Prepared:
         elif options.needs_data:
             raise DataError("this merge needs calibration data (activation alignment, REPAIR or a budget); "
                             "give some, or use align='weight' with repair=None for a data-free merge")
+        self.input_size = self._input_size()
+        self.spec = spec_for(model_a, self.input_size)
         self.stats = None
         if self.calibration is not None:
             with self.timed("statistics"):
@@ -105,7 +103,7 @@ class Prepared:
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=model_a.state_dict(), state_b=model_b.state_dict(),
                                           seed=options.seed)
-        self.costs = CostModel(self.spec, self.model_a, self._input_size())
+        self.costs = CostModel(self.spec, self.model_a, self.input_size)
         self._plans: dict = {}
 
     def batches(self, data: Any):
@@ -114,8 +112,10 @@ class Prepared:
 
     def _input_size(self) -> tuple[int, ...]:
         if self.calibration is not None:
-            x, _ = next(iter(batches(self.calibration)))
-            return tuple(x.shape[1:])
+            first = next(iter(batches(self.calibration)), None)
+            if first is None:
+                raise DataError("calibration data is empty: give at least one batch of inputs")
+            return tuple(first[0].shape[1:])
         cfg = getattr(self.model_a, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
             raise UsageError("cannot tell the input resolution for FLOP counting: no calibration data and no "
@@ -150,7 +150,7 @@ class Prepared:
             self.spec, plans, self.model_a, self.model_b, architecture=self.architecture,
             model_args=self.model_args, alpha=o.alpha if alpha is None else alpha, cross=o.cross,
             endpoints=self.endpoints, settings=o.model_dump(mode="json"),
-            preprocess=self.preprocess.to_dict() if self.preprocess else None,
+            preprocess=self.preprocess.to_dict() if self.preprocess else None, input_size=list(self.input_size),
         )
         return repair_stage.apply(model, method, plans, self.stats, self.calibration,
                                   unmerged=o.repair_unmerged, device=o.device, reference=reference)
@@ -192,6 +192,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     t0 = time.perf_counter()
     prepared = Prepared(model_a, model_b, calibration, opts, endpoints, preprocess)
     allocation, trace, method, epsilon = [], [], None, None
+    if opts.budget:
+        partial.check_widenable(prepared.spec, "a budget")
     if opts.budget is not None:
         with prepared.timed("allocation"):
             result = allocate(prepared)

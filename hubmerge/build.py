@@ -23,7 +23,7 @@ from torch import nn
 from .errors import UsageError
 from .partial import GroupPlan
 from .partitioned import PartialMergedModel, Sizes, block_extents
-from .spec import Layer, PermutationSpec, expand
+from .spec import Layer, PermutationSpec, expand, permute_state
 
 CROSS_RULES = ("interpolate", "fill")
 
@@ -83,10 +83,6 @@ def _norm_units(plan: GroupPlan, a: torch.Tensor, b: torch.Tensor, alpha: float)
 def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: dict, state_b: dict,
                  alpha: float, cross: str) -> dict[str, torch.Tensor]:
     """The partitioned state dict of the merged network (keys as in ``PartialMergedModel.net``)."""
-    if cross not in CROSS_RULES:
-        raise UsageError(f"unknown cross-block rule {cross!r}; choose one of {CROSS_RULES}")
-    if not 0.0 <= alpha <= 1.0:
-        raise UsageError(f"alpha must be in [0, 1], got {alpha}")
     out: dict[str, torch.Tensor] = {}
     covered = set()
     for layer in spec.layers:
@@ -107,11 +103,27 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
     return out
 
 
+def full_merge_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: dict, state_b: dict,
+                     alpha: float) -> dict[str, torch.Tensor]:
+    """The state of a full merge (γ=0 everywhere) in the plain architecture: both endpoints permuted into
+    the shared order along every axis of the spec, then interpolated (integer buffers from A)."""
+    pa = permute_state(spec, state_a, {g: p.shared_a for g, p in plans.items()})
+    pb = permute_state(spec, state_b, {g: p.shared_b for g, p in plans.items()})
+    return {k: (1 - alpha) * v + alpha * pb[k] if v.is_floating_point() else v for k, v in pa.items()}
+
+
 def build(spec: PermutationSpec, plans: dict[str, GroupPlan], model_a: nn.Module, model_b: nn.Module, *,
           architecture: str, model_args: dict, alpha: float = 0.5, cross: str = "interpolate",
           **config) -> PartialMergedModel:
     """The partitioned merged model for ``plans`` (γ=0 everywhere gives the ordinary full merge)."""
-    state = merged_state(spec, plans, model_a.state_dict(), model_b.state_dict(), alpha, cross)
+    if cross not in CROSS_RULES:
+        raise UsageError(f"unknown cross-block rule {cross!r}; choose one of {CROSS_RULES}")
+    if not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"alpha must be in [0, 1], got {alpha}")
+    if spec.partial is None:
+        state = merged_state(spec, plans, model_a.state_dict(), model_b.state_dict(), alpha, cross)
+    else:  # only full merges: the plain architecture holds them
+        state = full_merge_state(spec, plans, model_a.state_dict(), model_b.state_dict(), alpha)
     partition = {g: list(p.sizes) for g, p in plans.items()}
     dtype = next(model_a.parameters()).dtype
     model = PartialMergedModel(architecture, model_args, partition, alpha=alpha, cross=cross, **config)

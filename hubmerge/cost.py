@@ -117,16 +117,37 @@ def fixed_widths(spec: PermutationSpec, net: nn.Module) -> dict[str, tuple[int, 
     return out
 
 
+@torch.no_grad()
+def dense_cost(net: nn.Module, input_size: tuple[int, ...]) -> Cost:
+    """Parameters and conv/linear FLOPs of a plain model: the cost of a family that only takes full merges,
+    whose merge has the endpoint's size."""
+    flops = []
+    hooks = [m.register_forward_hook(lambda m, _i, out: flops.append(2 * out[0].numel() * m.weight[0].numel()))
+             for m in net.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    param = next(net.parameters())
+    try:
+        net.eval()(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return Cost(sum(p.numel() for p in net.parameters()), sum(flops))
+
+
 class CostModel:
     """Costs of any partition of one architecture, relative to one endpoint (what the budget counts)."""
 
     def __init__(self, spec: PermutationSpec, net: nn.Module, input_size: tuple[int, ...]):
         self.spec = spec
+        if spec.partial is not None:  # no group can widen: every valid partition costs what one endpoint does
+            self.endpoint = dense_cost(net, input_size)
+            return
         self.geo = geometry(net, spec, input_size)
         self.fixed = fixed_widths(spec, net)
         self.endpoint = self(full_partition(spec)).total
 
     def __call__(self, partition: dict[str, Sizes]) -> CostReport:
+        if self.spec.partial is not None:
+            return CostReport({}, {g: Cost(0, 0) for g in self.spec.groups}, self.endpoint)
         return cost(self.spec, self.geo, partition, self.fixed)
 
     def increase(self, partition: dict[str, Sizes]) -> dict[str, float]:

@@ -20,7 +20,7 @@ class UsageError(HubmergeError):
 
 
 class UnsupportedModelError(HubmergeError):
-    """No architecture adapter can describe the model's permutation structure."""
+    """The model cannot be traced into an exact permutation spec, or timm cannot rebuild it."""
 
 
 class IncompatibleModelsError(HubmergeError):

@@ -111,6 +111,13 @@ def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[s
     return {g: float(gamma) for g in spec.groups}
 
 
+def check_widenable(spec: PermutationSpec, what: str) -> None:
+    """Refuse ``what`` (a γ > 0, a budget) where the spec's groups cannot be widened yet, saying why."""
+    if spec.partial is not None:
+        raise UsageError(f"{what} needs partial merging, which the {spec.family} family does not support yet "
+                         f"({spec.partial}); a full merge (gamma=0, no budget) works")
+
+
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | dict[str, float],
          method: str = "forced", *, epsilon: float = 0.0, seed: int = 0,
          cache: dict[tuple, GroupPlan] | None = None) -> dict[str, GroupPlan]:
@@ -120,6 +127,8 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
     the budget search re-plan only the groups it changes.
     """
     gammas = gammas_for(spec, gamma)
+    if any(gammas.values()):
+        check_widenable(spec, "gamma > 0")
     cache = {} if cache is None else cache
     out = {}
     for i, g in enumerate(spec.groups):

@@ -137,25 +137,29 @@ class PartialMergedModel(
     """A partially merged model: the base architecture with every layer partitioned per group.
 
     ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
-    ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``) is enough to rebuild the empty model,
+    ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``, ``input_size``) is enough to rebuild the
+    empty model,
     so :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
     ``preprocess`` (``input_size``, ``mean``, ``std``, as the endpoints were fed) overrides the
-    architecture's defaults in ``pretrained_cfg``.
+    architecture's defaults in ``pretrained_cfg``. ``input_size`` (C, H, W) is the size the merge was
+    calibrated and its spec traced at, which for a model built with ``img_size`` differs from timm's
+    default cfg.
     """
 
     def __init__(self, architecture: str, model_args: dict, partition: dict[str, list[int]],
                  alpha: float = 0.5, cross: str = "interpolate", endpoints: dict | None = None,
-                 settings: dict | None = None, preprocess: dict | None = None,
+                 settings: dict | None = None, preprocess: dict | None = None, input_size: list[int] | None = None,
                  hubmerge_version: str = __version__):
         super().__init__()
         self.architecture, self.model_args = architecture, dict(model_args)
         self.alpha, self.cross = alpha, cross
         self.endpoints, self.settings, self.preprocess = endpoints or {}, settings or {}, preprocess
+        self.input_size = list(input_size) if input_size else None
         self.hubmerge_version = hubmerge_version
         net = build_model(architecture, self.model_args)
-        self.spec = spec_for(net)
+        self.spec = spec_for(net, tuple(input_size) if input_size else None)
         self.partition = self._check_partition(partition)
-        for layer in self.spec.layers:
+        for layer in self.partitioned_layers():
             out, inp = sizes_for(self.spec, layer, self.partition, net)
             template = net.get_submodule(layer.name)
             if layer.norm:
@@ -174,7 +178,15 @@ class PartialMergedModel(
             n = self.spec.groups[g].width
             if ka + m != n or m + kb != n:
                 raise CheckpointError(f"group {g}: sizes {(ka, m, kb)} do not hold all {n} units of each endpoint")
+            if ka and self.spec.partial is not None:
+                raise CheckpointError(f"group {g} is widened, but {self.architecture} cannot be partially merged "
+                                      f"({self.spec.partial})")
         return {g: tuple(int(s) for s in v) for g, v in partition.items()}
+
+    def partitioned_layers(self) -> tuple[Layer, ...]:
+        """The layers stored as partitioned blocks; none where the family only takes full merges, whose
+        merge is the plain architecture."""
+        return self.spec.layers if self.spec.partial is None else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -186,7 +198,7 @@ class PartialMergedModel(
     def materialize(self) -> nn.Module:
         """An equivalent plain model (zero-padded wide layers); for γ=0 it is the base timm model."""
         net = copy.deepcopy(self.net)
-        for layer in self.spec.layers:
+        for layer in self.partitioned_layers():
             _replace(net, layer.name, net.get_submodule(layer.name).dense())
         return net
 

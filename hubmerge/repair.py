@@ -22,7 +22,7 @@ from .spec import Layer
 from .statistics import Statistics, layer_moments
 
 REPAIRS = ("repair", "reset")
-DEAD = 1e-8  # a merged unit with σ below this is dead: scaling cannot revive it, so only its mean is set
+DEAD = 1e-8  # a unit with σ below this is dead (constant on the calibration data)
 
 
 def _targets(layer: Layer, plan: GroupPlan, stats: Statistics, alpha: float, unmerged: bool):
@@ -39,23 +39,38 @@ def _targets(layer: Layer, plan: GroupPlan, stats: Statistics, alpha: float, unm
 
 
 @torch.no_grad()
-def _fold(model: PartialMergedModel, layer: Layer, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Make the layer's output behave as ``scale·x + shift`` without changing module types."""
-    if layer.norm:
-        norm = model.net.get_submodule(layer.norm)
+def _fold(net: nn.Module, norm: str | None, rows: list[tuple[nn.Module, int, int]], scale: torch.Tensor,
+          shift: torch.Tensor) -> None:
+    """Make a layer's output behave as ``scale·x + shift`` without changing module types: into the
+    BatchNorm that reads it, else into ``rows`` (sub-layers covering output rows r0:r1; the shift goes
+    into the one bias each row has)."""
+    if norm:
+        bn = net.get_submodule(norm)
         # BN(s·x + t) = (γ·s)·(x − (μ_run − t)/s)/√(σ²_run + ε) + β
-        norm.running_mean.copy_(((norm.running_mean.double() - shift) / scale).to(norm.running_mean.dtype))
-        norm.weight.mul_(scale.to(norm.weight.dtype))
+        bn.running_mean.copy_(((bn.running_mean.double() - shift) / scale).to(bn.running_mean.dtype))
+        bn.weight.mul_(scale.to(bn.weight.dtype))
         return
-    part = model.layer(layer.name)
-    if part.blocks()[0][1].bias is None:
-        raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
-    for block, sub in part.blocks():  # every block scales its rows; the shift goes into each row's one bias
-        (r0, r1), _ = part.extent[block]
+    for sub, r0, r1 in rows:
         s, t = scale[r0:r1], shift[r0:r1]
         sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
         if sub.bias is not None:
             sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
+
+
+@torch.no_grad()
+def _correct(net: nn.Module, name: str, norm: str | None, rows: list[tuple[nn.Module, int, int]],
+             target: tuple[torch.Tensor, torch.Tensor, torch.Tensor], data: Batches,
+             device: torch.device | str) -> None:
+    """Measure one layer's output on ``data`` and fold the affine map that gives it the target mean/std
+    (``target`` = mean, std, mask of units to correct)."""
+    mean_t, std_t, mask = target
+    got = layer_moments(net, [name], data, device, stop=True)[name]
+    std = got.std.cpu()
+    # a unit dead in the merge or in the target (constant on the data) only gets its mean set: scaling
+    # cannot revive it, and a zero scale cannot be folded into a following BatchNorm
+    scale = torch.where(mask & (std > DEAD) & (std_t > DEAD), std_t / std.clamp_min(DEAD), torch.ones_like(std))
+    shift = torch.where(mask, mean_t - scale * got.mean.cpu(), torch.zeros_like(scale))
+    _fold(net, norm, rows, scale, shift)
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,8 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
     the first group planned differently copy its corrections: their inputs are the same, so measuring
     them again would give the same numbers.
     """
+    if model.spec.partial is not None:
+        return _repair_plain(model, plans, stats, data, device)
     reused = shared_prefix(model.spec.layers, plans, reference.plans) if reference else 0
     for i, layer in enumerate(model.spec.layers):
         if i < reused:
@@ -102,12 +119,30 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
             continue
         if layer.out_group is None:  # the logits are the output, not a unit to renormalise
             continue
-        mean_t, std_t, mask = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
-        got = layer_moments(model.net, [layer.name], data, device, stop=True)[layer.name]
-        std = got.std.cpu()
-        scale = torch.where(mask & (std > DEAD), std_t / std.clamp_min(DEAD), torch.ones_like(std))
-        shift = torch.where(mask, mean_t - scale * got.mean.cpu(), torch.zeros_like(scale))
-        _fold(model, layer, scale, shift)
+        part = model.layer(layer.name)
+        if layer.norm is None and part.blocks()[0][1].bias is None:
+            raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
+        rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
+        target = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
+        _correct(model.net, layer.name, layer.norm, rows, target, data, device)
+    return model
+
+
+def _repair_plain(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches,
+                  device: torch.device | str) -> PartialMergedModel:
+    """REPAIR of a full merge held in the plain architecture (families without partial merging): every
+    output of :attr:`~hubmerge.spec.PermutationSpec.outputs`, front to back; position p holds A's unit p
+    and B's unit matched to it, so its target interpolates their statistics there."""
+    spec, alpha = model.spec, model.alpha
+    matched = {g: p.shared_b for g, p in plans.items()}
+    for out in spec.outputs:
+        a, b = stats.layers_a[out.name], stats.layers_b[out.name]
+        index = spec.gather(f"{out.name}.weight", 0, matched)
+        index = torch.arange(len(a.mean)) if index is None else index
+        mask = torch.cat([torch.full((seg.size,), seg.group is not None) for seg in spec.axes[f"{out.name}.weight"][0]])
+        target = ((1 - alpha) * a.mean + alpha * b.mean[index], (1 - alpha) * a.std + alpha * b.std[index], mask)
+        module = model.net.get_submodule(out.name)
+        _correct(model.net, out.name, out.norm, [(module, 0, len(mask))], target, data, device)
     return model
 
 

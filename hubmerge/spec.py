@@ -1,11 +1,18 @@
 """The permutation spec: the one description of a model's unit structure that every stage reads.
 
-A *group* is a set of units (neurons, channels) that must be permuted together: the output axis of every
-layer writing into it (a residual stream ties several), their biases and norms, and the input axis of
-every layer reading from it. A *layer* is a conv/linear module; its parameter axes are derived from its
-output group, input group, following norm and flatten stride, so matching, building, REPAIR and cost
-counting cannot disagree about which axis belongs to which group. ``None`` as a group means the fixed
-network input (image channels) or fixed output (logits), never permuted.
+A *group* is a set of interchangeable units (neurons, channels, the dims of one attention head) that must be
+permuted together wherever they appear. The primary table, ``axes``, says for every state tensor and every
+dim which units its positions hold, as a list of :class:`Segment` s: a conv's output axis is one segment of
+its group; the input axis of a layer after a concatenation has one segment per concatenated group; a Linear
+reading a flattened C×H×W map holds each channel H·W times (``repeat``); a fused ``qkv`` projection holds
+one segment per head. Everything else (matching's unit vectors, permutations, REPAIR's layers, costs) is a
+view of that table. Specs are derived from the model's traced computation (:mod:`hubmerge.trace`), never
+written by hand.
+
+``outputs`` are the conv/linear modules REPAIR corrects. ``layers`` is the view the partitioned build uses: conv/linear modules whose axes are each one group (or
+fixed), with the BatchNorm that follows. Where a model has parameters outside that view (a LayerNorm, a
+depthwise conv, a positional table, a concatenation), ``partial`` says why widening groups is not
+available yet; full merges (γ=0) work for every derived spec.
 """
 
 from __future__ import annotations
@@ -13,28 +20,57 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .errors import UnsupportedModelError
 
-NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
+@dataclass(frozen=True)
+class Segment:
+    """A run of positions along one tensor dim: ``width`` units of ``group`` (None = fixed positions, never
+    permuted), each repeated ``repeat`` times contiguously, in the group's unit order ``order``
+    (None = 0, 1, …, width−1)."""
+
+    group: str | None
+    width: int
+    repeat: int = 1
+    order: tuple[int, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.width * self.repeat
+
+    def units(self) -> torch.Tensor:
+        return torch.arange(self.width) if self.order is None else torch.tensor(self.order)
+
+
+Axis = tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where a group is observed: the output of ``module`` along ``dim``; ``positions[r][u]`` is where unit
+    ``u`` sits in the r-th place the group occupies there (a grouped conv's input holds it once per block)."""
+
+    module: str
+    dim: int
+    positions: tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
 class Group:
-    """Units permuted together; ``observe`` names the modules whose outputs carry them (for matching)."""
+    """Units permuted together; ``observe``: points whose activations carry them (for matching);
+    ``normalised``: an op (LayerNorm, softmax, attention) mixes them, so widening is not exact."""
 
     name: str
     width: int
-    observe: tuple[str, ...]
+    observe: tuple[Point, ...]
+    normalised: bool = False
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A conv or linear module and the groups on its output and input axes.
+    """A conv or linear module whose output and input axes each hold one group (None = fixed).
 
     ``in_repeat`` is the flatten stride: a Linear that reads a flattened C×H×W map holds each input unit
-    ``H·W`` times, contiguously. ``norm`` is the per-unit norm applied to this layer's output, if any.
+    ``H·W`` times, contiguously. ``norm`` is the BatchNorm applied to this layer's output, if any.
     """
 
     name: str
@@ -44,68 +80,67 @@ class Layer:
     in_repeat: int = 1
 
 
-Axis = tuple[str, int]  # (group, repeat) on one tensor dimension
+@dataclass(frozen=True)
+class Output:
+    """A conv/linear module whose output units REPAIR renormalises, and the BatchNorm that reads its output
+    directly (the correction folds into that norm, else into the module's weight and bias)."""
+
+    name: str
+    norm: str | None = None
 
 
 @dataclass(frozen=True)
 class PermutationSpec:
-    """Groups (front to back) and layers (in forward order) of one architecture family."""
+    """Groups, the per-axis table of every state tensor, and the derived layer view (forward order)."""
 
     family: str
     groups: dict[str, Group]
+    axes: dict[str, tuple[Axis | None, ...]]
     layers: tuple[Layer, ...]
-
-    def param_axes(self) -> dict[str, tuple[Axis | None, ...]]:
-        """Map every state-dict tensor the spec touches to its permuted axes (None = not permuted)."""
-        axes: dict[str, tuple[Axis | None, ...]] = {}
-        for layer in self.layers:
-            out = (layer.out_group, 1) if layer.out_group else None
-            inp = (layer.in_group, layer.in_repeat) if layer.in_group else None
-            axes[f"{layer.name}.weight"] = (out, inp)
-            axes[f"{layer.name}.bias"] = (out,)
-            if layer.norm:
-                for p in NORM_PARAMS:
-                    axes[f"{layer.norm}.{p}"] = (out,)
-        return axes
+    partial: str | None = None  # why groups cannot be widened (partial merging); None: they can
+    outputs: tuple[Output, ...] = ()
 
     def layers_reading(self, group: str) -> list[Layer]:
         """Layers whose input axis belongs to ``group``."""
         return [layer for layer in self.layers if layer.in_group == group]
 
-    def validate(self, model: nn.Module) -> None:
-        """Check the spec against a model: widths agree and every parameter is covered.
+    def occurrences(self, name: str, dim: int, group: str) -> list[torch.Tensor]:
+        """Position indices of ``group`` along ``dim`` of tensor ``name``: one (width, repeat) matrix per
+        segment of the group, row u holding unit u's positions."""
+        out, start = [], 0
+        for seg in self.axes[name][dim] or ():
+            if seg.group == group:
+                out.append(_positions(seg, start))
+            start += seg.size
+        return out
 
-        An adapter that forgets a parameter would leave it unpermuted and silently break the function;
-        this makes that a loud error instead.
-        """
-        modules = dict(model.named_modules())
-        covered = set()
-        for layer in self.layers:
-            module = modules.get(layer.name)
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
-                raise UnsupportedModelError(f"spec layer {layer.name!r} is not a Conv2d/Linear in the model")
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                raise UnsupportedModelError(f"grouped/depthwise conv {layer.name!r} is not supported")
-            w = module.weight
-            if layer.out_group and w.shape[0] != self.groups[layer.out_group].width:
-                raise UnsupportedModelError(f"{layer.name}: {w.shape[0]} outputs != width of {layer.out_group}")
-            if layer.in_group and w.shape[1] != self.groups[layer.in_group].width * layer.in_repeat:
-                raise UnsupportedModelError(f"{layer.name}: {w.shape[1]} inputs != width of {layer.in_group}")
-            covered.update(f"{layer.name}.{n}" for n, _ in module.named_parameters())
-            if layer.norm:
-                norm = modules.get(layer.norm)
-                if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                    raise UnsupportedModelError(f"spec norm {layer.norm!r} is not a BatchNorm in the model")
-                covered.update(f"{layer.norm}.{n}" for n, _ in norm.named_parameters())
-        for group in self.groups.values():
-            for name in group.observe:
-                if name not in modules:
-                    raise UnsupportedModelError(f"group {group.name}: observed module {name!r} not in the model")
-        missing = [n for n, _ in model.named_parameters() if n not in covered]
-        if missing:
-            raise UnsupportedModelError(
-                f"the {self.family} spec does not cover parameters {missing[:5]}; the adapter is incomplete"
-            )
+    def group_axes(self, group: str) -> list[tuple[str, int]]:
+        """Every (tensor, dim) on which ``group`` appears."""
+        return [(name, d) for name, axes in self.axes.items() for d, axis in enumerate(axes)
+                if axis and any(s.group == group for s in axis)]
+
+    def gather(self, name: str, dim: int, perms: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Index along ``dim`` of ``name`` that applies ``perms`` (unit u of the result is unit perms[g][u]);
+        None where no permuted group lies on it."""
+        axis = self.axes[name][dim]
+        if not axis or not any(s.group in perms for s in axis):
+            return None
+        parts, start = [], 0
+        for seg in axis:
+            if seg.group in perms:
+                rows = _positions(seg, start)
+                parts.append(rows[perms[seg.group].to(rows.device)][seg.units()].reshape(-1))
+            else:
+                parts.append(torch.arange(start, start + seg.size))
+            start += seg.size
+        return torch.cat(parts)
+
+
+def _positions(seg: Segment, start: int) -> torch.Tensor:
+    """(width, repeat) positions of one segment's units (the segment begins at ``start``), row u for unit u."""
+    inverse = torch.empty(seg.width, dtype=torch.long)
+    inverse[seg.units()] = torch.arange(seg.width)
+    return start + inverse[:, None] * seg.repeat + torch.arange(seg.repeat)
 
 
 def expand(index: torch.Tensor, repeat: int) -> torch.Tensor:
@@ -123,12 +158,13 @@ def permute_state(
     Groups missing from ``perms`` stay as they are. The function of the model is unchanged.
     """
     out = dict(state)
-    for name, axes in spec.param_axes().items():
+    for name in spec.axes:
         if name not in state:
             continue
         t = state[name]
-        for dim, axis in enumerate(axes):
-            if axis is not None and axis[0] in perms:
-                t = t.index_select(dim, expand(perms[axis[0]].to(t.device), axis[1]))
+        for dim in range(t.dim()):
+            index = spec.gather(name, dim, perms)
+            if index is not None:
+                t = t.index_select(dim, index.to(t.device))
         out[name] = t
     return out

@@ -14,12 +14,13 @@ from torch import nn
 
 from .data import Batches, batches
 from .errors import DataError
-from .spec import PermutationSpec
+from .spec import Group, PermutationSpec
 
 
-def _flat(out: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) → (N·spatial, C) in float64: every position is a sample of each unit."""
-    return out.detach().transpose(0, 1).reshape(out.shape[1], -1).T.double()
+def _flat(out: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Units along ``dim`` → (samples, units) in float64: every other position (batch, spatial, token) is
+    a sample of each unit."""
+    return out.detach().movedim(dim, -1).reshape(-1, out.shape[dim]).double()
 
 
 @dataclass
@@ -79,11 +80,13 @@ class PairMoments:
 class Statistics:
     """Everything the later stages need from the data, for one endpoint pair.
 
-    ``points[(group, module)]``: pair moments where a group is observed (post-activation, for matching);
-    ``layers_a/b[layer]``: per-unit moments of each layer's pre-activation output (REPAIR's targets).
+    ``points[(module, dim)]``: pair moments of a module's output over one unit dim, where groups are
+    observed (post-activation where possible, for matching); one point may hold several groups (a fused qkv
+    holds every head). ``layers_a/b[layer]``: per-unit moments of each layer's pre-activation output (REPAIR's
+    targets).
     """
 
-    points: dict[tuple[str, str], PairMoments]
+    points: dict[tuple[str, int], PairMoments]
     layers_a: dict[str, Moments]
     layers_b: dict[str, Moments]
     samples: int = 0
@@ -96,11 +99,22 @@ class Statistics:
             self.samples + other.samples,
         )
 
-    def correlation(self, group: str) -> torch.Tensor:
-        """Correlation matrix of a group, averaged over its observation points (method §2: residual
-        streams are judged at every point they are observed, not only the last)."""
-        mats = [pm.correlation() for (g, _), pm in self.points.items() if g == group]
+    def correlation(self, group: Group) -> torch.Tensor:
+        """Correlation matrix of a group, averaged over its observation points and the places it occupies
+        at each (method §2: residual streams are judged at every point they are observed, not only the
+        last)."""
+        mats = []
+        for point in group.observe:
+            full = self.points[(point.module, point.dim)].correlation()
+            for where in point.positions:
+                index = torch.tensor(where)
+                mats.append(full[index][:, index])
         return torch.stack(mats).mean(0)
+
+
+def unit_dim(module: nn.Module) -> int:
+    """The dim of a layer's output that holds its units: channels of a conv, the last dim of a linear."""
+    return -1 if isinstance(module, nn.Linear) else 1
 
 
 def _hook(model: nn.Module, name: str, fn) -> torch.utils.hooks.RemovableHandle:
@@ -122,28 +136,29 @@ def collect(
     arrive), so in-place activations downstream cannot alter them and memory stays bounded.
     """
     stats = Statistics(
-        {(g.name, p): PairMoments() for g in spec.groups.values() for p in g.observe},
-        {l.name: Moments() for l in spec.layers if l.out_group},
-        {l.name: Moments() for l in spec.layers if l.out_group},
+        {(p.module, p.dim): PairMoments() for g in spec.groups.values() for p in g.observe},
+        {o.name: Moments() for o in spec.outputs},
+        {o.name: Moments() for o in spec.outputs},
     )
     stash: dict[str, torch.Tensor] = {}
     handles = []
 
     def keep(point):
-        return lambda out: stash.__setitem__(point, _flat(out))
+        return lambda out: stash.__setitem__(point, _flat(out, point[1]))
 
-    def pair(key):
-        return lambda out: stats.points[key].add(stash.pop(key[1]), _flat(out))
+    def pair(point):
+        return lambda out: stats.points[point].add(stash.pop(point), _flat(out, point[1]))
 
-    def moments(target):
-        return lambda out: target.add(_flat(out))
+    def moments(target, dim):
+        return lambda out: target.add(_flat(out, dim))
 
-    for group, point in stats.points:
-        handles.append(_hook(model_a, point, keep(point)))
-        handles.append(_hook(model_b, point, pair((group, point))))
+    for point in stats.points:
+        handles.append(_hook(model_a, point[0], keep(point)))
+        handles.append(_hook(model_b, point[0], pair(point)))
     for name in stats.layers_a:
-        handles.append(_hook(model_a, name, moments(stats.layers_a[name])))
-        handles.append(_hook(model_b, name, moments(stats.layers_b[name])))
+        dim = unit_dim(model_a.get_submodule(name))
+        handles.append(_hook(model_a, name, moments(stats.layers_a[name], dim)))
+        handles.append(_hook(model_b, name, moments(stats.layers_b[name], dim)))
     try:
         model_a.eval().to(device)
         model_b.eval().to(device)
@@ -174,8 +189,10 @@ def layer_moments(
     seen: set[str] = set()
 
     def record(name):
+        dim = unit_dim(model.get_submodule(name))
+
         def fn(out):
-            result[name].add(_flat(out))
+            result[name].add(_flat(out, dim))
             seen.add(name)
             if stop and len(seen) == len(names):
                 raise _Stop

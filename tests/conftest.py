@@ -23,7 +23,9 @@ CASES = {
 
 def make(case: str, seed: int) -> torch.nn.Module:
     name, args, _ = CASES[case]
-    return randomize_(timm.create_model(name, **args), seed).double().eval()
+    model = timm.create_model(name, **args)
+    model.model_args = dict(args)  # what a user passes: timm does not keep create_model's kwargs
+    return randomize_(model, seed).double().eval()
 
 
 def inputs(case: str, n: int = 6, seed: int = 0) -> torch.Tensor:

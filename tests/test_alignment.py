@@ -36,7 +36,7 @@ def test_aligning_a_permuted_copy_recovers_the_permutation(case, method):
             continue
         # units the data cannot tell apart (dead, or sparse units firing on the same few samples) have
         # several best B partners; every unit whose best partner is unique must be recovered exactly
-        top2 = stats.correlation(g).topk(2, dim=1).values
+        top2 = stats.correlation(spec.groups[g]).topk(2, dim=1).values
         unique = top2[:, 0] > top2[:, 1] + 1e-9
         assert torch.equal(p.shared_b[unique], expected[unique]), g
         checked += int(unique.sum())

@@ -68,8 +68,8 @@ def test_different_class_counts_are_refused():
         hubmerge.merge(a, b, [torch.randn(2, 1, 6, 6)])
 
 
-def test_model_without_adapter_is_refused():
-    with pytest.raises(UnsupportedModelError, match="Supported families"):
+def test_model_that_timm_cannot_rebuild_is_refused():
+    with pytest.raises(UnsupportedModelError, match="without pretrained_cfg\\['architecture'\\]"):
         hubmerge.merge(nn.Linear(2, 2), nn.Linear(2, 2), [torch.randn(2, 2)])
 
 

@@ -66,7 +66,7 @@ def test_label_free_calibration_scores_agreement_with_the_ensemble():
 def test_report_has_the_allocation_per_group():
     a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
     report = hubmerge.merge(a, b, data, budget=0.3, allocator="benefit").report
-    assert {row["group"] for row in report.allocation} == {"blocks.0", "blocks.1"}
+    assert {row["group"] for row in report.allocation} == {"blocks.0.fc", "blocks.1.fc"}
     assert all(row["benefit"] is not None for row in report.allocation)
     assert report.param_increase <= 0.3
 

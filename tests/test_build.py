@@ -70,8 +70,8 @@ def test_fill_differs_from_interpolate_in_hidden_layers_only():
     plans = p_int.plans(0.4)
     a, b = p_int.build(plans, repair=None), p_fill.build(plans, repair=None)
     ha, hb = (m.layer("blocks.1.fc").dense().weight for m in (a, b))
-    ka_in, _, kb_in = plans["blocks.0"].sizes
-    ka, m, _ = plans["blocks.1"].sizes
+    ka_in, _, kb_in = plans["blocks.0.fc"].sizes
+    ka, m, _ = plans["blocks.1.fc"].sizes
     shared = slice(ka, ka + m)
     assert ka_in and kb_in and m
     assert torch.allclose(2 * ha[shared, :ka_in], hb[shared, :ka_in])  # A-only columns: (1−α)·W_A vs W_A
@@ -93,7 +93,7 @@ def test_per_group_gamma():
 def test_layers_without_a_zero_block_are_stored_whole():
     """Next to a fully merged group a layer has no zero block: one dense block, no per-forward joins."""
     p = prepared("timm_resnet18")
-    model = p.build(p.plans({"layer1": 0.5, "layer1.1.conv1": 0.5}), repair=None)
+    model = p.build(p.plans({"layer1.0.conv2": 0.5, "layer1.1.conv1": 0.5}), repair=None)
     blocks = {l.name: [b for b, _ in model.layer(l.name).blocks()] for l in p.spec.layers}
     assert blocks["layer1.1.conv1"] == ["a_side", "shared_from_b", "b_only"]  # partial in, partial out
     assert blocks["layer1.0.conv2"] == ["whole"]  # merged in, partial out

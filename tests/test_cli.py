@@ -46,7 +46,7 @@ def test_run_writes_a_loadable_folder_and_a_json_report(local, tmp_path):
     assert set(report["report"]["metrics"]) >= {"a", "b", "ensemble", "merged"}
     assert report["report"]["timings"]["total"] > 0
     model = PartialMergedModel.from_pretrained(tmp_path / "m")
-    assert model.partition["blocks.0"] == (3, 9, 3)
+    assert model.partition["blocks.0.fc"] == (3, 9, 3)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "barrier_vs_params.png",
                                                                   "config.json", "model.safetensors"]
 
@@ -121,7 +121,7 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
     text = runner.invoke(app, ["inspect", str(tmp_path / "m")]).output
     assert "A-only/shared/B-only [6, 6, 6]" in text
     archs = runner.invoke(app, ["archs"]).output
-    for family in ("mlp", "cifar_vgg", "timm_vgg", "timm_resnet", "cifar_resnet"):
+    for family in ("mlp", "cifar_vgg", "vgg", "resnet", "cifar_resnet", "vit", "convnext"):
         assert family in archs
 
 
@@ -169,6 +169,6 @@ def test_real_subprocess_json_has_nothing_else_on_stdout(local, tmp_path):
                           env={k: v for k, v in os.environ.items() if not k.startswith("HF_")})
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1
-    assert json.loads(proc.stdout)["report"]["partition"]["blocks.0"] == [2, 10, 2]
+    assert json.loads(proc.stdout)["report"]["partition"]["blocks.0.fc"] == [2, 10, 2]
     bad = subprocess.run([str(exe), "run", "a", "b", "--alpha", "3", "--out", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -100,3 +100,38 @@ def test_reusing_a_reference_repair_gives_the_same_model(case):
         want = fresh.state_dict()
         assert all(torch.equal(v, want[k]) for k, v in reused.state_dict().items())
     assert shared_prefix(p.spec.layers, base_plans, p.plans(0.2)) == len(p.spec.layers)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "mobilenetv3"])
+def test_repair_of_a_full_merge_in_the_plain_architecture(family):
+    """Families without partial merging hold their full merge in the plain architecture; REPAIR there
+    corrects every conv/linear output to the interpolated targets, and leaves a self-merge unchanged."""
+    from test_families import batch, make
+
+    a, b = make(family, 1), make(family, 2)
+    calib = [(batch(family, 8, seed=s), None) for s in (1, 2)]
+    p = Prepared(a, b, calib, MergeOptions.parse())
+    plans = p.plans(0.0)
+    plain, model = p.build(plans, repair=None), p.build(plans)
+    assert torch.isfinite(model(batch(family))).all()
+    matched = {g: q.shared_b for g, q in plans.items()}
+    checked = 0
+    for out in p.spec.outputs:
+        if out.norm:
+            continue
+        got = layer_moments(model.net, [out.name], p.calibration)[out.name]
+        index = p.spec.gather(f"{out.name}.weight", 0, matched)
+        sa, sb = p.stats.layers_a[out.name], p.stats.layers_b[out.name]
+        target = (sa.std + sb.std[index]) / 2
+        live = (target > 1e-6) & (got.std > 1e-6)
+        assert torch.allclose(got.std[live], target[live], rtol=1e-6), out.name
+        assert torch.allclose(got.mean, (sa.mean + sb.mean[index]) / 2, atol=1e-6), out.name
+        checked += 1
+    assert checked > 0
+    if family != "mobilenetv3":  # its SE units see 16 samples: ties among dead units make a self-merge inexact
+        same = Prepared(a, make(family, 1), calib, MergeOptions.parse())
+        x = batch(family)
+        assert (same.build(same.plans(0.0))(x) - a(x)).abs().max() < 1e-9
+    first = p.spec.outputs[0]
+    key = f"net.{first.norm or first.name}.weight"  # where the first correction was folded
+    assert not torch.equal(plain.state_dict()[key], model.state_dict()[key])

@@ -15,8 +15,8 @@ def test_two_half_passes_equal_one_full_pass():
     full = collect(a, b, spec, data)
     halves = collect(a, b, spec, data[:2]) + collect(a, b, spec, data[2:])
     assert halves.samples == full.samples == 16
-    for g in spec.groups:
-        assert torch.allclose(halves.correlation(g), full.correlation(g), atol=1e-12, rtol=0)
+    for grp in spec.groups.values():
+        assert torch.allclose(halves.correlation(grp), full.correlation(grp), atol=1e-12, rtol=0)
     for name, mom in full.layers_a.items():
         assert torch.allclose(halves.layers_a[name].mean, mom.mean, atol=1e-12)
         assert torch.allclose(halves.layers_b[name].std, full.layers_b[name].std, atol=1e-12)
@@ -35,7 +35,7 @@ def test_correlation_matches_numpy_on_one_point():
         h.remove()
     ref = torch.corrcoef(torch.cat([feats["a"].T, feats["b"].T]))[:10, 10:]
     ref = torch.nan_to_num(ref)
-    assert torch.allclose(stats.correlation("blocks.0"), ref, atol=1e-6)
+    assert torch.allclose(stats.correlation(spec.groups["blocks.0.fc"]), ref, atol=1e-6)
 
 
 def test_memory_does_not_grow_with_data():

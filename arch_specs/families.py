@@ -1,0 +1,57 @@
+"""The families hubmerge is tested on, each with a tiny timm configuration, and the support level the
+family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
+be widened), ``full`` = full merges (γ=0) with exact invariants; widening these groups needs partitioned
+versions of the constructs named by ``hubmerge inspect`` (depthwise/grouped convs, LayerNorm, attention,
+concatenation), which are not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family: a timm architecture, tiny ``model_args`` and input size for tests, and its support."""
+
+    architecture: str
+    model_args: dict = field(default_factory=dict)
+    input_size: tuple[int, int, int] = (3, 32, 32)
+    support: str = "full"
+
+
+FAMILIES = {
+    "mlp": Family("hubmerge_mlp", dict(depth=2, width=12, bn=True, img_size=6), (1, 6, 6), "partial"),
+    "cifar_vgg": Family("hubmerge_vgg11", dict(width_multiplier=1 / 32), (3, 32, 32), "partial"),
+    "cifar_resnet": Family("hubmerge_resnet20", dict(), (3, 16, 16), "partial"),
+    "resnet": Family("resnet18", dict(channels=(4, 8, 8, 12)), support="partial"),
+    "resnet-d": Family("resnet26d", dict(channels=(4, 8, 8, 12), stem_width=4), support="partial"),
+    "resnext": Family("resnet50", dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), cardinality=4, base_width=16)),
+    "wide_resnet": Family("wide_resnet50_2", dict(channels=(4, 4, 8, 8)), support="partial"),
+    "seresnet": Family("seresnet18", dict(channels=(8, 8, 8, 16)), support="partial"),
+    "vgg": Family("vgg11_bn", dict(mlp_ratio=1 / 512), support="partial"),
+    "densenet": Family("densenet121", dict(growth_rate=4, block_config=(1, 2, 1, 1), bn_size=2)),
+    "efficientnet": Family("test_efficientnet"),
+    "efficientnetv2": Family("tf_efficientnetv2_b0"),
+    "mobilenetv2": Family("mobilenetv2_035"),
+    "mobilenetv3": Family("mobilenetv3_small_050"),
+    "mobilenetv4": Family("mobilenetv4_conv_small_035"),
+    "regnetx": Family("regnetx_002"),
+    "regnety": Family("regnety_002"),
+    "convnext": Family("test_convnext"),
+    "convnextv2": Family("test_convnext2"),
+    "vit": Family("test_vit", input_size=(3, 160, 160)),
+    "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),
+    "swin": Family("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=12, depths=(1, 1), num_heads=(2, 2)),
+                   (3, 56, 56)),
+    "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),
+    "eva02": Family("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=24, num_heads=2), (3, 28, 28)),
+    "mobilevit": Family("mobilevit_xxs", input_size=(3, 64, 64)),
+    "ghostnet": Family("ghostnet_050"),
+    "inception_v3": Family("inception_v3", input_size=(3, 75, 75)),
+    "mixer": Family("mixer_s32_224", dict(img_size=64, mlp_ratio=(0.05, 0.05)), (3, 64, 64)),
+    "resmlp": Family("resmlp_12_224", dict(img_size=32)),
+    "poolformer": Family("poolformer_s12"),
+    "nfnet": Family("test_nfnet"),
+    "maxvit": Family("test_maxvit", input_size=(3, 160, 160)),
+}

@@ -1,0 +1,978 @@
+"""Spec derivation by tracing (method §10): which parameter axes hold which units, read off the model's
+own computation instead of a hand-written adapter.
+
+One forward pass of a real example input runs under a :class:`torch.overrides.TorchFunctionMode`, which
+sees every torch operation, also inside modules that timm keeps opaque to ``torch.fx`` (``NormFreeBlock``,
+``MobileVitBlock``, ``BatchNormAct2d``) and without fx's control-flow limits (no train-mode tracing).
+Every tensor carries *factors*: integer arrays broadcastable to its shape whose entries name the unit each
+position belongs to (0 = no unit). A parameter gets fresh ids along each of its dims the first time it is
+used; each op then either passes ids through, creates none, or *ties* ids (a residual add ties the two
+streams, a conv ties its weight's input axis to the channels it reads, attention ties q to k within a head),
+and records *labels* where an op treats units unequally (a slice takes some channels, a grouped conv or an
+attention head keeps its block apart). Connected components of the ties are units; units that appear in
+the same parameters with the same labels are interchangeable and form one group. Anything tied to a fixed
+quantity (the image channels, the logits, a positional table indexed by channel) is never permuted.
+
+An op the tracer does not know, applied to a tensor that carries units, is an error naming the op and the
+module: a wrong spec would silently break the merge.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import UnsupportedModelError
+from .spec import Axis, Group, Layer, Output, PermutationSpec, Point, Segment
+
+Factor = np.ndarray  # int64, same ndim as its tensor, each dim of size 1 or the tensor's size
+
+UNARY = {
+    "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "hardswish", "hardswish_",
+    "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "relu6", "tanh", "tanh_", "leaky_relu", "leaky_relu_",
+    "elu", "elu_", "selu", "celu", "mish", "softplus", "erf", "exp", "log", "sqrt", "rsqrt", "reciprocal",
+    "neg", "__neg__", "abs", "sign", "square", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max",
+    "dropout", "dropout1d", "dropout2d", "alpha_dropout", "clone", "contiguous", "to", "type_as", "float",
+    "double", "half", "bfloat16", "detach", "requires_grad_", "pow", "__pow__", "cpu", "cuda",
+}
+BINARY = {
+    "add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__", "__rsub__",
+    "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__",
+    "__rtruediv__", "maximum", "minimum", "where", "lerp", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__",
+    "__lt__", "__le__", "__gt__", "__ge__", "addcmul", "addcdiv",
+}
+SPATIAL = {  # ops that act on spatial dims only and pass channels through
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "interpolate", "upsample",
+    "upsample_nearest", "upsample_bilinear", "_max_pool2d", "max_pool2d_with_indices", "boolean_dispatch",
+}
+RESHAPE = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "reshape_as", "view_as", "squeeze_",
+           "unsqueeze_", "ravel"}
+REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "max", "min", "prod"}
+META = {"__get__", "dim", "size", "numel", "__len__", "_assert", "is_floating_point", "element_size", "stride",
+        "get_device", "is_contiguous", "__format__", "__bool__", "item", "tolist", "__repr__", "__hash__",
+        "data_ptr", "__index__", "__int__", "__float__"}
+
+
+@dataclass
+class Trace:
+    """Raw result of tracing one model: unit classes per parameter axis, observation points, layers."""
+
+    param_classes: dict[str, list[np.ndarray | None]]  # per param, per dim: class per position, or None
+    points: dict[tuple[str, int], np.ndarray]  # (module, dim) → class per position of its output along dim
+    point_kind: dict[str, str]  # module → "act" / "norm" / "weight"
+    layers: list[tuple[str, str, str]]  # (module, kind, bias) of conv/linear ops with a module's own weight
+    norms: list[tuple[str, str, str]]  # (norm module, kind, input producer module) for batch/layer norms
+    mixing: dict[int, set[str]]  # class → kinds of ops that normalise across units (layer_norm, softmax, …)
+    labels: dict[int, frozenset]  # class → labels of ops that treat it unequally
+    members: dict[int, tuple]  # class → sorted (param, dim, count) where it appears
+
+
+class _Ids:
+    """Fresh unit ids, the ties between them, and labels."""
+
+    def __init__(self):
+        self.next = 1
+        self.tie_a: list[np.ndarray] = []
+        self.tie_b: list[np.ndarray] = []
+        self.label_ids: list[np.ndarray] = []
+        self.label_vals: list[object] = []
+        self.mixing: list[tuple[np.ndarray, str]] = []
+        self.ops = itertools.count()
+
+    def fresh(self, n: int) -> np.ndarray:
+        out = np.arange(self.next, self.next + n, dtype=np.int64)
+        self.next += n
+        return out
+
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(a, b)
+        self.tie_a.append(a.ravel().copy())
+        self.tie_b.append(b.ravel().copy())
+
+    def label(self, ids: np.ndarray, value: object) -> None:
+        ids = np.unique(ids[ids > 0])
+        if len(ids):
+            self.label_ids.append(ids)
+            self.label_vals.append(value)
+
+    def classes(self) -> np.ndarray:
+        """class[id] for every id (0 = fixed): connected components of the ties, with 0's component fixed."""
+        n = self.next
+        a = np.concatenate(self.tie_a) if self.tie_a else np.zeros(0, np.int64)
+        b = np.concatenate(self.tie_b) if self.tie_b else np.zeros(0, np.int64)
+        graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+        _, comp = connected_components(graph, directed=False)
+        # renumber by each component's smallest id: id 0 (fixed) comes first, so its component is class 0
+        uniq, first = np.unique(comp, return_index=True)
+        rank = np.empty(len(uniq), np.int64)
+        rank[np.argsort(first)] = np.arange(len(uniq))
+        return rank[np.searchsorted(uniq, comp)]
+
+
+def _compress(f: np.ndarray) -> np.ndarray:
+    """Shrink every dim along which the ids do not vary to size 1."""
+    for d in range(f.ndim):
+        if f.shape[d] > 1 and (f == f.take([0], axis=d)).all():
+            f = f.take([0], axis=d)
+    return f
+
+
+def _support(f: np.ndarray) -> tuple[int, ...]:
+    return tuple(d for d in range(f.ndim) if f.shape[d] > 1)
+
+
+def _align(f: np.ndarray, ndim: int) -> np.ndarray:
+    """Prepend size-1 dims so ``f`` broadcasts like a tensor of ``ndim`` dims."""
+    return f.reshape((1,) * (ndim - f.ndim) + f.shape)
+
+
+class TraceError(UnsupportedModelError):
+    """The model uses an op on units that the tracer cannot describe exactly."""
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _varies(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether the values of a unit-less operand differ along any of ``dims`` (aligned to its own dims)."""
+    for d in dims:
+        if d < 0 or t.shape[d] == 1:
+            continue
+        if not bool((t == t.narrow(d, 0, 1)).all()):
+            return True
+    return False
+
+
+def _dims(arg, ndim: int) -> tuple[int, ...]:
+    if arg is None:
+        return tuple(range(ndim))
+    if isinstance(arg, int):
+        arg = (arg,)
+    return tuple(sorted(d % ndim for d in arg))
+
+
+def _name(func) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    if name == "fn" and "boolean_dispatch" in getattr(func, "__qualname__", ""):
+        return "boolean_dispatch"
+    return name
+
+
+class _Mode(TorchFunctionMode):
+    """Propagates unit ids through every torch op of one forward pass."""
+
+    def __init__(self, tracer: _Tracer):
+        super().__init__()
+        self.t = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.t.op(func, args, kwargs, out)
+        return out
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module):
+        self.ids = _Ids()
+        self.model = model
+        self.units: dict[int, list[Factor]] = {}  # id(tensor) → factors
+        self.keep: list[torch.Tensor] = []  # keeps traced tensors alive so their id() stays unique
+        # state tensors only: a non-persistent buffer (a cached rotary table, say) is a constant, which the
+        # permutation must not be allowed to move past
+        state = set(model.state_dict())
+        self.param_names = {id(p): n for n, p in model.named_parameters() if n in state}
+        self.param_names.update({id(b): n for n, b in model.named_buffers() if n in state and b.is_floating_point()})
+        self.param_ids: dict[str, list[np.ndarray | None]] = {}
+        self.module_names = {m: n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.points: dict[str, list[Factor]] = {}
+        self.point_kind: dict[str, str] = {}
+        self.layers: list[tuple[str, str, str]] = []
+        self.norms: list[tuple[str, str, str]] = []
+        self.producer: dict[int, str] = {}  # id(tensor) → module whose conv/linear op made it
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    def where(self) -> str:
+        return self.stack[-1] if self.stack else "<model>"
+
+    def fail(self, what: str) -> TraceError:
+        return TraceError(f"cannot derive a permutation spec: {what} in module {self.where()!r} "
+                          f"({type(self.model).__name__}); hubmerge refuses rather than guess a wrong spec")
+
+    def get(self, t) -> list[Factor]:
+        if not isinstance(t, torch.Tensor):
+            return []
+        name = self.param_names.get(id(t))
+        if name is not None and id(t) not in self.units:
+            per_dim = []
+            factors = []
+            for d, n in enumerate(t.shape):
+                if n > 1:
+                    ids = self.ids.fresh(n)
+                    shape = [1] * t.dim()
+                    shape[d] = n
+                    factors.append(ids.reshape(shape))
+                    per_dim.append(ids)
+                else:
+                    per_dim.append(None)
+            self.param_ids[name] = per_dim
+            self.set(t, factors)
+        return self.units.get(id(t), [])
+
+    def set(self, t, factors: list[Factor]) -> None:
+        if isinstance(t, torch.Tensor):
+            factors = [_compress(_align(f, t.dim())) for f in factors]
+            factors = [f for f in factors if (f > 0).any()]
+            self.units[id(t)] = factors
+            self.keep.append(t)
+
+    def factor_on(self, t: torch.Tensor, dim: int) -> np.ndarray | None:
+        """The ids along ``dim`` of ``t`` as a vector; an error if the units along it depend on other dims."""
+        dim %= t.dim()
+        found = [f for f in self.get(t) if f.shape[dim] > 1]
+        if not found:
+            return None
+        if len(found) > 1 or _support(found[0]) != (dim,):
+            raise self.fail(f"units along dim {dim} that vary with other dims (shape {tuple(t.shape)})")
+        return found[0].reshape(-1)
+
+    # --- dispatch ----------------------------------------------------------------------------------
+    def op(self, func, args, kwargs, out) -> None:
+        name = _name(func)
+        ins = _tensors(args) + _tensors(kwargs)
+        outs = _tensors(out)
+        carried = [t for t in ins if self.get(t)]
+        if not outs:
+            return
+        if not carried:
+            for t in outs:
+                self.set(t, [])
+            return
+        if name == "__get__":  # a tensor property: only .data keeps the units
+            if getattr(getattr(func, "__self__", None), "__name__", "") != "data":
+                raise self.fail(f"tensor property {getattr(func, '__self__', func)!r} of a tensor that carries units")
+            self.set(out, self.get(args[0]))
+            return
+        if name in META:
+            raise self.fail(f"{name!r} returned a tensor from one that carries units")
+        handler = getattr(self, f"op_{name.strip('_')}", None)
+        if name in UNARY:
+            if not isinstance(args[0], torch.Tensor):
+                raise self.fail(f"{name!r} whose first argument is not the tensor that carries units")
+            self.set(out, self.get(args[0]))
+        elif name in BINARY:
+            self.binary(args, kwargs, out, name)
+        elif name in SPATIAL:
+            self.spatial(args[0], out)
+        elif name in RESHAPE:
+            self.reshape(args[0], out)
+        elif name in REDUCE:
+            self.reduce(name, args, kwargs, out)
+        elif handler is not None:
+            handler(args, kwargs, out)
+        else:
+            raise self.fail(f"unsupported op {name!r} on a tensor that carries units")
+
+    # --- elementwise -------------------------------------------------------------------------------
+    def binary(self, args, kwargs, out, name) -> None:
+        operands = [a for a in (list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)]
+        if name == "where":
+            operands = operands[1:]
+        ndim = out.dim()
+        merged: dict[tuple[int, ...], Factor] = {}
+        fixed: list[tuple[int, ...]] = []
+        own = [[_align(f, ndim) for f in self.get(t)] for t in operands]
+        for i, (t, factors) in enumerate(zip(operands, own)):
+            for f in factors:
+                key = _support(f)
+                others = [(j, g) for j, fs in enumerate(own) if j != i for g in fs
+                          if set(_support(g)) <= set(key) or set(key) <= set(_support(g))]
+                lead = [ndim - operands[j].dim() for j in range(len(operands))]
+                if any(j != i and not any(jj == j for jj, _ in others)
+                       and _varies(operands[j], tuple(d - lead[j] for d in key)) for j in range(len(operands))):
+                    # combined with values that differ along these units but move with none of them
+                    # (a positional table against a channel, a fixed input): these units are fixed
+                    self.ids.tie(f, np.zeros(1, np.int64))
+                    fixed.append(key)
+                    continue
+                same = [k for k in merged if set(k) <= set(key) or set(key) <= set(k)]
+                if not same:
+                    merged[key] = f
+                    continue
+                if len(same) > 1:
+                    raise self.fail(f"{name} of tensors whose units overlap ambiguously")
+                k = same[0]
+                self.ids.tie(merged[k], f)
+                if len(key) < len(k):  # keep the factor with the smaller support: they are tied now
+                    del merged[k]
+                    merged[key] = f
+        self.set(out, [f for k, f in merged.items() if k not in fixed])
+
+    def spatial(self, x: torch.Tensor, out) -> None:
+        target = out[0] if isinstance(out, tuple) else out
+        factors = self.get(x)
+        for f in factors:
+            for d in _support(f):
+                if d >= target.dim() or x.shape[d] != target.shape[d]:
+                    raise self.fail(f"a pooling/resizing op along dim {d}, which carries units")
+        self.set(target, factors)
+
+    def reshape(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        factors = []
+        for f in self.get(x):
+            full = np.broadcast_to(_align(f, x.dim()), tuple(x.shape))
+            factors.append(full.reshape(tuple(out.shape)))
+        self.set(out, factors)
+
+    def reduce(self, name, args, kwargs, out) -> None:
+        x = args[0]
+        at = 2 if name == "norm" else 1  # norm(x, p, dim, keepdim)
+        dim = kwargs.get("dim", args[at] if len(args) > at and not isinstance(args[at], bool) else None)
+        keep = kwargs.get("keepdim", args[at + 1] if len(args) > at + 1 and isinstance(args[at + 1], bool) else False)
+        dims = _dims(dim, x.dim())
+        target = out[0] if isinstance(out, tuple) else out
+        factors = []
+        for f in self.get(x):
+            sup = set(_support(f))
+            if sup <= set(dims):
+                self.mix(f, name)
+                continue
+            if sup & set(dims):
+                raise self.fail(f"{name} over part of the dims that carry units")
+            if not keep:
+                f = f.reshape([s for d, s in enumerate(f.shape) if d not in dims])
+            factors.append(f)
+        self.set(target, factors)
+
+    def mix(self, f: Factor, kind: str) -> None:
+        self.ids.mixing.append((f.reshape(-1), kind))
+
+    def op_softmax(self, args, kwargs, out) -> None:
+        x = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None) % x.dim()
+        for f in self.get(x):
+            if dim in _support(f):
+                self.mix(f, "softmax")
+        self.set(out, self.get(x))
+
+    op_log_softmax = op_softmax
+
+    # --- shape ops ---------------------------------------------------------------------------------
+    def op_permute(self, args, kwargs, out) -> None:
+        x = args[0]
+        dims = args[1:] if len(args) > 1 else kwargs["dims"]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        self.set(out, [_align(f, x.dim()).transpose([d % x.dim() for d in dims]) for f in self.get(x)])
+
+    def op_transpose(self, args, kwargs, out) -> None:
+        x, a, b = args[0], args[1] % args[0].dim(), args[2] % args[0].dim()
+        self.set(out, [np.swapaxes(_align(f, x.dim()), a, b) for f in self.get(x)])
+
+    op_swapaxes = op_transpose
+
+    def op_movedim(self, args, kwargs, out) -> None:
+        x = args[0]
+        self.set(out, [np.moveaxis(_align(f, x.dim()), args[1], args[2]) for f in self.get(x)])
+
+    def op_expand(self, args, kwargs, out) -> None:
+        self.set(out, [_align(f, out.dim()) for f in self.get(args[0])])
+
+    op_expand_as = op_expand
+    op_broadcast_to = op_expand
+
+    def op_repeat(self, args, kwargs, out) -> None:
+        x = args[0]
+        reps = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple, torch.Size)) else args[1]
+        factors = []
+        for f in self.get(x):
+            f = _align(np.broadcast_to(_align(f, x.dim()), tuple(x.shape)), len(reps))
+            factors.append(np.tile(f, tuple(reps)))
+        self.set(out, factors)
+
+    def select(self, x: torch.Tensor, index, out: torch.Tensor, label: object) -> None:
+        """Index ``x`` like ``x[index]``; units taken apart from the rest of their dim get ``label``."""
+        factors = []
+        for f in self.get(x):
+            full = np.broadcast_to(_align(f, x.dim()), tuple(x.shape))
+            part = full[index]
+            taken = np.unique(part)
+            if len(taken) < len(np.unique(full)):
+                self.ids.label(taken, label)
+            factors.append(np.ascontiguousarray(part))
+        self.set(out, factors)
+
+    def op_getitem(self, args, kwargs, out) -> None:
+        x, index = args[0], args[1]
+        if isinstance(index, torch.Tensor):
+            if self.get(index):
+                raise self.fail("indexing with a tensor that carries units")
+            index = index.cpu().numpy()
+        elif isinstance(index, tuple):
+            index = tuple(i.cpu().numpy() if isinstance(i, torch.Tensor) else i for i in index)
+        self.select(x, index, out, (next(self.ids.ops), "slice"))
+
+    def pieces(self, x: torch.Tensor, dim: int, outs: list[torch.Tensor]) -> None:
+        op = next(self.ids.ops)
+        start = 0
+        dim %= x.dim()
+        for i, piece in enumerate(outs):
+            n = piece.shape[dim] if piece.dim() == x.dim() else 1
+            index = [slice(None)] * x.dim()
+            index[dim] = slice(start, start + n) if piece.dim() == x.dim() else start
+            self.select(x, tuple(index), piece, (op, i))
+            start += n
+
+    def op_split(self, args, kwargs, out) -> None:
+        self.pieces(args[0], kwargs.get("dim", args[2] if len(args) > 2 else 0), list(out))
+
+    def op_chunk(self, args, kwargs, out) -> None:
+        self.pieces(args[0], kwargs.get("dim", args[2] if len(args) > 2 else 0), list(out))
+
+    op_tensor_split = op_chunk
+
+    def op_unbind(self, args, kwargs, out) -> None:
+        self.pieces(args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0), list(out))
+
+    def op_narrow(self, args, kwargs, out) -> None:
+        x, dim, start, length = args[0], args[1] % args[0].dim(), args[2], args[3]
+        index = [slice(None)] * x.dim()
+        index[dim] = slice(int(start), int(start) + int(length))
+        self.select(x, tuple(index), out, (next(self.ids.ops), "narrow"))
+
+    def op_select(self, args, kwargs, out) -> None:
+        x, dim, i = args[0], args[1] % args[0].dim(), args[2]
+        index = [slice(None)] * x.dim()
+        index[dim] = int(i)
+        self.select(x, tuple(index), out, (next(self.ids.ops), "select"))
+
+    def op_cat(self, args, kwargs, out) -> None:
+        tensors = list(args[0]) if args else list(kwargs["tensors"])
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
+        factors = [self.get(t) for t in tensors]
+        if any(len(f) > 1 for f in factors):
+            raise self.fail("concatenation of tensors with several unit factors")
+        along = [f[0] for f in factors if f and f[0].shape[dim] > 1]
+        if not along:  # units are not on the concatenated dim: the pieces share them (cls token + patches)
+            present = [f[0] for f in factors if f]
+            for f in present[1:]:
+                self.ids.tie(present[0], f)
+            for t, f in zip(tensors, factors):
+                if not f and _varies(t, _support(present[0])):
+                    self.ids.tie(present[0], np.zeros(1, np.int64))
+            self.set(out, present[:1])
+            return
+        parts = []
+        for t, f in zip(tensors, factors):
+            shape = list(out.shape)
+            shape[dim] = t.shape[dim]
+            parts.append(np.broadcast_to(_align(f[0], t.dim()), shape) if f else np.zeros(shape, np.int64))
+        self.set(out, [np.concatenate(parts, axis=dim)])
+
+    op_concat = op_cat
+    op_concatenate = op_cat
+
+    def op_stack(self, args, kwargs, out) -> None:
+        tensors = list(args[0]) if args else list(kwargs["tensors"])
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
+        parts = []
+        for t in tensors:
+            fs = self.get(t)
+            if len(fs) > 1:
+                raise self.fail("stack of tensors with several unit factors")
+            full = np.broadcast_to(_align(fs[0], t.dim()), tuple(t.shape)) if fs else np.zeros(tuple(t.shape), np.int64)
+            parts.append(np.expand_dims(full, dim))
+        self.set(out, [np.concatenate(parts, axis=dim)])
+
+    def op_pad(self, args, kwargs, out) -> None:
+        x, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
+        padded = {x.dim() - 1 - i // 2 for i, p in enumerate(pad) if p}
+        for f in self.get(x):
+            if padded & set(_support(f)):
+                raise self.fail("padding along a dim that carries units")
+        self.set(out, self.get(x))
+
+    def op_roll(self, args, kwargs, out) -> None:
+        x = args[0]
+        dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
+        for f in self.get(x):
+            if dims is None or set(_dims(dims, x.dim())) & set(_support(f)):
+                raise self.fail("roll along a dim that carries units")
+        self.set(out, self.get(x))
+
+    # --- layers ------------------------------------------------------------------------------------
+    def weight_ids(self, w: torch.Tensor, dim: int) -> np.ndarray | None:
+        if dim >= w.dim() or w.shape[dim] == 1:
+            return None
+        return self.factor_on(w, dim)
+
+    def record_layer(self, w: torch.Tensor, b, kind: str, out) -> None:
+        """Remember a conv/linear op whose weight is a module's own parameter, and whether its bias is the
+        module's own (``own``), absent (``none``) or computed (``other``): REPAIR folds only into the first."""
+        if id(w) in self.param_names:
+            module = self.param_names[id(w)].rpartition(".")[0]
+            bias = "none" if b is None else "own" if self.param_names.get(id(b)) == f"{module}.bias" else "other"
+            self.layers.append((module, kind, bias))
+            self.producer[id(out)] = module
+
+    def op_conv(self, args, kwargs, out, kind: str) -> None:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        a = dict(zip(names, args), **kwargs)
+        x, w, b, groups = a["input"], a["weight"], a.get("bias"), a.get("groups", 1) or 1
+        ids_in = self.factor_on(x, 1)
+        for d in range(2, w.dim()):  # kernel positions are fixed
+            k = self.weight_ids(w, d)
+            if k is not None:
+                self.ids.tie(k, np.zeros(1, np.int64))
+        ids_out = self.weight_ids(w, 0)
+        w_in = self.weight_ids(w, 1)
+        c_out, per_in = w.shape[0], w.shape[1]
+        if ids_out is None:
+            ids_out = np.zeros(c_out, np.int64) if c_out > 1 else None
+        if groups == 1:
+            if w_in is not None:
+                self.ids.tie(w_in, ids_in if ids_in is not None else np.zeros(1, np.int64))
+        elif per_in == 1 and c_out == groups:  # depthwise: each channel passes through with its own filter
+            if ids_in is not None:
+                self.ids.tie(ids_out, ids_in)
+            else:
+                self.ids.tie(ids_out, np.zeros(1, np.int64))
+        else:  # grouped: units stay in their block; the blocks' inputs share one permutation
+            op = next(self.ids.ops)
+            per_out = c_out // groups
+            for g in range(groups):
+                self.ids.label(ids_out[g * per_out:(g + 1) * per_out], (op, "group", g))
+                block = ids_in[g * per_in:(g + 1) * per_in] if ids_in is not None else np.zeros(1, np.int64)
+                if w_in is not None:
+                    self.ids.tie(w_in, block)
+                elif ids_in is not None:
+                    self.ids.tie(block, np.zeros(1, np.int64))
+                    self.ids.label(block, (op, "group", g))
+        if b is not None:
+            bias = self.weight_ids(b, 0)
+            if bias is not None:
+                self.ids.tie(bias, ids_out)
+        shape = [1] * out.dim()
+        shape[1] = c_out
+        self.set(out, [ids_out.reshape(shape)] if ids_out is not None else [])
+        self.record_layer(w, b, kind, out)
+
+    def op_conv1d(self, args, kwargs, out) -> None:
+        self.op_conv(args, kwargs, out, "conv1d")
+
+    def op_conv2d(self, args, kwargs, out) -> None:
+        self.op_conv(args, kwargs, out, "conv2d")
+
+    def op_linear(self, args, kwargs, out) -> None:
+        a = dict(zip(("input", "weight", "bias"), args), **kwargs)
+        x, w, b = a["input"], a["weight"], a.get("bias")
+        ids_in = self.factor_on(x, -1)
+        w_in, ids_out = self.weight_ids(w, 1), self.weight_ids(w, 0)
+        if w_in is not None:
+            self.ids.tie(w_in, ids_in if ids_in is not None else np.zeros(1, np.int64))
+        if ids_out is None:
+            ids_out = np.zeros(w.shape[0], np.int64)
+        if b is not None and self.weight_ids(b, 0) is not None:
+            self.ids.tie(self.weight_ids(b, 0), ids_out)
+        others = [f for f in self.get(x) if f.shape[-1] == 1]
+        shape = [1] * out.dim()
+        shape[-1] = w.shape[0]
+        self.set(out, others + [ids_out.reshape(shape)])
+        self.record_layer(w, b, "linear", out)
+
+    def per_unit(self, params: list, ids: np.ndarray | None) -> None:
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.numel() > 1:
+                pid = self.factor_on(p, 0) if p.dim() == 1 else self.fail("a norm parameter that is not a vector")
+                self.ids.tie(pid, ids if ids is not None else np.zeros(1, np.int64))
+
+    def op_batch_norm(self, args, kwargs, out) -> None:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        a = dict(zip(names, args), **kwargs)
+        x = a["input"]
+        ids = self.factor_on(x, 1)
+        self.per_unit([a.get("running_mean"), a.get("running_var"), a.get("weight"), a.get("bias")], ids)
+        self.set(out, self.get(x))
+        self.record_norm(a.get("weight"), "batch_norm", x)
+
+    def record_norm(self, w, kind: str, x: torch.Tensor) -> None:
+        if w is not None and id(w) in self.param_names:
+            self.norms.append((self.param_names[id(w)].rpartition(".")[0], kind, self.producer.get(id(x), "")))
+
+    def op_layer_norm(self, args, kwargs, out) -> None:
+        a = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args), **kwargs)
+        x, shape = a["input"], tuple(a["normalized_shape"])
+        if len(shape) != 1:
+            raise self.fail(f"layer_norm over {len(shape)} dims")
+        ids = self.factor_on(x, -1)
+        if ids is not None:
+            self.mix(ids, "layer_norm")
+        self.per_unit([a.get("weight"), a.get("bias")], ids)
+        self.set(out, self.get(x))
+        self.record_norm(a.get("weight"), "layer_norm", x)
+
+    def op_rms_norm(self, args, kwargs, out) -> None:
+        self.op_layer_norm(args[:2] + (args[2] if len(args) > 2 else kwargs.get("weight"), None), {}, out)
+
+    def op_group_norm(self, args, kwargs, out) -> None:
+        a = dict(zip(("input", "num_groups", "weight", "bias", "eps"), args), **kwargs)
+        x, groups = a["input"], a["num_groups"]
+        ids = self.factor_on(x, 1)
+        if ids is not None:
+            op = next(self.ids.ops)
+            per = len(ids) // groups
+            for g in range(groups):
+                block = ids[g * per:(g + 1) * per]
+                self.mix(block, "group_norm")
+                if groups > 1:
+                    self.ids.label(block, (op, "group_norm", g))
+        self.per_unit([a.get("weight"), a.get("bias")], ids)
+        self.set(out, self.get(x))
+        self.record_norm(a.get("weight"), "group_norm", x)
+
+    # --- attention ---------------------------------------------------------------------------------
+    def contract(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        """``a @ b``: a's last dim meets b's second-to-last; batch dims (heads) keep units apart."""
+        nd = out.dim()
+        op = next(self.ids.ops)
+        fa = [_align(f, max(a.dim(), 2)) for f in self.get(a)]
+        fb = [_align(f, max(b.dim(), 2)) for f in self.get(b)]
+        ka = [f for f in fa if f.shape[-1] > 1]
+        kb = [f for f in fb if f.shape[-2] > 1]
+        if len(ka) > 1 or len(kb) > 1:
+            raise self.fail("a matmul over several unit factors")
+        if ka or kb:
+            x = np.swapaxes(ka[0], -1, -2)[..., 0] if ka else None  # (..., k)
+            y = kb[0][..., 0] if kb else None  # (..., k)
+            if x is not None and y is not None:
+                self.ids.tie(x, y)
+            for f in (x, y):
+                if f is not None:
+                    self.label_batch(f[..., None], op)
+            if (x is None) != (y is None):
+                other = b if x is not None else a
+                f = x if x is not None else y
+                if _varies(other, (other.dim() - 2 if x is not None else other.dim() - 1,)):
+                    self.ids.tie(f, np.zeros(1, np.int64))
+        keep = [f for f in fa if f.shape[-1] == 1] + [f for f in fb if f.shape[-2] == 1]
+        for f in keep:
+            self.label_batch(f, op)
+        self.set(out, [_align(f, nd) for f in keep])
+
+    def label_batch(self, f: np.ndarray, op: int) -> None:
+        """Label units by their position along batch dims (all but the last two): one head's units stay
+        in that head."""
+        lead = f.shape[:-2] if f.ndim > 2 else ()
+        for idx in np.ndindex(*lead):
+            self.ids.label(f[idx], (op, "head", idx))
+
+    def op_matmul(self, args, kwargs, out) -> None:
+        self.contract(args[0], args[1], out)
+
+    op_bmm = op_matmul
+
+    def op_rmatmul(self, args, kwargs, out) -> None:
+        self.contract(args[1], args[0], out)
+
+    def op_scaled_dot_product_attention(self, args, kwargs, out) -> None:
+        q, k, v = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        for f in self.get(mask) if mask is not None else ():
+            self.ids.tie(f, np.zeros(1, np.int64))  # a per-head bias: heads keep their order
+        op = next(self.ids.ops)
+        fq, fk, fv = self.get(q), self.get(k), self.get(v)
+        for f in fq + fk + fv:
+            if f.shape[-2] > 1:
+                raise self.fail("attention inputs whose units vary along tokens")
+        if fq or fk:
+            if not (fq and fk):
+                raise self.fail("attention where only one of q, k carries units")
+            self.ids.tie(_align(fq[0], q.dim()), _align(fk[0], k.dim()))
+            self.label_batch(_align(fq[0], q.dim()), op)
+            self.mix(fq[0], "attention")
+        for f in fv:
+            self.label_batch(_align(f, v.dim()), op)
+        self.set(out, fv)
+
+    def op_einsum(self, args, kwargs, out) -> None:
+        raise self.fail("einsum on tensors that carry units")
+
+
+def _kind(module: nn.Module) -> str | None:
+    """Observation category of a module's output: post-activation, normalised, or a layer's output."""
+    if isinstance(module, (nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList)):
+        return None
+    own = list(module.parameters(recurse=False))
+    if any(p.dim() >= 2 for p in own):
+        return "weight"
+    if own or "norm" in type(module).__name__.lower():
+        return "norm"
+    if not list(module.children()) and "pool" not in type(module).__name__.lower():
+        return "act"
+    return None
+
+
+@torch.no_grad()
+def trace(model: nn.Module, example: torch.Tensor) -> Trace:
+    """Trace ``model`` on ``example`` (a batch of inputs) and return unit classes per parameter axis."""
+    tracer = _Tracer(model)
+    hooks = []
+
+    def pre(module, _inputs):
+        tracer.stack.append(tracer.module_names.get(module, "?"))
+
+    def post(module, _inputs, output):
+        tracer.stack.pop()
+        name = tracer.module_names.get(module)
+        kind = _kind(module)
+        if name and kind and isinstance(output, torch.Tensor) and id(output) in tracer.units:
+            tracer.points[name] = tracer.units[id(output)]
+            tracer.point_kind[name] = kind
+
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    try:
+        with _Mode(tracer):
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for t in _tensors(out):  # the logits are fixed
+        for f in tracer.get(t):
+            tracer.ids.tie(f, np.zeros(1, np.int64))
+    return _finish(tracer)
+
+
+def _finish(tracer: _Tracer) -> Trace:
+    cls = tracer.ids.classes()
+    param_classes = {n: [None if ids is None else cls[ids] for ids in dims] for n, dims in tracer.param_ids.items()}
+    labels: dict[int, set] = defaultdict(set)
+    for ids, value in zip(tracer.ids.label_ids, tracer.ids.label_vals):
+        for c in np.unique(cls[ids]):
+            if c:
+                labels[int(c)].add(value)
+    mixing: dict[int, set[str]] = defaultdict(set)
+    for ids, kind in tracer.ids.mixing:
+        for c in np.unique(cls[ids]):
+            if c:
+                mixing[int(c)].add(kind)
+    members: dict[int, list] = defaultdict(list)
+    for name, dims in param_classes.items():
+        for d, c in enumerate(dims):
+            if c is None:
+                continue
+            vals, counts = np.unique(c[c > 0], return_counts=True)
+            for v, k in zip(vals, counts):
+                members[int(v)].append((name, d, int(k)))
+    points = {}
+    for module, factors in tracer.points.items():
+        for f in factors:  # one point per unit dim (a token-mixing MLP's output has channels and token units)
+            if len(_support(f)) == 1:
+                d = _support(f)[0]
+                points[(module, d)] = cls[f.reshape(-1)]
+    return Trace(param_classes, points, {m: tracer.point_kind[m] for m, _ in points}, tracer.layers, tracer.norms,
+                 dict(mixing), {c: frozenset(v) for c, v in labels.items()},
+                 {c: tuple(sorted(v)) for c, v in members.items()})
+
+
+def interchangeable(tr: Trace) -> dict[int, tuple]:
+    """class → key; classes with equal keys can be permuted among each other (one group)."""
+    return {c: (members, tr.labels.get(c, frozenset())) for c, members in tr.members.items()}
+
+
+
+
+OBSERVE_PREFERENCE = ("act", "norm", "weight")
+PARTIAL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _segments(classes: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray, names: list[str]) -> Axis:
+    """Run-length encode one axis (class per position) into segments of (group, unit) runs."""
+    g, u = group_of[classes], unit_of[classes]
+    change = np.flatnonzero((g[1:] != g[:-1]) | ((u[1:] != u[:-1]) & (g[1:] >= 0))) + 1
+    starts = np.concatenate([[0], change])
+    counts = np.diff(np.concatenate([starts, [len(classes)]]))
+    segs: list[Segment] = []
+    current: list[int] = []  # units of the segment being built
+    taken: set[int] = set()
+    key = None  # (group, repeat) of the segment being built
+
+    def close():
+        if current:
+            units = tuple(current)
+            order = None if units == tuple(range(len(units))) else units
+            segs.append(Segment(names[key[0]], len(units), key[1], order))
+            current.clear()
+            taken.clear()
+
+    for start, count in zip(starts.tolist(), counts.tolist()):
+        grp, unit = int(g[start]), int(u[start])
+        if grp < 0:
+            close()
+            segs.append(Segment(None, count))
+            continue
+        if key != (grp, count) or unit in taken:
+            close()
+            key = (grp, count)
+        current.append(unit)
+        taken.add(unit)
+    close()
+    return tuple(segs)
+
+
+def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationSpec:
+    """The permutation spec of ``model``, from one traced forward pass on ``example``."""
+    tr = trace(model, example)
+    keys = interchangeable(tr)
+    group_of_key: dict[tuple, str] = {}
+    units: dict[str, list[int]] = {}
+    unit_of: dict[int, tuple[str, int]] = {}
+    for name, dims in tr.param_classes.items():  # first use = forward order, so names read front to back
+        for cls in dims:
+            if cls is None:
+                continue
+            for c in cls.tolist():
+                if c == 0 or c in unit_of:
+                    continue
+                key = keys[c]
+                if key not in group_of_key:
+                    base = name.rpartition(".")[0] or name
+                    label = base
+                    k = 2
+                    while label in units:
+                        label, k = f"{base}#{k}", k + 1
+                    group_of_key[key] = label
+                    units[label] = []
+                g = group_of_key[key]
+                unit_of[c] = (g, len(units[g]))
+                units[g].append(c)
+    names = list(units)
+    n = max(unit_of, default=0) + 1
+    group_arr, unit_arr = np.full(n, -1, np.int64), np.zeros(n, np.int64)
+    index = {g: i for i, g in enumerate(names)}
+    for c, (g, i) in unit_of.items():
+        group_arr[c], unit_arr[c] = index[g], i
+    axes = {name: tuple(None if cls is None or not (cls > 0).any() else _segments(cls, group_arr, unit_arr, names)
+                        for cls in dims) for name, dims in tr.param_classes.items()}
+    axes = {n: a for n, a in axes.items() if any(a)}
+    points = _observation(tr, group_arr, unit_arr, names)
+    groups = {}
+    for i, (g, members) in enumerate(units.items()):
+        normalised = any(tr.mixing.get(c) for c in members)
+        groups[g] = Group(g, len(members), points.get(i, ()), normalised)
+    layers, reason = _layer_view(model, tr, axes)
+    return PermutationSpec(family, groups, axes, layers, reason, _outputs(tr, axes))
+
+
+def _outputs(tr: Trace, axes: dict) -> tuple[Output, ...]:
+    """Conv/linear modules (applied once, with their own weight) whose outputs hold units and that have
+    their own bias or a BatchNorm reading them directly: where REPAIR measures and folds its corrections.
+    A layer with neither (or a bias computed elsewhere, BEiT's q/v bias) cannot take a shift and is left
+    as it is."""
+    norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
+    count = defaultdict(int)
+    for name, _, _ in tr.layers:
+        count[name] += 1
+    out = []
+    for name, _kind, bias in tr.layers:
+        w, norm = axes.get(f"{name}.weight"), norm_after.get(name)
+        foldable = norm is not None or bias == "own"
+        if count[name] == 1 and foldable and w and w[0] and any(s.group for s in w[0]):
+            out.append(Output(name, norm))
+    return tuple(out)
+
+
+def _observation(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str]
+                 ) -> dict[int, tuple[Point, ...]]:
+    """Per group: points where it is observed, post-activation outputs where it has them, else normalised
+    outputs, else layer outputs (attention's q and k live only there)."""
+    found: dict[int, dict[str, list[Point]]] = defaultdict(lambda: defaultdict(list))
+    for (module, dim), cls in tr.points.items():
+        cls = np.where(cls < len(group_of), cls, 0)
+        g, u = group_of[cls], unit_of[cls]
+        for grp in np.unique(g[g >= 0]).tolist():
+            pos = np.flatnonzero(g == grp)
+            units = u[pos]
+            width = int(units.max()) + 1
+            counts = np.bincount(units, minlength=width)
+            if counts.min() == 0 or counts.min() != counts.max():
+                continue
+            order = np.argsort(units, kind="stable")  # per unit, its positions in order of occurrence
+            table = pos[order].reshape(width, counts[0]).T
+            found[grp][tr.point_kind[module]].append(Point(module, dim, tuple(map(tuple, table.tolist()))))
+    out = {}
+    for grp, kinds in found.items():
+        for kind in OBSERVE_PREFERENCE:
+            if kinds[kind]:
+                out[grp] = tuple(kinds[kind])
+                break
+    return out
+
+
+def _single(axis: Axis | None) -> tuple[str | None, int] | None:
+    """(group, repeat) of an axis that holds one group in unit order (or is fixed); None otherwise."""
+    if axis is None:
+        return (None, 1)
+    if len(axis) == 1 and axis[0].order is None:
+        return axis[0].group, axis[0].repeat
+    if all(s.group is None for s in axis):
+        return (None, 1)
+    return None
+
+
+def _layer_view(model: nn.Module, tr: Trace, axes: dict) -> tuple[tuple[Layer, ...], str | None]:
+    """Conv/linear layers with one group per axis and their BatchNorms, and why partial merging is not
+    available when some parameter falls outside that view."""
+    modules = dict(model.named_modules())
+    norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
+    layers, covered, reason = [], set(), None
+    seen = set()
+    for name, _kind, _bias in tr.layers:
+        if name in seen:
+            reason = reason or f"{name} is applied twice (shared weights)"
+            continue
+        seen.add(name)
+        module = modules.get(name)
+        weight = f"{name}.weight"
+        w_axes = axes.get(weight, (None, None))
+        out = _single(w_axes[0])
+        inp = _single(w_axes[1] if len(w_axes) > 1 else None)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or out is None or inp is None or out[1] != 1:
+            reason = reason or f"{name} ({type(module).__name__}) does not map one group to one group"
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            reason = reason or f"{name} is a grouped/depthwise conv"
+            continue
+        norm = norm_after.get(name)
+        if norm is not None and (not isinstance(modules.get(norm), PARTIAL_NORMS) or out[0] is None):
+            reason = reason or f"{norm} ({type(modules.get(norm)).__name__}) after {name}"
+            continue
+        layers.append(Layer(name, out[0], inp[0], norm, inp[1]))
+        covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
+        if norm is not None:
+            covered.update(f"{norm}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))
+    left = [n for n in axes if n not in covered]
+    if left:
+        reason = reason or f"{left[0]} lies outside conv/linear layers and their BatchNorms"
+    return tuple(layers), reason

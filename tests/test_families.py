@@ -1,0 +1,118 @@
+"""Every tested family (``arch_specs/families.py``), tiny and random in float64: the derived spec is exact,
+and the family supports exactly what the table declares.
+
+For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR
+and ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
+independently computed permute-and-average merge. Families declared ``partial`` also give the
+logit-averaged ensemble at γ=1 and run a ``budget=0.1`` merge that saves, reloads strictly and computes the
+same outputs; families declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what
+the test checks (no family is skipped).
+"""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import hubmerge
+from hubmerge.arch_specs import families, randomize_, spec_for
+from hubmerge.errors import UnsupportedModelError, UsageError
+from hubmerge.evaluate import Ensemble
+from hubmerge.spec import permute_state
+
+FAMILIES = families()
+
+
+def make(name: str, seed: int) -> nn.Module:
+    fam = FAMILIES[name]
+    model = timm.create_model(fam.architecture, num_classes=10, **fam.model_args)
+    model.model_args = {"num_classes": 10, **fam.model_args}
+    return randomize_(model, seed).double().eval()
+
+
+def batch(name: str, n: int = 4, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *FAMILIES[name].input_size, generator=gen, dtype=torch.float64)
+
+
+def relative(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x - y).abs().max() / y.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family(name, tmp_path):
+    a, b = make(name, 1), make(name, 2)
+    x = batch(name)
+    calib = [(batch(name, seed=s), None) for s in (1, 2)]
+    spec = spec_for(a, FAMILIES[name].input_size)
+    assert (spec.partial is None) == (FAMILIES[name].support == "partial"), spec.partial
+
+    # random permutations of every group leave the function unchanged
+    gen = torch.Generator().manual_seed(3)
+    perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
+    assert any((p != torch.arange(len(p))).any() for p in perms.values())
+    moved = make(name, 1)
+    moved.load_state_dict(permute_state(spec, moved.state_dict(), perms))
+    assert relative(moved(x), a(x)) <= 1e-10
+
+    # α=1, γ=0, interpolate, no REPAIR: B exactly
+    at_b = hubmerge.merge(a, b, calib, alpha=1.0, repair=None, cross="interpolate").model
+    assert relative(at_b(x), b(x)) <= 1e-10
+
+    # γ=0 at α=0.5: the permute-and-average merge, in plain timm
+    result = hubmerge.merge(a, b, calib, repair=None)
+    assert all(ka == kb == 0 for ka, _, kb in result.model.partition.values())
+    plain = make(name, 0)
+    plain.load_state_dict(result.model.materialize().state_dict(), strict=True)
+    sb = permute_state(spec, b.state_dict(), result_perms(result, spec, calib, a, b))
+    reference = make(name, 0)
+    reference.load_state_dict({k: (v + sb[k]) / 2 if v.is_floating_point() else v for k, v in a.state_dict().items()})
+    assert relative(plain(x), reference(x)) <= 1e-10
+    assert relative(result.model(x), reference(x)) <= 1e-10
+
+    if FAMILIES[name].support == "partial":
+        ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
+        assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
+        budget = hubmerge.merge(a, b, calib, budget=0.1).model
+        budget.save_pretrained(tmp_path)
+        again = hubmerge.PartialMergedModel.from_pretrained(tmp_path).double()
+        assert torch.equal(again(x), budget(x))
+    else:
+        with pytest.raises(UsageError, match="partial merging"):
+            hubmerge.merge(a, b, calib, gamma=0.5, repair=None)
+        with pytest.raises(UsageError, match="partial merging"):
+            hubmerge.merge(a, b, calib, budget=0.1, repair=None)
+
+
+def result_perms(result, spec, calib, a, b) -> dict[str, torch.Tensor]:
+    """The B permutation of a full merge, from the same public pipeline pieces the merge used."""
+    p = hubmerge.Prepared(a, b, calib, hubmerge.MergeOptions(repair=None))
+    return {g: plan.shared_b for g, plan in p.plans(0.0).items()}
+
+
+def test_an_unknown_op_on_units_is_refused_with_its_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x).cumsum(1).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError, match="'cumsum'.*module '<model>'|'cumsum'"):
+        spec_for(Odd(), (3, 4, 4))
+
+
+def test_a_wrong_spec_is_caught_by_the_permutation_test():
+    """The invariance check can fail: dropping one parameter from the spec breaks the function."""
+    model = make("resnet", 0)
+    spec = spec_for(model, FAMILIES["resnet"].input_size)
+    broken = type(spec)(spec.family, spec.groups, {k: v for k, v in spec.axes.items() if k != "layer1.0.bn1.weight"},
+                        spec.layers, spec.partial)
+    gen = torch.Generator().manual_seed(3)
+    perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
+    x = batch("resnet")
+    before = model(x)
+    model.load_state_dict(permute_state(broken, model.state_dict(), perms))
+    assert relative(model(x), before) > 1e-3
