@@ -34,14 +34,22 @@ def family_of(model: nn.Module) -> str:
 
 
 def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, batch: int = 2) -> torch.Tensor:
-    """A fixed random batch at the model's own input size (``pretrained_cfg['input_size']``) or the one
-    given, in the model's dtype and device: what specs are traced with."""
+    """A fixed random batch at the size given, else the model's own (``pretrained_cfg['input_size']`` with
+    the ``in_chans`` / ``img_size`` of its ``model_args``, which timm's default cfg does not follow), in the
+    model's dtype and device: what specs are traced with."""
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
             raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['input_size']: give the "
                                         "input size (C, H, W) to trace it with")
-        input_size = tuple(cfg["input_size"])
+        args = getattr(model, "model_args", None) or {}
+        chans, height, width = cfg["input_size"]
+        size = args.get("img_size")
+        if isinstance(size, int):
+            height = width = size
+        elif isinstance(size, (list, tuple)) and len(size) == 2:
+            height, width = size
+        input_size = (args.get("in_chans", chans), height, width)
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, *input_size, generator=gen, dtype=torch.float64).to(param.device, param.dtype)

@@ -138,8 +138,7 @@ class PartialMergedModel(
 
     ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
     ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``, ``input_size``) is enough to rebuild the
-    empty model,
-    so :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
+    empty model, so :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
     ``preprocess`` (``input_size``, ``mean``, ``std``, as the endpoints were fed) overrides the
     architecture's defaults in ``pretrained_cfg``. ``input_size`` (C, H, W) is the size the merge was
     calibrated and its spec traced at, which for a model built with ``img_size`` differs from timm's

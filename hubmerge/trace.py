@@ -754,6 +754,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
     try:
         with _Mode(tracer):
             out = model(example)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise TraceError(f"tracing {type(model).__name__} on an example input of shape {tuple(example.shape)} "
+                         f"failed ({exc}); give the input size the model takes") from exc
     finally:
         for h in hooks:
             h.remove()

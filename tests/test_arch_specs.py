@@ -77,3 +77,14 @@ def test_families_without_partial_support_say_why():
     assert "grouped" in spec_for(model).partial or "one group" in spec_for(model).partial
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
+
+
+def test_the_trace_input_follows_model_args_where_timms_default_cfg_does_not():
+    args = dict(patch_size=4, img_size=16, depth=1, embed_dim=8, num_heads=2, in_chans=1, num_classes=3)
+    model = timm.create_model("vit_tiny_patch16_224", **args)
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    model.model_args = args
+    assert spec_for(model).groups  # traced at (1, 16, 16)
+    model.model_args = {"num_classes": 3}
+    with pytest.raises(UnsupportedModelError, match=r"tracing VisionTransformer on an example input of shape"):
+        spec_for(model)
