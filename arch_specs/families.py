@@ -1,7 +1,7 @@
 """The families hubmerge is tested on, each with a tiny timm configuration, and the support level the
 family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
 be widened), ``full`` = full merges (γ=0) with exact invariants; widening these groups needs partitioned
-versions of the constructs named by ``hubmerge inspect`` (depthwise/grouped convs, LayerNorm, attention,
+versions of the constructs named by ``hubmerge inspect`` (grouped convs, LayerNorm, attention,
 concatenation), which are not built yet.
 """
 
@@ -31,11 +31,11 @@ FAMILIES = {
     "seresnet": Family("seresnet18", dict(channels=(8, 8, 8, 16)), support="partial"),
     "vgg": Family("vgg11_bn", dict(mlp_ratio=1 / 512), support="partial"),
     "densenet": Family("densenet121", dict(growth_rate=4, block_config=(1, 2, 1, 1), bn_size=2)),
-    "efficientnet": Family("test_efficientnet"),
+    "efficientnet": Family("test_efficientnet", support="partial"),
     "efficientnetv2": Family("tf_efficientnetv2_b0"),
-    "mobilenetv2": Family("mobilenetv2_035"),
-    "mobilenetv3": Family("mobilenetv3_small_050"),
-    "mobilenetv4": Family("mobilenetv4_conv_small_035"),
+    "mobilenetv2": Family("mobilenetv2_035", support="partial"),
+    "mobilenetv3": Family("mobilenetv3_small_050", support="partial"),
+    "mobilenetv4": Family("mobilenetv4_conv_small_035", support="partial"),
     "regnetx": Family("regnetx_002"),
     "regnety": Family("regnety_002"),
     "convnext": Family("test_convnext"),

@@ -86,14 +86,18 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
     out: dict[str, torch.Tensor] = {}
     covered = set()
     for layer in spec.layers:
-        for key, t in _layer_blocks(layer, plans, state_a, state_b, alpha, cross).items():
-            out[f"{layer.name}.{key}"] = t
+        per_unit = [(layer.norm, p) for p in ("weight", "bias", "running_mean", "running_var") if layer.norm]
+        if layer.depthwise:  # one filter per unit: laid out like a norm's parameters
+            per_unit += [(layer.name, "weight"), (layer.name, "bias")]
+        else:
+            for key, t in _layer_blocks(layer, plans, state_a, state_b, alpha, cross).items():
+                out[f"{layer.name}.{key}"] = t
         covered.update({f"{layer.name}.weight", f"{layer.name}.bias"})
+        for module, p in per_unit:
+            key = f"{module}.{p}"
+            if key in state_a:
+                out[key] = _norm_units(plans[layer.out_group], state_a[key], state_b[key], alpha)
         if layer.norm:
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                key = f"{layer.norm}.{p}"
-                if key in state_a:
-                    out[key] = _norm_units(plans[layer.out_group], state_a[key], state_b[key], alpha)
             covered.update(k for k in state_a if k.startswith(f"{layer.norm}."))
             if f"{layer.norm}.num_batches_tracked" in state_a:
                 out[f"{layer.norm}.num_batches_tracked"] = state_a[f"{layer.norm}.num_batches_tracked"]

@@ -43,17 +43,22 @@ def _weighted(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...]) -> dict[str, LayerGeometry]:
-    """Probe one forward pass at ``input_size`` (C, H, W) to learn each layer's output positions."""
-    positions: dict[str, int] = {}
-    hooks = [net.get_submodule(l.name).register_forward_hook(
-        lambda _m, _i, out, name=l.name: positions.__setitem__(name, out[0, 0].numel())) for l in spec.layers]
+def _probe(net: nn.Module, hooks: dict[str, object], input_size: tuple[int, ...]) -> None:
+    """One forward pass of a zero batch at ``input_size`` (C, H, W) with forward hooks on named modules."""
+    handles = [net.get_submodule(name).register_forward_hook(fn) for name, fn in hooks.items()]
     param = next(net.parameters())
     try:
         net.eval()(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+
+
+def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...]) -> dict[str, LayerGeometry]:
+    """Probe one forward pass at ``input_size`` (C, H, W) to learn each layer's output positions."""
+    positions: dict[str, int] = {}
+    _probe(net, {l.name: lambda _m, _i, out, name=l.name: positions.__setitem__(name, out[0, 0].numel())
+                 for l in spec.layers}, input_size)
     geo = {}
     for l in spec.layers:
         w = _weighted(net.get_submodule(l.name))
@@ -69,8 +74,11 @@ def layer_cost(layer: Layer, geo: LayerGeometry, out: Sizes, inp: Sizes) -> Cost
     """Closed-form cost of one partitioned layer."""
     ka, m, kb = out
     ia, im, ib = (s * layer.in_repeat for s in inp)
-    weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
     units = ka + m + kb
+    if layer.depthwise:  # one filter per unit
+        weights = units * geo.kernel
+    else:
+        weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
     return Cost(weights + units * (geo.bias + geo.norm_params), 2 * weights * geo.positions)
 
 
@@ -117,19 +125,12 @@ def fixed_widths(spec: PermutationSpec, net: nn.Module) -> dict[str, tuple[int, 
     return out
 
 
-@torch.no_grad()
 def dense_cost(net: nn.Module, input_size: tuple[int, ...]) -> Cost:
     """Parameters and conv/linear FLOPs of a plain model: the cost of a family that only takes full merges,
     whose merge has the endpoint's size."""
     flops = []
-    hooks = [m.register_forward_hook(lambda m, _i, out: flops.append(2 * out[0].numel() * m.weight[0].numel()))
-             for m in net.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    param = next(net.parameters())
-    try:
-        net.eval()(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
-    finally:
-        for h in hooks:
-            h.remove()
+    _probe(net, {name: lambda m, _i, out: flops.append(2 * out[0].numel() * m.weight[0].numel())
+                 for name, m in net.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}, input_size)
     return Cost(sum(p.numel() for p in net.parameters()), sum(flops))
 
 

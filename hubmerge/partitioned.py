@@ -113,9 +113,20 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _norm_like(norm: nn.Module, width: int) -> nn.Module:
-    return type(norm)(width, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                      track_running_stats=norm.track_running_stats)
+def _per_unit_like(module: nn.Module, width: int) -> nn.Module:
+    """A copy of a per-unit module (a BatchNorm of any kind, timm's BatchNormAct2d included, or a
+    depthwise conv) resized to ``width`` units; its values come from the merged state dict."""
+    units = module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
+    out = copy.deepcopy(module)
+    for name, t in [*out.named_parameters(recurse=False), *out.named_buffers(recurse=False)]:
+        if t is not None and t.dim() >= 1 and t.shape[0] == units:
+            new = t.new_empty(width, *t.shape[1:])
+            setattr(out, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
+    if isinstance(module, nn.Conv2d):
+        out.in_channels = out.out_channels = out.groups = width
+    else:
+        out.num_features = width
+    return out
 
 
 def sizes_for(spec: PermutationSpec, layer: Layer, partition: dict[str, Sizes], model: nn.Module
@@ -162,8 +173,10 @@ class PartialMergedModel(
             out, inp = sizes_for(self.spec, layer, self.partition, net)
             template = net.get_submodule(layer.name)
             if layer.norm:
-                _replace(net, layer.norm, _norm_like(net.get_submodule(layer.norm), sum(out)))
-            _replace(net, layer.name, PartitionedLayer(template, out, inp, layer.in_repeat))
+                _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), sum(out)))
+            wide = _per_unit_like(template, sum(out)) if layer.depthwise else PartitionedLayer(template, out, inp,
+                                                                                             layer.in_repeat)
+            _replace(net, layer.name, wide)
         # the endpoints' input preprocessing, not the architecture's default, so evaluating the merge
         # normalises data as the merge itself was measured
         self.pretrained_cfg = {**getattr(net, "pretrained_cfg", {}), **(preprocess or {})}
@@ -190,15 +203,16 @@ class PartialMergedModel(
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def layer(self, name: str) -> PartitionedLayer:
-        """The partitioned module of a spec layer."""
+    def layer(self, name: str) -> PartitionedLayer | nn.Conv2d:
+        """The partitioned module of a spec layer (a plain, resized conv for a depthwise one)."""
         return self.net.get_submodule(name)
 
     def materialize(self) -> nn.Module:
         """An equivalent plain model (zero-padded wide layers); for γ=0 it is the base timm model."""
         net = copy.deepcopy(self.net)
         for layer in self.partitioned_layers():
-            _replace(net, layer.name, net.get_submodule(layer.name).dense())
+            if not layer.depthwise:
+                _replace(net, layer.name, net.get_submodule(layer.name).dense())
         return net
 
     @classmethod

@@ -17,7 +17,7 @@ from torch import nn
 from .data import Batches, batches
 from .errors import UsageError
 from .partial import GroupPlan
-from .partitioned import PartialMergedModel
+from .partitioned import PartialMergedModel, PartitionedLayer
 from .spec import Layer
 from .statistics import Statistics, layer_moments
 
@@ -120,9 +120,10 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
         if layer.out_group is None:  # the logits are the output, not a unit to renormalise
             continue
         part = model.layer(layer.name)
-        if layer.norm is None and part.blocks()[0][1].bias is None:
+        rows = ([(sub, *part.extent[block][0]) for block, sub in part.blocks()] if isinstance(part, PartitionedLayer)
+                else [(part, 0, part.out_channels)])  # a depthwise conv is stored plainly
+        if layer.norm is None and rows[0][0].bias is None:
             raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
-        rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
         target = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
         _correct(model.net, layer.name, layer.norm, rows, target, data, device)
     return model

@@ -9,10 +9,11 @@ one segment per head. Everything else (matching's unit vectors, permutations, RE
 view of that table. Specs are derived from the model's traced computation (:mod:`hubmerge.trace`), never
 written by hand.
 
-``outputs`` are the conv/linear modules REPAIR corrects. ``layers`` is the view the partitioned build uses: conv/linear modules whose axes are each one group (or
-fixed), with the BatchNorm that follows. Where a model has parameters outside that view (a LayerNorm, a
-depthwise conv, a positional table, a concatenation), ``partial`` says why widening groups is not
-available yet; full merges (γ=0) work for every derived spec.
+``outputs`` are the conv/linear modules REPAIR corrects. ``layers`` is the view the partitioned build uses:
+conv/linear modules whose axes are each one group (or fixed) and depthwise convs, with the BatchNorm that
+follows. Where a model has parameters outside that view (a LayerNorm, a grouped conv, a positional table, a
+concatenation), ``partial`` says why widening groups is not available yet; full merges (γ=0) work for every
+derived spec.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Layer:
 
     ``in_repeat`` is the flatten stride: a Linear that reads a flattened C×H×W map holds each input unit
     ``H·W`` times, contiguously. ``norm`` is the BatchNorm applied to this layer's output, if any.
+    ``depthwise``: a depthwise conv, which filters each unit of its group on its own (input group = output
+    group); its weight is per unit, like a norm's, and widens without zero blocks.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Layer:
     in_group: str | None
     norm: str | None = None
     in_repeat: int = 1
+    depthwise: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from timm.layers import Linear as TimmLinear
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -807,7 +808,9 @@ def interchangeable(tr: Trace) -> dict[int, tuple]:
 
 
 OBSERVE_PREFERENCE = ("act", "norm", "weight")
-PARTIAL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# forwards that partitioned blocks (plain Conv2d/Linear) reproduce; timm's Linear only adds a TorchScript cast
+PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward, TimmLinear.forward)
+PARTIAL_NORMS = (nn.modules.batchnorm._BatchNorm,)  # incl. timm's BatchNormAct2d: per-unit, resizable
 
 
 def _segments(classes: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray, names: list[str]) -> Axis:
@@ -945,8 +948,8 @@ def _single(axis: Axis | None) -> tuple[str | None, int] | None:
 
 
 def _layer_view(model: nn.Module, tr: Trace, axes: dict) -> tuple[tuple[Layer, ...], str | None]:
-    """Conv/linear layers with one group per axis and their BatchNorms, and why partial merging is not
-    available when some parameter falls outside that view."""
+    """Conv/linear layers with one group per axis, depthwise convs, and their BatchNorms; and why partial
+    merging is not available when some parameter falls outside that view."""
     modules = dict(model.named_modules())
     norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
     layers, covered, reason = [], set(), None
@@ -964,14 +967,20 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict) -> tuple[tuple[Layer, .
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or out is None or inp is None or out[1] != 1:
             reason = reason or f"{name} ({type(module).__name__}) does not map one group to one group"
             continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            reason = reason or f"{name} is a grouped/depthwise conv"
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+        if depthwise and out[0] is not None:  # resized as a copy, so a subclass keeps its own forward
+            inp = (out[0], 1)
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            reason = reason or f"{name} is a grouped conv"
+            continue
+        elif type(module).forward not in PLAIN_FORWARDS:  # partitioned blocks are plain Conv2d/Linear
+            reason = reason or f"{name} is a {type(module).__name__}, whose forward partitioned blocks would lose"
             continue
         norm = norm_after.get(name)
         if norm is not None and (not isinstance(modules.get(norm), PARTIAL_NORMS) or out[0] is None):
             reason = reason or f"{norm} ({type(modules.get(norm)).__name__}) after {name}"
             continue
-        layers.append(Layer(name, out[0], inp[0], norm, inp[1]))
+        layers.append(Layer(name, out[0], inp[0], norm, inp[1], depthwise and out[0] is not None))
         covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
         if norm is not None:
             covered.update(f"{norm}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))
