@@ -99,6 +99,17 @@ class _Ids:
         self.tie_a.append(a.ravel().copy())
         self.tie_b.append(b.ravel().copy())
 
+    def fix(self, ids: np.ndarray) -> None:
+        """Tie units to the fixed quantity (id 0): they are never permuted."""
+        self.tie(ids, np.zeros(1, np.int64))
+
+    def join(self, ids: np.ndarray, other: np.ndarray | None) -> None:
+        """Tie ``ids`` to ``other``; None there means fixed positions (the image channels), which fix them."""
+        if other is None:
+            self.fix(ids)
+        else:
+            self.tie(ids, other)
+
     def label(self, ids: np.ndarray, value: object) -> None:
         ids = np.unique(ids[ids > 0])
         if len(ids):
@@ -300,20 +311,25 @@ class _Tracer:
         merged: dict[tuple[int, ...], Factor] = {}
         fixed: list[tuple[int, ...]] = []
         own = [[_align(f, ndim) for f in self.get(t)] for t in operands]
-        for i, (t, factors) in enumerate(zip(operands, own)):
+
+        def nested(k: tuple[int, ...], g: Factor) -> bool:
+            return set(_support(g)) <= set(k) or set(k) <= set(_support(g))
+
+        def unmatched(j: int, k: tuple[int, ...]) -> bool:
+            """Operand j varies along dims ``k`` with no factor of its own that moves with them."""
+            lead = ndim - operands[j].dim()
+            return not any(nested(k, g) for g in own[j]) and _varies(operands[j], tuple(d - lead for d in k))
+
+        for i, factors in enumerate(own):
             for f in factors:
                 key = _support(f)
-                others = [(j, g) for j, fs in enumerate(own) if j != i for g in fs
-                          if set(_support(g)) <= set(key) or set(key) <= set(_support(g))]
-                lead = [ndim - operands[j].dim() for j in range(len(operands))]
-                if any(j != i and not any(jj == j for jj, _ in others)
-                       and _varies(operands[j], tuple(d - lead[j] for d in key)) for j in range(len(operands))):
+                if any(unmatched(j, key) for j in range(len(operands)) if j != i):
                     # combined with values that differ along these units but move with none of them
                     # (a positional table against a channel, a fixed input): these units are fixed
-                    self.ids.tie(f, np.zeros(1, np.int64))
+                    self.ids.fix(f)
                     fixed.append(key)
                     continue
-                same = [k for k in merged if set(k) <= set(key) or set(key) <= set(k)]
+                same = [k for k in merged if set(k) <= set(key) or set(key) <= set(k)]  # nested supports
                 if not same:
                     merged[key] = f
                     continue
@@ -442,12 +458,11 @@ class _Tracer:
             start += n
 
     def op_split(self, args, kwargs, out) -> None:
+        """split / chunk / tensor_split(x, sizes or count, dim): the pieces' own shapes say where they cut."""
         self.pieces(args[0], kwargs.get("dim", args[2] if len(args) > 2 else 0), list(out))
 
-    def op_chunk(self, args, kwargs, out) -> None:
-        self.pieces(args[0], kwargs.get("dim", args[2] if len(args) > 2 else 0), list(out))
-
-    op_tensor_split = op_chunk
+    op_chunk = op_split
+    op_tensor_split = op_split
 
     def op_unbind(self, args, kwargs, out) -> None:
         self.pieces(args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0), list(out))
@@ -477,7 +492,7 @@ class _Tracer:
                 self.ids.tie(present[0], f)
             for t, f in zip(tensors, factors):
                 if not f and _varies(t, _support(present[0])):
-                    self.ids.tie(present[0], np.zeros(1, np.int64))
+                    self.ids.fix(present[0])
             self.set(out, present[:1])
             return
         parts = []
@@ -541,7 +556,7 @@ class _Tracer:
         for d in range(2, w.dim()):  # kernel positions are fixed
             k = self.weight_ids(w, d)
             if k is not None:
-                self.ids.tie(k, np.zeros(1, np.int64))
+                self.ids.fix(k)
         ids_out = self.weight_ids(w, 0)
         w_in = self.weight_ids(w, 1)
         c_out, per_in = w.shape[0], w.shape[1]
@@ -549,12 +564,9 @@ class _Tracer:
             ids_out = np.zeros(c_out, np.int64) if c_out > 1 else None
         if groups == 1:
             if w_in is not None:
-                self.ids.tie(w_in, ids_in if ids_in is not None else np.zeros(1, np.int64))
+                self.ids.join(w_in, ids_in)
         elif per_in == 1 and c_out == groups:  # depthwise: each channel passes through with its own filter
-            if ids_in is not None:
-                self.ids.tie(ids_out, ids_in)
-            else:
-                self.ids.tie(ids_out, np.zeros(1, np.int64))
+            self.ids.join(ids_out, ids_in)
         else:  # grouped: units stay in their block; the blocks' inputs share one permutation
             op = next(self.ids.ops)
             per_out = c_out // groups
@@ -564,7 +576,7 @@ class _Tracer:
                 if w_in is not None:
                     self.ids.tie(w_in, block)
                 elif ids_in is not None:
-                    self.ids.tie(block, np.zeros(1, np.int64))
+                    self.ids.fix(block)
                     self.ids.label(block, (op, "group", g))
         if b is not None:
             bias = self.weight_ids(b, 0)
@@ -587,7 +599,7 @@ class _Tracer:
         ids_in = self.factor_on(x, -1)
         w_in, ids_out = self.weight_ids(w, 1), self.weight_ids(w, 0)
         if w_in is not None:
-            self.ids.tie(w_in, ids_in if ids_in is not None else np.zeros(1, np.int64))
+            self.ids.join(w_in, ids_in)
         if ids_out is None:
             ids_out = np.zeros(w.shape[0], np.int64)
         if b is not None and self.weight_ids(b, 0) is not None:
@@ -601,8 +613,10 @@ class _Tracer:
     def per_unit(self, params: list, ids: np.ndarray | None) -> None:
         for p in params:
             if isinstance(p, torch.Tensor) and p.numel() > 1:
-                pid = self.factor_on(p, 0) if p.dim() == 1 else self.fail("a norm parameter that is not a vector")
-                self.ids.tie(pid, ids if ids is not None else np.zeros(1, np.int64))
+                if p.dim() != 1:
+                    raise self.fail("a norm parameter that is not a vector")
+                pid = self.factor_on(p, 0)
+                self.ids.join(pid, ids)
 
     def op_batch_norm(self, args, kwargs, out) -> None:
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -671,7 +685,7 @@ class _Tracer:
                 other = b if x is not None else a
                 f = x if x is not None else y
                 if _varies(other, (other.dim() - 2 if x is not None else other.dim() - 1,)):
-                    self.ids.tie(f, np.zeros(1, np.int64))
+                    self.ids.fix(f)
         keep = [f for f in fa if f.shape[-1] == 1] + [f for f in fb if f.shape[-2] == 1]
         for f in keep:
             self.label_batch(f, op)
@@ -696,7 +710,7 @@ class _Tracer:
         q, k, v = args[:3]
         mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
         for f in self.get(mask) if mask is not None else ():
-            self.ids.tie(f, np.zeros(1, np.int64))  # a per-head bias: heads keep their order
+            self.ids.fix(f)  # a per-head bias: heads keep their order
         op = next(self.ids.ops)
         fq, fk, fv = self.get(q), self.get(k), self.get(v)
         for f in fq + fk + fv:
@@ -764,7 +778,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
         model.train(was_training)
     for t in _tensors(out):  # the logits are fixed
         for f in tracer.get(t):
-            tracer.ids.tie(f, np.zeros(1, np.int64))
+            tracer.ids.fix(f)
     return _finish(tracer)
 
 
