@@ -1,8 +1,8 @@
 """The families hubmerge is tested on, each with a tiny timm configuration, and the support level the
 family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
 be widened), ``full`` = full merges (γ=0) with exact invariants; widening these groups needs partitioned
-versions of the constructs named by ``hubmerge inspect`` (grouped convs, LayerNorm, attention,
-concatenation), which are not built yet.
+versions of the constructs named by ``hubmerge inspect`` (grouped convs, attention heads, concatenations,
+channel-and-token mixing), which are not built yet.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ FAMILIES = {
     "mobilenetv4": Family("mobilenetv4_conv_small_035", support="partial"),
     "regnetx": Family("regnetx_002"),
     "regnety": Family("regnety_002"),
-    "convnext": Family("test_convnext"),
-    "convnextv2": Family("test_convnext2"),
+    "convnext": Family("test_convnext", support="partial"),
+    "convnextv2": Family("convnextv2_atto", dict(depths=(1, 1, 2, 1), dims=(8, 16, 16, 24)), support="partial"),
     "vit": Family("test_vit", input_size=(3, 160, 160)),
     "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),
     "swin": Family("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=12, depths=(1, 1), num_heads=(2, 2)),
@@ -51,7 +51,7 @@ FAMILIES = {
     "inception_v3": Family("inception_v3", input_size=(3, 75, 75)),
     "mixer": Family("mixer_s32_224", dict(img_size=64, mlp_ratio=(0.05, 0.05)), (3, 64, 64)),
     "resmlp": Family("resmlp_12_224", dict(img_size=32)),
-    "poolformer": Family("poolformer_s12"),
+    "poolformer": Family("poolformer_s12", support="partial"),
     "nfnet": Family("test_nfnet"),
     "maxvit": Family("test_maxvit", input_size=(3, 160, 160)),
 }

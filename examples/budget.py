@@ -1,11 +1,13 @@
 """Issue "budget": barrier after REPAIR per allocator and budget, on real offline data.
 
-Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves of the data, and
-ResNet20 from different seeds, all on Fashion-MNIST. For budgets {0.05, 0.1, 0.22, 0.4} and the
-allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on held-out data, the
+Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves of the data, ResNet20
+from different seeds and a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
+streams, widened through partitioned norms) from different seeds, all on Fashion-MNIST. For budgets
+{0.05, 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on held-out data, the
 measured parameter increase and each allocation's wall time, and writes a PNG plot per pair.
 
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
+    python examples/budget.py --pairs convnext-seeds --budgets 0.1 0.22 --allocators uniform benefit
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ PAIRS = {
     "vgg-seeds": ("hubmerge_vgg11", dict(width_multiplier=0.25, in_chans=1, img_size=32, num_classes=10), "seeds"),
     "vgg-halves": ("hubmerge_vgg11", dict(width_multiplier=0.25, in_chans=1, img_size=32, num_classes=10), "halves"),
     "resnet-seeds": ("hubmerge_resnet20", dict(width_multiplier=1, in_chans=1, num_classes=10), "seeds"),
+    "convnext-seeds": ("convnext_atto", dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], in_chans=1, num_classes=10),
+                       "seeds"),
 }
 
 
@@ -53,8 +57,9 @@ def main() -> None:
             sets = (demo.TensorDataset(x[:half], y[:half]), demo.TensorDataset(x[half:], y[half:]))
             fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs,
                                     tag="-fashion-mnist-halves", train_sets=sets)
-        else:
-            fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs, tag="-fashion-mnist")
+        else:  # timm architectures are cached by their model_args, as examples/full_merge.py caches them
+            tag = "-fashion-mnist" + ("" if arch.startswith("hubmerge_") else f"-{demo.args_tag(model_args)}")
+            fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs, tag=tag)
         a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
         calib = demo.subset(train, args.calib_samples, seed=1)
         ref = hubmerge.merge(a, b, calib, evaluation=evaluation, gamma=0.0, cross="fill").report

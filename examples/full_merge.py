@@ -16,7 +16,6 @@ without partial merging (see the README) still take full merges with REPAIR.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -48,7 +47,7 @@ def main() -> None:
     tag = f"-{args.dataset}"
     if args.model_args is not None:
         model_args = dict(args.model_args, in_chans=1, num_classes=10)
-        tag += "-" + hashlib.sha1(json.dumps(model_args, sort_keys=True).encode()).hexdigest()[:8]
+        tag += "-" + demo.args_tag(model_args)
     elif "mlp" in args.arch:
         model_args = dict(depth=3, width=int(args.width), img_size=img, in_chans=1, num_classes=10)
     elif "resnet" in args.arch:

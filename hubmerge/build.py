@@ -75,9 +75,13 @@ def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict,
     return out
 
 
-def _norm_units(plan: GroupPlan, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """A per-unit norm parameter in the layout [A-only | shared | B-only]."""
-    return torch.cat([a[plan.a_only], (1 - alpha) * a[plan.shared_a] + alpha * b[plan.shared_b], b[plan.b_only]])
+def _norm_units(plan: GroupPlan, a: torch.Tensor, b: torch.Tensor, alpha: float, dim: int = 0) -> torch.Tensor:
+    """A per-unit tensor (a norm parameter, a layer scale) in the layout [A-only | shared | B-only] along ``dim``."""
+    def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t.index_select(dim, index.to(t.device))
+
+    return torch.cat([take(a, plan.a_only), (1 - alpha) * take(a, plan.shared_a) + alpha * take(b, plan.shared_b),
+                      take(b, plan.b_only)], dim)
 
 
 def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: dict, state_b: dict,
@@ -101,6 +105,11 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
             covered.update(k for k in state_a if k.startswith(f"{layer.norm}."))
             if f"{layer.norm}.num_batches_tracked" in state_a:
                 out[f"{layer.norm}.num_batches_tracked"] = state_a[f"{layer.norm}.num_batches_tracked"]
+    norms = {n.name: n.group for n in spec.norms}
+    per_unit = [(k, norms[k.rpartition(".")[0]], 0) for k in state_a if k.rpartition(".")[0] in norms]
+    for key, group, dim in per_unit + [(v.key, v.group, v.dim) for v in spec.vectors]:
+        if key in state_a:
+            out[key] = _norm_units(plans[group], state_a[key], state_b[key], alpha, dim)
     for key, t in state_a.items():  # anything outside the spec (buffers with no units) comes from A
         if key not in covered and key not in out:
             out[key] = t

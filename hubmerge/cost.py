@@ -1,7 +1,8 @@
 """Cost model: non-zero parameters and FLOPs of a partitioned model (method §4), the units of the budget.
 
 Per layer, non-zero weights = (k_A·(k_A′+m′) + m·w′ + k_B·(m′+k_B′)) × kernel size (primes: input group,
-times the flatten stride), plus one bias per output unit and two affine norm parameters per unit. FLOPs
+times the flatten stride), plus one bias per output unit and two affine norm parameters per unit; norms,
+layer scales and other per-unit tensors outside the layers add their parameters per unit of their group. FLOPs
 count 2 per multiply-accumulate of conv/linear layers at the given input resolution (norms, activations
 and pooling are left out, which the relative increase barely notices).
 """
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .spec import Layer, PermutationSpec
+from .statistics import unit_dim
 
 Sizes = tuple[int, int, int]
 
@@ -57,8 +59,11 @@ def _probe(net: nn.Module, hooks: dict[str, object], input_size: tuple[int, ...]
 def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...]) -> dict[str, LayerGeometry]:
     """Probe one forward pass at ``input_size`` (C, H, W) to learn each layer's output positions."""
     positions: dict[str, int] = {}
-    _probe(net, {l.name: lambda _m, _i, out, name=l.name: positions.__setitem__(name, out[0, 0].numel())
-                 for l in spec.layers}, input_size)
+    def count(name: str):
+        dim = unit_dim(net.get_submodule(name))
+        return lambda _m, _i, out: positions.__setitem__(name, out[0].numel() // out.shape[dim])
+
+    _probe(net, {l.name: count(l.name) for l in spec.layers}, input_size)
     geo = {}
     for l in spec.layers:
         w = _weighted(net.get_submodule(l.name))
@@ -94,10 +99,25 @@ class CostReport:
         return {"total": asdict(self.total), "groups": {g: asdict(c) for g, c in self.groups.items()}}
 
 
+def per_unit_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
+    """Parameters per unit of each group outside conv/linear layers and their BatchNorms: norms and
+    per-unit modules (LayerNorm, layer scales) and per-unit vectors, which widen with their group."""
+    state = net.state_dict()
+    out = {g: 0 for g in spec.groups}
+    for n in spec.norms:  # every parameter of a norm is a vector over the units
+        out[n.group] += len(list(net.get_submodule(n.name).parameters()))
+    for v in spec.vectors:
+        out[v.group] += state[v.key].numel() // state[v.key].shape[v.dim]
+    return out
+
+
 def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[str, Sizes],
-         fixed: dict[str, tuple[int, int]]) -> CostReport:
-    """Cost of the model with ``partition``; ``fixed[layer] = (out, in)`` widths of fixed axes."""
+         fixed: dict[str, tuple[int, int]], per_unit: dict[str, int] | None = None) -> CostReport:
+    """Cost of the model with ``partition``; ``fixed[layer] = (out, in)`` widths of fixed axes;
+    ``per_unit[group]``: parameters per unit outside the layers (:func:`per_unit_params`)."""
     layers, groups = {}, {g: Cost(0, 0) for g in spec.groups}
+    for g, k in (per_unit or {}).items():
+        groups[g] = Cost(k * sum(partition[g]), 0)
     for l in spec.layers:
         out = partition[l.out_group] if l.out_group else (0, fixed[l.name][0], 0)
         inp = partition[l.in_group] if l.in_group else (0, fixed[l.name][1], 0)
@@ -105,6 +125,7 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
         if l.out_group:
             groups[l.out_group] = groups[l.out_group] + layers[l.name]
     total = sum(layers.values(), Cost(0, 0))
+    total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()), 0)
     return CostReport(layers, groups, total)
 
 
@@ -144,12 +165,13 @@ class CostModel:
             return
         self.geo = geometry(net, spec, input_size)
         self.fixed = fixed_widths(spec, net)
+        self.per_unit = per_unit_params(spec, net)
         self.endpoint = self(full_partition(spec)).total
 
     def __call__(self, partition: dict[str, Sizes]) -> CostReport:
         if self.spec.partial is not None:
             return CostReport({}, {g: Cost(0, 0) for g in self.spec.groups}, self.endpoint)
-        return cost(self.spec, self.geo, partition, self.fixed)
+        return cost(self.spec, self.geo, partition, self.fixed, self.per_unit)
 
     def increase(self, partition: dict[str, Sizes]) -> dict[str, float]:
         """Relative increase over one endpoint, in parameters and in FLOPs."""

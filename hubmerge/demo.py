@@ -6,6 +6,7 @@ and two endpoints of one architecture trained from different seeds, cached on di
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -93,6 +94,11 @@ def save_timm(model: torch.nn.Module, folder: Path, architecture: str, model_arg
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                                 folder / "model.safetensors")
+
+
+def args_tag(model_args: dict) -> str:
+    """A short stable name for ``model_args``, so cached endpoints of different sizes never collide."""
+    return hashlib.sha1(json.dumps(model_args, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def endpoints(architecture: str, model_args: dict, train_data: TensorDataset, cache: Path, *,

@@ -16,8 +16,9 @@ convolutions each read a whole input slice. ``shared_from_b`` adds into the shar
 concatenated. A layer with no zero block (its input or output group fully merged, or the fixed
 input/logits) is stored and run as one block, ``whole``: splitting it would only add ops, and joining
 blocks into one weight on every forward costs a weight copy per call (measured at batch 1 on a VGG11 merge
-with half its groups fully merged: 24 ms joined, 14 ms whole). Norms become per-unit norms of the wider
-group. The rest of the architecture (activations, pooling, residual adds) is the base model's own code.
+with half its groups fully merged: 24 ms joined, 14 ms whole). BatchNorms become per-unit norms of the wider
+group, LayerNorms over a widened group :class:`PartitionedNorm` s, per-unit vectors (layer scales) widen.
+The rest of the architecture (activations, pooling, residual adds) is the base model's own code.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import copy
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from torch.func import functional_call
 
 from . import __version__
 from .arch_specs import build_model, spec_for
@@ -70,6 +72,7 @@ class PartitionedLayer(nn.Module):
     def __init__(self, template: nn.Module, out_sizes: Sizes, in_sizes: Sizes, in_repeat: int = 1):
         super().__init__()
         self.out_sizes, self.in_sizes = tuple(out_sizes), tuple(in_sizes)
+        self.unit_dim = 1 if isinstance(template, nn.Conv2d) else -1  # a Linear acts on the last dim
         self.extent = block_extents(self.out_sizes, tuple(s * in_repeat for s in in_sizes))
         self.width_in = sum(in_sizes) * in_repeat
         bias = template.bias is not None
@@ -84,13 +87,15 @@ class PartitionedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "whole"):
             return self.whole(x)
+        d, width = self.unit_dim, x.shape[self.unit_dim]
         cols = self.extent["a_side"][1][1]
-        out = self.a_side(x[:, :cols])
+        out = self.a_side(x.narrow(d, 0, cols))
         if hasattr(self, "shared_from_b"):
             (r0, r1), (c0, _) = self.extent["shared_from_b"]
-            out[:, r0:r1] += self.shared_from_b(x[:, c0:])
+            out.narrow(d, r0, r1 - r0).add_(self.shared_from_b(x.narrow(d, c0, width - c0)))
         if hasattr(self, "b_only"):
-            out = torch.cat([out, self.b_only(x[:, self.extent["b_only"][1][0]:])], 1)
+            c0 = self.extent["b_only"][1][0]
+            out = torch.cat([out, self.b_only(x.narrow(d, c0, width - c0))], d)
         return out
 
     def dense(self) -> nn.Module:
@@ -106,6 +111,53 @@ class PartitionedLayer(nn.Module):
                 if module.bias is not None:
                     out.bias[r0:r1] = module.bias
         return out
+
+
+class PartitionedNorm(nn.Module):
+    """A norm over a widened group ``[A-only | shared | B-only]`` along ``dim``: any module whose only
+    interaction between units is a normalisation over the group (LayerNorm, GroupNorm(1), ConvNeXt-V2's
+    GRN) and whose parameters are per-unit vectors.
+
+    Each endpoint normalises its own units, so the A-view ``[A-only | shared]`` and the B-view
+    ``[shared | B-only]`` (both of the endpoints' width) each run through the original module with that
+    view's slice of the merged per-unit parameters; A-only units take the A-view's output, B-only units the
+    B-view's, shared units ``(1−α)·A-view + α·B-view``. With nothing shared this is each endpoint's norm on
+    its own units (the ensemble); a fully merged group keeps the plain module, the full merge's norm. The
+    merged parameters are stored under the module's own names; the module itself is kept without them.
+    """
+
+    def __init__(self, template: nn.Module, sizes: Sizes, dim: int, alpha: float):
+        super().__init__()
+        self.sizes, self.dim, self.alpha = tuple(sizes), dim, alpha
+        view = copy.deepcopy(template)
+        for name, t in list(template.named_parameters(recurse=False)):
+            view.register_parameter(name, None)
+            self.register_parameter(name, nn.Parameter(t.new_empty(sum(sizes)), t.requires_grad))
+        self.__dict__["view"] = view  # not a submodule: it holds no tensors, and the state keeps the template's keys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ka, m, kb = self.sizes
+        d, alpha = self.dim, self.alpha
+
+        def run(start: int) -> torch.Tensor:
+            params = {name: p.narrow(0, start, ka + m) for name, p in self.named_parameters(recurse=False)}
+            return functional_call(self.view, params, (x.narrow(d, start, ka + m),))
+
+        za, zb = run(0), run(ka)
+        return torch.cat([za.narrow(d, 0, ka), (1 - alpha) * za.narrow(d, ka, m) + alpha * zb.narrow(d, 0, m),
+                          zb.narrow(d, m, kb)], d)
+
+
+def _widen_tensor(net: nn.Module, key: str, dim: int, width: int) -> None:
+    """Give the parameter or buffer ``key`` of ``net`` ``width`` entries along ``dim`` (values come from the
+    merged state dict)."""
+    owner, _, name = key.rpartition(".")
+    module = net.get_submodule(owner) if owner else net
+    t = getattr(module, name)
+    shape = list(t.shape)
+    shape[dim] = width
+    new = t.new_empty(shape)
+    setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -169,14 +221,8 @@ class PartialMergedModel(
         net = build_model(architecture, self.model_args)
         self.spec = spec_for(net, tuple(input_size) if input_size else None)
         self.partition = self._check_partition(partition)
-        for layer in self.partitioned_layers():
-            out, inp = sizes_for(self.spec, layer, self.partition, net)
-            template = net.get_submodule(layer.name)
-            if layer.norm:
-                _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), sum(out)))
-            wide = _per_unit_like(template, sum(out)) if layer.depthwise else PartitionedLayer(template, out, inp,
-                                                                                             layer.in_repeat)
-            _replace(net, layer.name, wide)
+        if self.spec.partial is None:
+            self._partition(net)
         # the endpoints' input preprocessing, not the architecture's default, so evaluating the merge
         # normalises data as the merge itself was measured
         self.pretrained_cfg = {**getattr(net, "pretrained_cfg", {}), **(preprocess or {})}
@@ -194,6 +240,23 @@ class PartialMergedModel(
                 raise CheckpointError(f"group {g} is widened, but {self.architecture} cannot be partially merged "
                                       f"({self.spec.partial})")
         return {g: tuple(int(s) for s in v) for g, v in partition.items()}
+
+    def _partition(self, net: nn.Module) -> None:
+        """Replace the base model's layers, norms and per-unit tensors by their partitioned versions."""
+        for layer in self.spec.layers:
+            out, inp = sizes_for(self.spec, layer, self.partition, net)
+            template = net.get_submodule(layer.name)
+            if layer.norm:
+                _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), sum(out)))
+            wide = _per_unit_like(template, sum(out)) if layer.depthwise else PartitionedLayer(template, out, inp,
+                                                                                             layer.in_repeat)
+            _replace(net, layer.name, wide)
+        for norm in self.spec.norms:
+            sizes = self.partition[norm.group]
+            if sizes[0]:  # a fully merged group keeps the plain norm
+                _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), sizes, norm.dim, self.alpha))
+        for vector in self.spec.vectors:
+            _widen_tensor(net, vector.key, vector.dim, sum(self.partition[vector.group]))
 
     def partitioned_layers(self) -> tuple[Layer, ...]:
         """The layers stored as partitioned blocks; none where the family only takes full merges, whose

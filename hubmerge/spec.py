@@ -9,10 +9,12 @@ one segment per head. Everything else (matching's unit vectors, permutations, RE
 view of that table. Specs are derived from the model's traced computation (:mod:`hubmerge.trace`), never
 written by hand.
 
-``outputs`` are the conv/linear modules REPAIR corrects. ``layers`` is the view the partitioned build uses:
-conv/linear modules whose axes are each one group (or fixed) and depthwise convs, with the BatchNorm that
-follows. Where a model has parameters outside that view (a LayerNorm, a grouped conv, a positional table, a
-concatenation), ``partial`` says why widening groups is not available yet; full merges (γ=0) work for every
+``outputs`` are the conv/linear modules REPAIR corrects. ``layers``, ``norms`` and ``vectors`` are the
+view the partitioned build uses: conv/linear modules whose axes are each one group (or fixed) and depthwise
+convs, with the BatchNorm that follows; norms (LayerNorm, GroupNorm(1), GRN, layer-scale modules), which
+become partitioned norms where their group widens; per-unit tensors elsewhere (a block's layer-scale
+vector). Where a model has parameters outside that view (a grouped conv, a concatenation, attention heads)
+or an op that mixes units and that no partitioned norm reproduces, ``partial`` says why widening groups is not available yet; full merges (γ=0) work for every
 derived spec.
 """
 
@@ -94,6 +96,29 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """A module that acts on the units of ``group`` along ``dim`` of its input (negative, from the end) and
+    keeps them there, whose parameters are per-unit vectors, and inside which nothing but a normalisation
+    mixes units: a LayerNorm, GroupNorm(1), GRN, a layer-scale module. Where the group is widened it becomes
+    a partitioned norm: the A-view ``[A-only | shared]`` and the B-view ``[shared | B-only]`` go through the
+    module separately, as each endpoint normalises its own units."""
+
+    name: str
+    group: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class Vector:
+    """A state tensor outside conv/linear layers and norms with one dim holding one group (a layer-scale
+    vector, a class token, a positional table along channels): it widens like a norm's parameters."""
+
+    key: str
+    group: str
+    dim: int
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """Groups, the per-axis table of every state tensor, and the derived layer view (forward order)."""
 
@@ -103,6 +128,8 @@ class PermutationSpec:
     layers: tuple[Layer, ...]
     partial: str | None = None  # why groups cannot be widened (partial merging); None: they can
     outputs: tuple[Output, ...] = ()
+    norms: tuple[Norm, ...] = ()
+    vectors: tuple[Vector, ...] = ()
 
     def layers_reading(self, group: str) -> list[Layer]:
         """Layers whose input axis belongs to ``group``."""

@@ -113,8 +113,9 @@ class Statistics:
 
 
 def unit_dim(module: nn.Module) -> int:
-    """The dim of a layer's output that holds its units: channels of a conv, the last dim of a linear."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    """The dim of a layer's output that holds its units: channels of a conv, the last dim of a linear (a
+    partitioned layer says which it is)."""
+    return getattr(module, "unit_dim", -1 if isinstance(module, nn.Linear) else 1)
 
 
 def _hook(model: nn.Module, name: str, fn) -> torch.utils.hooks.RemovableHandle:

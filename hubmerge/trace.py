@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedModelError
-from .spec import Axis, Group, Layer, Output, PermutationSpec, Point, Segment
+from .spec import Axis, Group, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector
 
 Factor = np.ndarray  # int64, same ndim as its tensor, each dim of size 1 or the tensor's size
 
@@ -73,6 +73,10 @@ class Trace:
     layers: list[tuple[str, str, str]]  # (module, kind, bias) of conv/linear ops with a module's own weight
     norms: list[tuple[str, str, str]]  # (norm module, kind, input producer module) for batch/layer norms
     mixing: dict[int, set[str]]  # class → kinds of ops that normalise across units (layer_norm, softmax, …)
+    mixers: dict[int, list[tuple[str, str]]]  # class → (op, module) of every op that mixes its units
+    # module → (dim, class per position there) for modules called once whose output holds the units
+    # of their input on the same dim and inside which units are mixed: candidates for a partitioned norm
+    norm_views: dict[str, tuple[int, np.ndarray]]
     labels: dict[int, frozenset]  # class → labels of ops that treat it unequally
     members: dict[int, tuple]  # class → sorted (param, dim, count) where it appears
 
@@ -86,7 +90,7 @@ class _Ids:
         self.tie_b: list[np.ndarray] = []
         self.label_ids: list[np.ndarray] = []
         self.label_vals: list[object] = []
-        self.mixing: list[tuple[np.ndarray, str]] = []
+        self.mixing: list[tuple[np.ndarray, str, str]] = []  # (ids, op kind, module)
         self.ops = itertools.count()
 
     def fresh(self, n: int) -> np.ndarray:
@@ -219,6 +223,10 @@ class _Tracer:
         self.layers: list[tuple[str, str, str]] = []
         self.norms: list[tuple[str, str, str]] = []
         self.producer: dict[int, str] = {}  # id(tensor) → module whose conv/linear op made it
+        self.inputs: dict[str, torch.Tensor] = {}  # module → its first tensor input (of its last call)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.views: dict[str, tuple[int, np.ndarray]] = {}  # module → (input dim, ids) of units it mixes
+        self.view_out: dict[str, np.ndarray] = {}  # module → ids on that dim of its output
 
     # --- bookkeeping -------------------------------------------------------------------------------
     def where(self) -> str:
@@ -378,8 +386,28 @@ class _Tracer:
             factors.append(f)
         self.set(target, factors)
 
+    def per_unit_module(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """A leaf module whose parameters are all vectors as long as one unit axis of its input (a layer
+        scale, an affine): a candidate for a partitioned per-unit module, like a norm."""
+        params = list(module.parameters())
+        if list(module.children()) or not params or any(p.dim() != 1 for p in params):
+            return
+        width = params[0].shape[0]
+        dims = [(_support(f)[0], f.reshape(-1)) for f in self.get(x) if len(_support(f)) == 1 and f.size == width]
+        if len(dims) == 1 and all(p.shape[0] == width for p in params):
+            self.views[name] = (dims[0][0] - x.dim(), dims[0][1])
+
     def mix(self, f: Factor, kind: str) -> None:
-        self.ids.mixing.append((f.reshape(-1), kind))
+        """Record that an op mixes these units (normalises or sums across them), and, where they are the
+        units of the innermost module's input along one dim, that module as a partitioned-norm candidate."""
+        ids = f.reshape(-1)
+        module = self.where()
+        self.ids.mixing.append((ids, kind, module))
+        x = self.inputs.get(module)
+        dims = [_support(g)[0] for g in (self.get(x) if x is not None else ())
+                if len(_support(g)) == 1 and g.size == len(ids) and np.array_equal(g.reshape(-1), ids)]
+        if len(dims) == 1:
+            self.views.setdefault(module, (dims[0] - x.dim(), ids))
 
     def op_softmax(self, args, kwargs, out) -> None:
         x = args[0]
@@ -605,6 +633,8 @@ class _Tracer:
         if b is not None and self.weight_ids(b, 0) is not None:
             self.ids.tie(self.weight_ids(b, 0), ids_out)
         others = [f for f in self.get(x) if f.shape[-1] == 1]
+        for f in others:  # widened on both axes, the wide input's cross blocks (A's channels × B's tokens) are
+            self.mix(f, "a linear layer along another unit axis")  # not zero, and this layer would mix them in
         shape = [1] * out.dim()
         shape[-1] = w.shape[0]
         self.set(out, others + [ids_out.reshape(shape)])
@@ -678,6 +708,7 @@ class _Tracer:
             y = kb[0][..., 0] if kb else None  # (..., k)
             if x is not None and y is not None:
                 self.ids.tie(x, y)
+                self.mix(x, "matmul")
             for f in (x, y):
                 if f is not None:
                     self.label_batch(f[..., None], op)
@@ -750,12 +781,23 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
     tracer = _Tracer(model)
     hooks = []
 
-    def pre(module, _inputs):
-        tracer.stack.append(tracer.module_names.get(module, "?"))
+    def pre(module, inputs):
+        name = tracer.module_names.get(module, "?")
+        tracer.stack.append(name)
+        tracer.calls[name] += 1
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            tracer.inputs[name] = inputs[0]
 
-    def post(module, _inputs, output):
+    def post(module, inputs, output):
         tracer.stack.pop()
         name = tracer.module_names.get(module)
+        if name not in tracer.views and inputs and isinstance(inputs[0], torch.Tensor):
+            tracer.per_unit_module(name, module, inputs[0])
+        if name in tracer.views and isinstance(output, torch.Tensor) and output.dim():
+            d = tracer.views[name][0] % output.dim()
+            same = [f.reshape(-1) for f in tracer.get(output) if _support(f) == (d,)]
+            if same:
+                tracer.view_out[name] = same[0]
         kind = _kind(module)
         if name and kind and isinstance(output, torch.Tensor) and id(output) in tracer.units:
             tracer.points[name] = tracer.units[id(output)]
@@ -791,10 +833,18 @@ def _finish(tracer: _Tracer) -> Trace:
             if c:
                 labels[int(c)].add(value)
     mixing: dict[int, set[str]] = defaultdict(set)
-    for ids, kind in tracer.ids.mixing:
+    mixers: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for ids, kind, module in tracer.ids.mixing:
         for c in np.unique(cls[ids]):
             if c:
                 mixing[int(c)].add(kind)
+                mixers[int(c)].append((kind, module))
+    views = {}
+    for name, (dim, ids) in tracer.views.items():
+        out = tracer.view_out.get(name)
+        whole = len(np.unique(cls[ids])) == len(ids)  # one class per position: the mixed units are one group's
+        if tracer.calls[name] == 1 and whole and out is not None and np.array_equal(cls[ids], cls[out]):
+            views[name] = (dim, cls[ids])
     members: dict[int, list] = defaultdict(list)
     for name, dims in param_classes.items():
         for d, c in enumerate(dims):
@@ -810,7 +860,7 @@ def _finish(tracer: _Tracer) -> Trace:
                 d = _support(f)[0]
                 points[(module, d)] = cls[f.reshape(-1)]
     return Trace(param_classes, points, {m: tracer.point_kind[m] for m, _ in points}, tracer.layers, tracer.norms,
-                 dict(mixing), {c: frozenset(v) for c, v in labels.items()},
+                 dict(mixing), dict(mixers), views, {c: frozenset(v) for c, v in labels.items()},
                  {c: tuple(sorted(v)) for c, v in members.items()})
 
 
@@ -901,8 +951,19 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
     for i, (g, members) in enumerate(units.items()):
         normalised = any(tr.mixing.get(c) for c in members)
         groups[g] = Group(g, len(members), points.get(i, ()), normalised)
-    layers, reason = _layer_view(model, tr, axes)
-    return PermutationSpec(family, groups, axes, layers, reason, _outputs(tr, axes))
+    in_order = {}  # norm candidates whose input holds one group in unit order along the normalised dim
+    for module, (dim, cls) in tr.norm_views.items():
+        g, u = group_arr[np.minimum(cls, n - 1)], unit_arr[np.minimum(cls, n - 1)]
+        if (cls < n).all() and g[0] >= 0 and (g == g[0]).all() and (u == np.arange(len(u))).all():
+            in_order[module] = (dim, names[g[0]])
+    view = _layer_view(model, tr, axes, in_order)
+    explained = {norm.name for norm in view.norms}
+    mixed = next(((unit_of[c][0], kind, module) for c in sorted(tr.mixers) if c in unit_of
+                  for kind, module in tr.mixers[c] if module not in explained), None)
+    reason = view.reason
+    if mixed is not None:  # widening would change what this op computes for the units it mixes
+        reason = "{1} in {2} mixes the units of group {0}".format(*mixed)
+    return PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors)
 
 
 def _outputs(tr: Trace, axes: dict) -> tuple[Output, ...]:
@@ -961,9 +1022,21 @@ def _single(axis: Axis | None) -> tuple[str | None, int] | None:
     return None
 
 
-def _layer_view(model: nn.Module, tr: Trace, axes: dict) -> tuple[tuple[Layer, ...], str | None]:
-    """Conv/linear layers with one group per axis, depthwise convs, and their BatchNorms; and why partial
-    merging is not available when some parameter falls outside that view."""
+@dataclass(frozen=True)
+class _View:
+    """The partitioned build's view of a model, and why partial merging is unavailable (None: it is)."""
+
+    layers: tuple[Layer, ...]
+    norms: tuple[Norm, ...]
+    vectors: tuple[Vector, ...]
+    reason: str | None
+
+
+def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, str]]) -> _View:
+    """Conv/linear layers with one group per axis, depthwise convs, and their BatchNorms; norms (``views``:
+    modules that mix the units of one group along a dim, whose parameters must be per-unit vectors of that
+    group); per-unit vectors; and why partial merging is not available when some parameter falls outside
+    that view."""
     modules = dict(model.named_modules())
     norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
     layers, covered, reason = [], set(), None
@@ -998,7 +1071,20 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict) -> tuple[tuple[Layer, .
         covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
         if norm is not None:
             covered.update(f"{norm}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))
+    norms = []
+    for name, (dim, group) in views.items():
+        params = dict(modules[name].named_parameters())
+        if all("." not in p and _single(axes.get(f"{name}.{p}", (None,))[0]) == (group, 1) and t.dim() == 1
+               for p, t in params.items()) and not list(modules[name].buffers()):
+            norms.append(Norm(name, group, dim))
+            covered.update(f"{name}.{p}" for p in params)
+    vectors = []
+    for key, key_axes in axes.items():
+        held = [(d, _single(a)) for d, a in enumerate(key_axes) if a is not None]
+        if key not in covered and len(held) == 1 and held[0][1] is not None and held[0][1][1] == 1:
+            vectors.append(Vector(key, held[0][1][0], held[0][0]))
+            covered.add(key)
     left = [n for n in axes if n not in covered]
     if left:
-        reason = reason or f"{left[0]} lies outside conv/linear layers and their BatchNorms"
-    return tuple(layers), reason
+        reason = reason or f"{left[0]} lies outside conv/linear layers, norms and per-unit vectors"
+    return _View(tuple(layers), tuple(norms), tuple(vectors), reason)

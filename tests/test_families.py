@@ -4,8 +4,8 @@ and the family supports exactly what the table declares.
 For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR
 and ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
 independently computed permute-and-average merge. Families declared ``partial`` also give the
-logit-averaged ensemble at γ=1 and run a ``budget=0.1`` merge that saves, reloads strictly and computes the
-same outputs; families declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what
+logit-averaged ensemble at γ=1 and A's function at γ=0.5 with α=0, count their parameters as the cost model
+says, and run a ``budget=0.1`` merge that saves, reloads strictly and computes the same outputs; families declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what
 the test checks (no family is skipped).
 """
 
@@ -16,8 +16,10 @@ from torch import nn
 
 import hubmerge
 from hubmerge.arch_specs import families, randomize_, spec_for
+from hubmerge.cost import CostModel
 from hubmerge.errors import UnsupportedModelError, UsageError
 from hubmerge.evaluate import Ensemble
+from hubmerge.partitioned import PartitionedNorm
 from hubmerge.spec import permute_state
 
 FAMILIES = families()
@@ -73,6 +75,15 @@ def test_family(name, tmp_path):
     if FAMILIES[name].support == "partial":
         ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
         assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
+        # half the units apart: at α=0 every shared unit and every view of a partitioned norm is A's
+        at_a = hubmerge.merge(a, b, calib, gamma=0.5, alpha=0.0, repair=None, cross="interpolate",
+                              partial="topk").model  # topk: one plain assignment per group, fast
+        assert any(ka for ka, _, _ in at_a.partition.values())
+        assert relative(at_a(x), a(x)) <= 1e-10
+        # the cost model counts every stored parameter (norms and layer scales included)
+        costs = CostModel(spec, a, FAMILIES[name].input_size)
+        assert costs.endpoint.params == sum(p.numel() for p in a.parameters())
+        assert costs(at_a.partition).total.params == sum(p.numel() for p in at_a.parameters())
         budget = hubmerge.merge(a, b, calib, budget=0.1).model
         budget.save_pretrained(tmp_path)
         again = hubmerge.PartialMergedModel.from_pretrained(tmp_path).double()
@@ -116,3 +127,22 @@ def test_a_wrong_spec_is_caught_by_the_permutation_test():
     before = model(x)
     model.load_state_dict(permute_state(broken, model.state_dict(), perms))
     assert relative(model(x), before) > 1e-3
+
+
+def test_a_widened_layer_norm_needs_its_partitioned_views():
+    """The ensemble check can fail: normalising a widened ConvNeXt stream as one plain LayerNorm over
+    A's and B's units together (instead of the A-view and the B-view) is not the ensemble."""
+    a, b = make("convnext", 1), make("convnext", 2)
+    x = batch("convnext")
+    ensemble = hubmerge.merge(a, b, [(batch("convnext", seed=1), None)], gamma=1.0, repair=None).model
+    assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
+    replaced = 0
+    for name, module in list(ensemble.net.named_modules()):
+        if isinstance(module, PartitionedNorm) and type(module.view).__name__ == "LayerNorm" and module.dim == -1:
+            plain = nn.LayerNorm(len(module.weight), eps=module.view.eps).double()
+            plain.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(ensemble.net.get_submodule(parent), child, plain)
+            replaced += 1
+    assert replaced
+    assert relative(ensemble(x), Ensemble(a, b)(x)) > 1e-3
