@@ -7,7 +7,7 @@ streams, widened through partitioned norms) from different seeds, all on Fashion
 measured parameter increase and each allocation's wall time, and writes a PNG plot per pair.
 
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
-    python examples/budget.py --pairs convnext-seeds --budgets 0.1 0.22 --allocators uniform benefit
+    python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ PAIRS = {
     "resnet-seeds": ("hubmerge_resnet20", dict(width_multiplier=1, in_chans=1, num_classes=10), "seeds"),
     "convnext-seeds": ("convnext_atto", dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], in_chans=1, num_classes=10),
                        "seeds"),
+    # layer scales starting at 1 instead of timm's 1e-6, so the block MLPs matter after 3 epochs
+    "convnext-ls1-seeds": ("convnext_atto", dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], ls_init_value=1.0,
+                                                 in_chans=1, num_classes=10), "seeds"),
 }
 
 

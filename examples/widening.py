@@ -8,11 +8,17 @@ normalises), (c) every group, each after REPAIR, and prints the parameter increa
 benefit allocator's choice at the same budgets is in ``examples/budget.py``.
 
     python examples/widening.py --gammas 0.1 0.25 0.5
+    python examples/widening.py --model-args '{"ls_init_value": 1.0}'
+
+timm's ConvNeXt starts its layer scales at 1e-6; after the demo trainer's 3 SGD epochs they are still
+below 0.003, so the block MLPs barely contribute and widening them changes little. ``--model-args`` adds
+to (or replaces) the default model_args, for example a pair whose layer scales start at 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import hubmerge
@@ -27,6 +33,7 @@ MODEL_ARGS = dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], in_chans=1, num_cl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gammas", nargs="+", type=float, default=[0.1, 0.25, 0.5])
+    ap.add_argument("--model-args", type=json.loads, default={}, help="JSON, added to the default model_args")
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=500)
@@ -37,8 +44,9 @@ def main() -> None:
     train = demo.subset(demo.load("fashion-mnist", "train", 32), args.train_samples)
     evaluation = demo.subset(demo.load("fashion-mnist", "test", 32), args.eval_samples, seed=2)
     calib = demo.subset(train, args.calib_samples, seed=1)
-    fa, fb = demo.endpoints(ARCH, MODEL_ARGS, train, args.cache, epochs=args.epochs,
-                            tag=f"-fashion-mnist-{demo.args_tag(MODEL_ARGS)}")
+    model_args = {**MODEL_ARGS, **args.model_args}
+    fa, fb = demo.endpoints(ARCH, model_args, train, args.cache, epochs=args.epochs,
+                            tag=f"-fashion-mnist-{demo.args_tag(model_args)}")
     a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
     prepared = hubmerge.Prepared(a, b, calib, hubmerge.MergeOptions(cross="fill"))  # statistics once
     data = prepared.batches(evaluation)
@@ -48,7 +56,7 @@ def main() -> None:
     scopes = {"inside blocks": [g for g in spec.groups if g not in streams], "streams": sorted(streams),
               "all groups": list(spec.groups)}
     full = barrier(met_a, met_b, evaluate(prepared.build(prepared.plans(0.0)), data))
-    print(f"\n{ARCH} {MODEL_ARGS}: A {100 * met_a.accuracy:.2f}%, B {100 * met_b.accuracy:.2f}%, full merge + "
+    print(f"\n{ARCH} {model_args}: A {100 * met_a.accuracy:.2f}%, B {100 * met_b.accuracy:.2f}%, full merge + "
           f"REPAIR barrier {100 * full.accuracy:.2f}pp / {full.loss:.3f}; {len(streams)} stream groups, "
           f"{len(spec.groups) - len(streams)} inside blocks")
     print(f"{'scope':14s} {'gamma':>5s} {'+params':>8s} {'+flops':>7s} {'barrier acc':>12s} {'barrier loss':>13s}")
