@@ -17,7 +17,7 @@ from typing import Any, Optional, get_args
 import typer
 import yaml
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)  # help shows [@revision] as written
 log = logging.getLogger("hubmerge")
 
 
@@ -38,6 +38,22 @@ def _default(field: str) -> Any:
 
 Allocator, Unit, Align = _choices("allocator"), _choices("budget_unit"), _choices("align")
 Partial, Cross = _choices("partial"), _choices("cross")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hubmerge import __version__
+
+        typer.echo(f"hubmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print hubmerge's version and exit")) -> None:
+    """Partial merging of two independently trained timm models from the Hugging Face hub: aligned units are
+    interpolated, poorly matched ones kept side by side, within a size budget. Heavy libraries load only
+    when a command starts working, so help and usage errors answer at once."""
 
 
 class Device(str, Enum):
@@ -176,10 +192,10 @@ def run(
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
     """Merge two endpoints partially, write a loadable repo folder and/or push it."""
-    _setup(quiet, json_out)
     try:
         from hubmerge.errors import UsageError
-        from hubmerge.release import DataRef, run as run_merge
+        from hubmerge.options import MergeOptions
+        from hubmerge.output import check_out
 
         params = {k: _enum(v) for k, v in ctx.params.items()}
         values = _effective(ctx, config, {k: v for k, v in params.items() if k != "config"})
@@ -187,6 +203,19 @@ def run(
             raise UsageError("give two endpoints: hubmerge run MODEL_A MODEL_B (or model_a/model_b in --config)")
         if values["out"] is None and not values["push"]:
             raise UsageError("say where the result goes: --out DIR, --push, or both")
+        options = dict(
+            budget=values["budget"], budget_unit=values["budget_unit"], allocator=values["allocator"],
+            gamma=values["gamma"], align=values["align"], partial=values["partial"], cross=values["cross"],
+            alpha=values["alpha"], repair="repair" if values["repair"] else None,
+            repair_unmerged=values["repair_unmerged"], seed=values["seed"],
+        )
+        # usage errors before torch loads: the options, and an --out that must not be touched
+        MergeOptions.parse(**options)
+        inputs = tuple(v for v in (values["model_a"], values["model_b"], values["calib"], values["eval"]) if v)
+        check_out(Path(values["out"]) if values["out"] else None, values["overwrite"], inputs)
+        _setup(quiet, json_out)
+        from hubmerge.release import DataRef, run as run_merge
+
         recipe = {k: v for k, v in values.items() if k not in ("json_out", "quiet", "debug", "overwrite")}
         recipe["out"] = str(recipe["out"]) if recipe["out"] else None
         calib_ref = values["calib"] and DataRef(values["calib"], values["calib_split"], values["calib_samples"],
@@ -197,12 +226,7 @@ def run(
             values["model_a"], values["model_b"], calib=calib_ref or None, evaluation=eval_ref or None,
             out=Path(values["out"]) if values["out"] else None, overwrite=values["overwrite"], push=values["push"],
             repo_id=values["repo_id"], private=values["private"], revision=values["revision"], recipe=recipe,
-            preprocess=_preprocess(values),
-            budget=values["budget"], budget_unit=values["budget_unit"], allocator=values["allocator"],
-            gamma=values["gamma"], align=values["align"], partial=values["partial"], cross=values["cross"],
-            alpha=values["alpha"], repair="repair" if values["repair"] else None,
-            repair_unmerged=values["repair_unmerged"],
-            device=_device(values["device"]), seed=values["seed"],
+            preprocess=_preprocess(values), device=_device(values["device"]), **options,
         )
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes
         _fail(exc, debug)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.torch
-import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from .arch_specs import build_model
 from .data import progress_bar
 from .errors import DataError
 
@@ -71,7 +71,7 @@ def train(architecture: str, model_args: dict, data: TensorDataset, *, seed: int
           lr: float = 0.05, batch_size: int = 128) -> torch.nn.Module:
     """SGD with momentum and a one-cycle schedule; deterministic for a seed on CPU."""
     torch.manual_seed(seed)
-    model = timm.create_model(architecture, **model_args)
+    model = build_model(architecture, model_args)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * len(loader))

@@ -6,7 +6,6 @@ import pytest
 import timm
 import torch
 
-import hubmerge  # noqa: F401  (registers hubmerge's models in timm)
 from hubmerge.arch_specs import randomize_
 
 # (timm name, model_args, input shape): one or more per adapter family, tiny enough for a CPU test run.

@@ -97,7 +97,7 @@ def test_bad_options_are_usage_errors_before_any_work():
 def test_interpolation_curve_runs_from_a_to_b():
     a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
     curve = hubmerge.interpolation_curve(a, b, data, data, alphas=(0.0, 0.5, 1.0), cross="interpolate")
-    ea, eb = hubmerge.evaluate(a, data), hubmerge.evaluate(b, data)
+    ea, eb = hubmerge.evaluate.evaluate(a, data), hubmerge.evaluate.evaluate(b, data)
     assert [row["alpha"] for row in curve] == [0.0, 0.5, 1.0]
     assert curve[0]["merge"]["loss"] == pytest.approx(ea.loss, abs=1e-9)
     assert curve[-1]["merge"]["loss"] == pytest.approx(eb.loss, abs=1e-9)

@@ -172,3 +172,26 @@ def test_real_subprocess_json_has_nothing_else_on_stdout(local, tmp_path):
     assert json.loads(proc.stdout)["report"]["partition"]["blocks.0.fc"] == [2, 10, 2]
     bad = subprocess.run([str(exe), "run", "a", "b", "--alpha", "3", "--out", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_help_version_and_usage_errors_do_not_load_torch():
+    """``--help``, ``--version`` and usage errors answer without importing torch or timm (they took 4-5 s
+    and 900 MB when the CLI imported them to build its choices); help keeps ``[@revision]`` as written."""
+    code = """
+import sys
+from typer.testing import CliRunner
+from hubmerge.cli.app import app
+runner = CliRunner()
+help = runner.invoke(app, ["run", "--help"])
+assert help.exit_code == 0 and "hub id[@revision]" in help.output, help.output
+version = runner.invoke(app, ["--version"])
+assert version.exit_code == 0 and version.output.startswith("hubmerge "), version.output
+bad = runner.invoke(app, ["run", "a", "b", "--budget", "1.5", "--out", "x"])
+assert bad.exit_code == 2 and "budget must be in [0, 1]" in bad.output, bad.output
+unsafe = runner.invoke(app, ["run", "a", "b", "--out", "."])
+assert unsafe.exit_code == 2 and "working folder" in unsafe.output, unsafe.output
+heavy = sorted(m for m in ("torch", "timm", "datasets") if m in sys.modules)
+assert not heavy, heavy
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

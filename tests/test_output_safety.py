@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from hubmerge import PartialMergedModel
 from hubmerge.cli.app import app
-from hubmerge.release import OLD, STAGING, _recover
+from hubmerge.output import OLD, STAGING, recover
 
 from test_cli import base, local  # noqa: F401 - the endpoint/data fixture
 
@@ -89,7 +89,7 @@ def test_a_result_moved_aside_by_a_killed_run_is_restored(tmp_path):
     staged = tmp_path / f"{STAGING}-m-xyz"
     staged.mkdir()
     (staged / "model.safetensors").write_bytes(b"partial")
-    _recover(out)
+    recover(out)
     assert (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -118,7 +118,7 @@ def test_a_run_killed_at_any_moment_leaves_the_old_or_the_new_result(local, tmp_
         time.sleep(fraction * duration)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        _recover(out)  # what the next run does first
+        recover(out)  # what the next run does first
         seen.add(PartialMergedModel.from_pretrained(out).partition["blocks.0.fc"])
         assert [p.name for p in out.parent.iterdir()] == ["m"]
     assert seen <= {(2, 10, 2), (6, 6, 6)}
