@@ -7,12 +7,13 @@ stdout and nothing else there.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
 import yaml
@@ -21,23 +22,49 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 log = logging.getLogger("hubmerge")
 
 
-def _choices(field: str) -> type[Enum]:
-    """A CLI choice type from the ``MergeOptions`` field's literal values (one source of truth)."""
+NONE = "none"  # how the command line and --config say None for an optional choice (``--repair none``)
+
+
+def _cli_type(name: str, annotation: Any) -> Any:
+    """The command-line type of a ``MergeOptions`` field: its literal values as choices (plus ``none`` for an
+    optional one), a number or flag as itself; ``gamma``'s per-group dict form is for ``--config`` only."""
+    args = get_args(annotation)
+    optional = type(None) in args
+    inner = next(a for a in args if a is not type(None)) if optional else annotation
+    if get_origin(inner) is Literal:
+        values = [*get_args(inner), *([NONE] if optional else [])]
+        return Enum(name.title().replace("_", ""), {v: v for v in values}, type=str)
+    if get_origin(annotation) is Union and not optional:  # float or per-group dict: a float here
+        return args[0]
+    return Optional[inner] if optional else inner
+
+
+def _with_merge_options(command):
+    """Give ``command`` one option per ``MergeOptions`` field, with the field's name, default, help and
+    choices, so the command line, ``--config`` and the Python API take the same options and cannot drift
+    apart; they reach the command as ``**options`` and are validated by ``MergeOptions`` itself."""
     from hubmerge.options import MergeOptions
 
-    values = get_args(MergeOptions.model_fields[field].annotation)
-    return Enum(field.title().replace("_", ""), {v: v for v in values}, type=str)
+    sig = inspect.signature(command)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = []
+    for name, field in MergeOptions.model_fields.items():
+        kind = _cli_type(name, field.annotation)
+        default = field.default.value if isinstance(field.default, Enum) else field.default
+        flag = f"--{name.replace('_', '-')}"
+        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
+        option = typer.Option(NONE if default is None and isinstance(kind, type) and issubclass(kind, Enum)
+                              else default, *decls, help=field.description)
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    command.__signature__ = sig.replace(parameters=own + extra)
+    return command
 
 
-def _default(field: str) -> Any:
-    """The ``MergeOptions`` default of a field, so the CLI and the Python API cannot drift apart."""
+def _merge_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``MergeOptions`` fields among the effective values, ``none`` read as None."""
     from hubmerge.options import MergeOptions
 
-    return MergeOptions.model_fields[field].default
-
-
-Allocator, Unit, Align = _choices("allocator"), _choices("budget_unit"), _choices("align")
-Partial, Cross = _choices("partial"), _choices("cross")
+    return {k: None if values[k] == NONE else values[k] for k in MergeOptions.model_fields if k in values}
 
 
 def _version(value: bool) -> None:
@@ -54,12 +81,6 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Partial merging of two independently trained timm models from the Hugging Face hub: aligned units are
     interpolated, poorly matched ones kept side by side, within a size budget. Heavy libraries load only
     when a command starts working, so help and usage errors answer at once."""
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
 
 
 def _setup(quiet: bool, json_out: bool) -> None:
@@ -112,6 +133,8 @@ def _effective(ctx: typer.Context, config: Optional[Path], params: dict[str, Any
 
 
 def _device(name: str) -> str:
+    if name == "cpu":
+        return name
     import torch
 
     if name == "auto":
@@ -153,14 +176,11 @@ def _enum(value: Any) -> Any:
 
 
 @app.command()
+@_with_merge_options
 def run(
     ctx: typer.Context,
     model_a: Optional[str] = typer.Argument(None, help="endpoint A: hub id[@revision] or local folder"),
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
-    budget: Optional[float] = typer.Option(None, help="relative size increase over one endpoint, 0..1"),
-    budget_unit: Unit = typer.Option(_default("budget_unit"), help="what the budget counts"),
-    allocator: Allocator = typer.Option(_default("allocator"), help="how the budget is spread over groups"),
-    gamma: float = typer.Option(_default("gamma"), help="uniform share of units kept apart, when no --budget"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),
     calib_split: str = typer.Option("train", help="split, optionally sliced: train[:2000]"),
     calib_samples: Optional[int] = typer.Option(2000, help="random calibration samples (seeded)"),
@@ -171,15 +191,6 @@ def run(
     input_size: Optional[str] = typer.Option(None, help=INPUT_SIZE_HELP),
     mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
     std: Optional[str] = typer.Option(None, help=STD_HELP),
-    align: Align = typer.Option(_default("align")),
-    partial: Partial = typer.Option(_default("partial"), help="how pairs are chosen to stay apart"),
-    cross: Cross = typer.Option(_default("cross"), help="cross blocks of shared rows (interpolate: α=0 gives A exactly)"),
-    alpha: float = typer.Option(_default("alpha"), help="interpolation factor (0 = A, 1 = B)"),
-    repair: bool = typer.Option(True, "--repair/--no-repair", help="REPAIR merged units' statistics"),
-    repair_unmerged: bool = typer.Option(_default("repair_unmerged"), "--repair-unmerged/--repair-shared-only",
-                                         help="also renormalise unmerged units toward their endpoint"),
-    device: Device = typer.Option(Device.cpu),
-    seed: int = typer.Option(_default("seed")),
     out: Optional[Path] = typer.Option(None, help="write the merged repo folder here"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     push: bool = typer.Option(False, help="upload the result to the hub"),
@@ -190,8 +201,10 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="print one JSON report on stdout"),
     quiet: bool = typer.Option(False, help="no progress bars or info logs"),
     debug: bool = typer.Option(False, help="show tracebacks"),
+    **merge_options: Any,
 ) -> None:
-    """Merge two endpoints partially, write a loadable repo folder and/or push it."""
+    """Merge two endpoints partially, write a loadable repo folder and/or push it. Every merge option
+    (``MergeOptions``) is an option here and a key in ``--config``, by the same name."""
     try:
         from hubmerge.errors import UsageError
         from hubmerge.options import MergeOptions
@@ -203,12 +216,7 @@ def run(
             raise UsageError("give two endpoints: hubmerge run MODEL_A MODEL_B (or model_a/model_b in --config)")
         if values["out"] is None and not values["push"]:
             raise UsageError("say where the result goes: --out DIR, --push, or both")
-        options = dict(
-            budget=values["budget"], budget_unit=values["budget_unit"], allocator=values["allocator"],
-            gamma=values["gamma"], align=values["align"], partial=values["partial"], cross=values["cross"],
-            alpha=values["alpha"], repair="repair" if values["repair"] else None,
-            repair_unmerged=values["repair_unmerged"], seed=values["seed"],
-        )
+        options = _merge_options(values)
         # usage errors before torch loads: the options, and an --out that must not be touched
         MergeOptions.parse(**options)
         inputs = tuple(v for v in (values["model_a"], values["model_b"], values["calib"], values["eval"]) if v)
@@ -226,7 +234,7 @@ def run(
             values["model_a"], values["model_b"], calib=calib_ref or None, evaluation=eval_ref or None,
             out=Path(values["out"]) if values["out"] else None, overwrite=values["overwrite"], push=values["push"],
             repo_id=values["repo_id"], private=values["private"], revision=values["revision"], recipe=recipe,
-            preprocess=_preprocess(values), device=_device(values["device"]), **options,
+            preprocess=_preprocess(values), **{**options, "device": _device(options["device"])},
         )
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes
         _fail(exc, debug)

@@ -177,18 +177,19 @@ def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, evaluation: Any = None,
-          endpoints: dict | None = None, preprocess: Preprocess | None = None, **options: Any) -> MergeResult:
+          endpoints: dict | None = None, preprocess: Preprocess | None = None, options: MergeOptions | None = None,
+          **overrides: Any) -> MergeResult:
     """Merge two endpoints of one architecture, partially or fully, and report what it measured.
 
     ``calibration`` / ``evaluation``: a torch DataLoader (or iterable of batches), a torch Dataset, or a
     ``datasets.Dataset`` (preprocessed as ``preprocess`` says, by default from the endpoint's
-    ``pretrained_cfg``; the merged model records it for later evaluation). ``options`` are those of
-    :class:`~hubmerge.options.MergeOptions`: ``alpha``, ``align``, ``repair``, ``gamma``, ``partial``,
-    ``cross``, ``budget``, ``allocator``… With ``budget`` set, per-group γ comes from the allocator;
+    ``pretrained_cfg``; the merged model records it for later evaluation). ``options``: a
+    :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win): ``alpha``, ``align``,
+    ``repair``, ``gamma``, ``partial``, ``cross``, ``budget``, ``allocator``… With ``budget`` set, per-group γ comes from the allocator;
     otherwise ``gamma`` (scalar or per group) is used as given. γ=0 everywhere is the full merge, whose
     ``model.materialize()`` is a plain timm model of the endpoints' architecture.
     """
-    opts = MergeOptions.parse(**options)
+    opts = MergeOptions.combine(options, overrides)
     t0 = time.perf_counter()
     prepared = Prepared(model_a, model_b, calibration, opts, endpoints, preprocess)
     allocation, trace, method, epsilon = [], [], None, None

@@ -18,27 +18,33 @@ class MergeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="interpolation factor; 0 = model A, 1 = model B")
-    align: Literal["activation", "weight"] = "activation"
-    repair: Optional[Literal["repair", "reset"]] = "repair"
+    align: Literal["activation", "weight"] = Field(
+        "activation", description="match units by activation correlation (needs data) or by weights")
+    repair: Optional[Literal["repair", "reset"]] = Field(
+        "repair", description="renormalise merged units (repair), re-estimate BatchNorm statistics (reset), or none")
     # measured (examples/repair_unmerged.py, Fashion-MNIST VGG11): lower barrier at every γ and rule tried
     repair_unmerged: bool = Field(True, description="also renormalise unmerged units toward their endpoint")
-    gamma: Union[float, dict[str, float]] = Field(0.0, description="share of units kept apart, per group or all")
-    partial: Literal["forced", "adaptive", "topk", "random"] = "forced"
+    gamma: Union[float, dict[str, float]] = Field(
+        0.0, description="share of units kept apart when no budget: one number, or per group in --config")
+    partial: Literal["forced", "adaptive", "topk", "random"] = Field(
+        "forced", description="how pairs are chosen to stay apart")
     epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")
     # measured on Fashion-MNIST VGG11 (examples/gamma_sweep.py): after REPAIR, fill has the lower barrier
     # at most γ; interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property
-    cross: Literal["interpolate", "fill"] = "fill"
+    cross: Literal["interpolate", "fill"] = Field(
+        "fill", description="cross blocks of shared rows (interpolate: alpha=0 gives A exactly)")
     budget: Optional[float] = Field(None, description="relative size increase over one endpoint, 0..1")
-    budget_unit: Literal["params", "flops"] = "params"
+    budget_unit: Literal["params", "flops"] = Field("params", description="what the budget counts")
     # measured (examples/budget.py, three pairs): greedy's barrier is at most a little lower than benefit's
     # (loss, its objective) and not consistently in accuracy, at 5-15x the candidate evaluations
-    allocator: Literal["benefit", "greedy", "uniform", "adaptive"] = "benefit"
+    allocator: Literal["benefit", "greedy", "uniform", "adaptive"] = Field(
+        "benefit", description="how the budget is spread over groups")
     score: Literal["auto", "accuracy", "loss", "agreement"] = Field(
         "auto", description="benefit measure; auto = loss with labels, KL to the ensemble without")
     greedy_step: float = Field(0.25, gt=0.0, le=1.0, description="γ step of the greedy allocator")
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = Field(256, ge=1)
+    seed: int = Field(0, description="seed of data subsets and random choices")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    batch_size: int = Field(256, ge=1, description="images per forward pass")
 
     @model_validator(mode="after")
     def _check(self) -> MergeOptions:
@@ -60,6 +66,14 @@ class MergeOptions(BaseModel):
                 for e in exc.errors()
             )
             raise UsageError(f"invalid merge options: {problems}") from None
+
+    @classmethod
+    def combine(cls, options: MergeOptions | None, overrides: dict) -> MergeOptions:
+        """``options`` (a ``MergeOptions``, or None for the defaults) with keyword ``overrides`` on top."""
+        if options is not None and not isinstance(options, MergeOptions):
+            raise UsageError(f"options must be a MergeOptions, got {type(options).__name__}; "
+                             "or pass the options as keywords")
+        return cls.parse(**{**(options.model_dump(exclude_unset=True) if options else {}), **overrides})
 
     @property
     def needs_data(self) -> bool:

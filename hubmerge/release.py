@@ -48,6 +48,28 @@ class DataRef:
     label_column: str | None = None
 
 
+def _recipe(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out: Path | None,
+            opts: MergeOptions) -> dict:
+    """The recipe of a merge made from Python, in ``hubmerge run --config`` names (what the CLI records)."""
+    data: dict[str, Any] = {}
+    if calib is not None:
+        data.update(calib=calib.ref, calib_split=calib.split, calib_samples=calib.samples)
+    if evaluation is not None:
+        data.update(eval=evaluation.ref, eval_split=evaluation.split)
+    if calib or evaluation:
+        data.update(image_column=(calib or evaluation).image_column, label_column=(calib or evaluation).label_column)
+    return {"model_a": a, "model_b": b, **data, "out": str(out) if out else None, **opts.model_dump(mode="json")}
+
+
+def _resolvable(recipe: dict) -> dict:
+    """The recipe with local folders as absolute paths, so it reruns from any working folder."""
+    def resolve(key: str, value: Any) -> Any:
+        local = isinstance(value, str) and (key == "out" or Path(value).expanduser().exists())
+        return str(Path(value).expanduser().resolve()) if local else value
+
+    return {k: resolve(k, v) if k in ("model_a", "model_b", "calib", "eval", "out") else v for k, v in recipe.items()}
+
+
 def _token(push: bool, token: str | None) -> str | None:
     token = token or get_token()
     if push and not token:
@@ -73,22 +95,23 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
         out: Path | None = None, overwrite: bool = False, push: bool = False, repo_id: str | None = None,
         private: bool = False, revision: str | None = None, token: str | None = None,
         model_class: type | None = None, recipe: dict | None = None, preprocess: dict | None = None,
-        **options: Any) -> RunResult:
+        options: MergeOptions | None = None, **overrides: Any) -> RunResult:
     """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result.
 
-    ``options`` are :class:`~hubmerge.options.MergeOptions`; ``recipe`` is the effective recipe to embed
+    ``options``: a :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win);
+    ``recipe`` is the effective recipe to embed
     in the card (the CLI passes its merged command line and ``--config``); ``preprocess`` replaces fields
     (``input_size``, ``mean``, ``std``) of endpoint A's ``pretrained_cfg`` for the datasets, and is
     recorded in the merged model.
     """
-    opts = MergeOptions.parse(**options)
+    opts = MergeOptions.combine(options, overrides)
     token = _token(push, token)
     check_out(out, overwrite, (a, b, *(d.ref for d in (calib, evaluation) if d)))
     if out is not None:
         recover(out)
     if calib is None and opts.needs_data:
         raise UsageError("this merge needs calibration data (--calib): activation matching, REPAIR and budget "
-                         "allocation measure activations; use --align weight --no-repair for a data-free merge")
+                         "allocation measure activations; use --align weight --repair none for a data-free merge")
     api = HfApi(token=token)
     if push and repo_id is None:
         repo_id = _default_repo(api, a, b, token)
@@ -105,7 +128,7 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
     try:
         result.model.save_pretrained(staging)
         card.write(staging, result.report, repo_id=repo_id or str(out or "path/to/folder"),
-                   recipe=recipe or {"a": a, "b": b, **opts.model_dump(mode="json")},
+                   recipe=_resolvable(recipe or _recipe(a, b, calib, evaluation, out, opts)),
                    endpoints=result.report.endpoints, datasets=[d.ref for d in (calib, evaluation) if d],
                    licenses=[e.model.pretrained_cfg.get("license") for e in (ea, eb)],
                    preprocess=pre.to_dict())

@@ -103,3 +103,17 @@ def test_interpolation_curve_runs_from_a_to_b():
     assert curve[-1]["merge"]["loss"] == pytest.approx(eb.loss, abs=1e-9)
     assert curve[0]["repair"]["loss"] == pytest.approx(ea.loss, abs=1e-6)  # REPAIR toward A's own statistics
     assert curve[1]["merge"]["loss"] != curve[1]["repair"]["loss"]
+
+
+def test_merge_takes_a_merge_options_object_and_keywords_win():
+    a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
+    opts = hubmerge.MergeOptions(gamma=0.5, repair=None, cross="interpolate")
+    by_object = hubmerge.merge(a, b, data, options=opts)
+    by_keywords = hubmerge.merge(a, b, data, gamma=0.5, repair=None, cross="interpolate")
+    x = data[0][0]
+    assert torch.equal(by_object.model(x), by_keywords.model(x))
+    overridden = hubmerge.merge(a, b, data, options=opts, gamma=0.0).model
+    assert all(ka == kb == 0 for ka, _, kb in overridden.partition.values())  # the keyword won
+    assert overridden.cross == "interpolate"  # the object's other fields stayed
+    with pytest.raises(hubmerge.UsageError, match="MergeOptions"):
+        hubmerge.merge(a, b, data, options={"gamma": 0.5})

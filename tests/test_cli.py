@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -105,7 +106,7 @@ def test_bad_input_exits_3_and_remote_failure_4(local, tmp_path, monkeypatch):
     assert result.exit_code == 3 and "differ" in result.output
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = runner.invoke(app, ["run", "nobody/none", str(local / "ep1"), "--calib", str(local / "data"),
-                                 "--out", str(tmp_path / "m2"), "--align", "weight", "--no-repair"])
+                                 "--out", str(tmp_path / "m2"), "--align", "weight", "--repair", "none"])
     assert result.exit_code == 4, result.output
     assert len(result.output.strip().splitlines()) == 1
 
@@ -195,3 +196,41 @@ assert not heavy, heavy
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def _card_recipe(folder: Path) -> dict:
+    text = (folder / "README.md").read_text()
+    block = text.split("## Recipe")[1].split("```yaml\n")[1].split("```")[0]
+    return yaml.safe_load(block)
+
+
+@pytest.mark.parametrize("made_by", ["cli", "python"])
+def test_a_cards_recipe_reproduces_its_merge_bit_for_bit_from_another_folder(local, tmp_path, monkeypatch, made_by):
+    """The recipe in a card, whether the merge came from the CLI or from ``release.run()``, reruns with
+    ``hubmerge run --config`` from another working folder and gives the same weights; ``repair: reset`` and
+    the options the CLI once lacked (epsilon, score, batch_size) survive the round trip."""
+    from hubmerge.release import DataRef, run as release_run
+
+    first = tmp_path / "first"
+    settings = dict(gamma=0.25, partial="adaptive", epsilon=0.1, repair="reset", batch_size=16, score="loss")
+    if made_by == "cli":
+        monkeypatch.chdir(local)  # relative references in the command line
+        args = ["run", "ep0", "ep1", "--calib", "data", "--out", str(first), "--quiet", "--gamma", "0.25",
+                "--partial", "adaptive", "--epsilon", "0.1", "--repair", "reset", "--batch-size", "16",
+                "--score", "loss"]
+        assert runner.invoke(app, args).exit_code == 0
+    else:
+        release_run(str(local / "ep0"), str(local / "ep1"), calib=DataRef(str(local / "data")), out=first,
+                    **settings)
+    recipe = _card_recipe(first)
+    assert {k: recipe[k] for k in settings} == settings
+    recipe["out"] = str(tmp_path / "second")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "recipe.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    again = PartialMergedModel.from_pretrained(tmp_path / "second").state_dict()
+    want = PartialMergedModel.from_pretrained(first).state_dict()
+    assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
