@@ -7,11 +7,11 @@ stdout and nothing else there.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import sys
 from enum import Enum
+from inspect import Parameter, signature  # (the `inspect` command below takes the module's name)
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -45,8 +45,8 @@ def _with_merge_options(command):
     apart; they reach the command as ``**options`` and are validated by ``MergeOptions`` itself."""
     from hubmerge.options import MergeOptions
 
-    sig = inspect.signature(command)
-    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    sig = signature(command)
+    own = [p for p in sig.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
     extra = []
     for name, field in MergeOptions.model_fields.items():
         kind = _cli_type(name, field.annotation)
@@ -55,7 +55,7 @@ def _with_merge_options(command):
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
         option = typer.Option(NONE if default is None and isinstance(kind, type) and issubclass(kind, Enum)
                               else default, *decls, help=field.description)
-        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        extra.append(Parameter(name, Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     command.__signature__ = sig.replace(parameters=own + extra)
     return command
 

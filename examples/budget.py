@@ -2,9 +2,10 @@
 
 Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves of the data, ResNet20
 from different seeds and a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
-streams, widened through partitioned norms) from different seeds, all on Fashion-MNIST. For budgets
-{0.05, 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on held-out data, the
-measured parameter increase and each allocation's wall time, and writes a PNG plot per pair.
+streams, widened through partitioned norms) from different seeds, all on Fashion-MNIST. For budgets {0.05,
+0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on
+held-out data, the measured parameter increase and each allocation's wall time, and writes a PNG plot per
+pair.
 
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
     python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit

@@ -185,9 +185,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     ``datasets.Dataset`` (preprocessed as ``preprocess`` says, by default from the endpoint's
     ``pretrained_cfg``; the merged model records it for later evaluation). ``options``: a
     :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win): ``alpha``, ``align``,
-    ``repair``, ``gamma``, ``partial``, ``cross``, ``budget``, ``allocator``… With ``budget`` set, per-group γ comes from the allocator;
-    otherwise ``gamma`` (scalar or per group) is used as given. γ=0 everywhere is the full merge, whose
-    ``model.materialize()`` is a plain timm model of the endpoints' architecture.
+    ``repair``, ``gamma``, ``partial``, ``cross``, ``budget``, ``allocator``… With ``budget`` set, per-group γ
+    comes from the allocator; otherwise ``gamma`` (scalar or per group) is used as given. γ=0 everywhere is
+    the full merge, whose ``model.materialize()`` is a plain timm model of the endpoints' architecture.
     """
     opts = MergeOptions.combine(options, overrides)
     t0 = time.perf_counter()

@@ -12,10 +12,10 @@ written by hand.
 ``outputs`` are the conv/linear modules REPAIR corrects. ``layers``, ``norms`` and ``vectors`` are the
 view the partitioned build uses: conv/linear modules whose axes are each one group (or fixed) and depthwise
 convs, with the BatchNorm that follows; norms (LayerNorm, GroupNorm(1), GRN, layer-scale modules), which
-become partitioned norms where their group widens; per-unit tensors elsewhere (a block's layer-scale
-vector). Where a model has parameters outside that view (a grouped conv, a concatenation, attention heads)
-or an op that mixes units and that no partitioned norm reproduces, ``partial`` says why widening groups is not available yet; full merges (γ=0) work for every
-derived spec.
+become partitioned norms where their group widens; per-unit tensors elsewhere (a block's layer-scale vector).
+Where a model has parameters outside that view (a grouped conv, a concatenation, attention heads) or an op
+that mixes units and that no partitioned norm reproduces, ``partial`` says why widening groups is not
+available yet; full merges (γ=0) work for every derived spec.
 """
 
 from __future__ import annotations

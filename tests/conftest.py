@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import timm
 import torch
 
+import datasets
 from hubmerge.arch_specs import randomize_
+from hubmerge.demo import save_timm
 
 # (timm name, model_args, input shape): one or more per adapter family, tiny enough for a CPU test run.
 CASES = {
@@ -47,3 +52,23 @@ def partial_gamma(case: str) -> float:
     """A γ strictly between 0 and 1 for tests of partial merges: small for timm VGG, whose 4096-wide
     fixed fc2 makes each padded assignment cost seconds."""
     return 0.05 if case == "timm_vgg11_bn" else 0.35
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """Two tiny MLP endpoints in timm hub format and a labelled ``save_to_disk`` dataset, for CLI runs."""
+    root = tmp_path_factory.mktemp("cli")
+    args = dict(depth=2, width=12, bn=True, img_size=8, num_classes=10)
+    for i in (0, 1):
+        save_timm(randomize_(timm.create_model("hubmerge_mlp", **args), i), root / f"ep{i}", "hubmerge_mlp", args)
+    rng = np.random.default_rng(0)
+    datasets.Dataset.from_dict(
+        {"image": [rng.integers(0, 255, (8, 8), dtype=np.uint8) for _ in range(40)], "label": [i % 10 for i in range(40)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    ).save_to_disk(str(root / "data"))
+    return root
+
+
+def base(root: Path, *extra: str) -> list[str]:
+    """``hubmerge run`` arguments for the ``local`` endpoints and data."""
+    return ["run", str(root / "ep0"), str(root / "ep1"), "--calib", str(root / "data"), "--quiet", *extra]

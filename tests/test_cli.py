@@ -4,38 +4,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
 from typer.testing import CliRunner
 
-import datasets
 from hubmerge import PartialMergedModel
-from hubmerge.arch_specs import randomize_
 from hubmerge.cli.app import app
 from hubmerge.demo import save_timm
 
+from conftest import base
+
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    args = dict(depth=2, width=12, bn=True, img_size=8, num_classes=10)
-    for i in (0, 1):
-        save_timm(randomize_(timm.create_model("hubmerge_mlp", **args), i), root / f"ep{i}", "hubmerge_mlp", args)
-    rng = np.random.default_rng(0)
-    datasets.Dataset.from_dict(
-        {"image": [rng.integers(0, 255, (8, 8), dtype=np.uint8) for _ in range(40)], "label": [i % 10 for i in range(40)]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
-    ).save_to_disk(str(root / "data"))
-    return root
-
-
-def base(root: Path, *extra: str) -> list[str]:
-    return ["run", str(root / "ep0"), str(root / "ep1"), "--calib", str(root / "data"), "--quiet", *extra]
 
 
 def test_run_writes_a_loadable_folder_and_a_json_report(local, tmp_path):

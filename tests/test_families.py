@@ -3,10 +3,10 @@ and the family supports exactly what the table declares.
 
 For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR
 and ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
-independently computed permute-and-average merge. Families declared ``partial`` also give the
-logit-averaged ensemble at γ=1 and A's function at γ=0.5 with α=0, count their parameters as the cost model
-says, and run a ``budget=0.1`` merge that saves, reloads strictly and computes the same outputs; families declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what
-the test checks (no family is skipped).
+independently computed permute-and-average merge. Families declared ``partial`` also give the logit-averaged
+ensemble at γ=1 and A's function at γ=0.5 with α=0, count their parameters as the cost model says, and run a
+``budget=0.1`` merge that saves, reloads strictly and computes the same outputs; families declared ``full``
+refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family is skipped).
 """
 
 import pytest

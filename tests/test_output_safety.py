@@ -16,7 +16,7 @@ from hubmerge import PartialMergedModel
 from hubmerge.cli.app import app
 from hubmerge.output import OLD, STAGING, recover
 
-from test_cli import base, local  # noqa: F401 - the endpoint/data fixture
+from conftest import base
 
 runner = CliRunner()
 
@@ -48,7 +48,7 @@ def workdir(tmp_path, monkeypatch):
     ("missing/m", (), "does not exist"),
     ("notes", (), "not empty"),
 ])
-def test_a_dangerous_or_unusable_out_is_refused_before_any_work(local, workdir, out, extra, message):  # noqa: F811
+def test_a_dangerous_or_unusable_out_is_refused_before_any_work(local, workdir, out, extra, message):
     before = snapshot(workdir.parent)
     result = runner.invoke(app, base(local, "--out", out, *extra))
     assert result.exit_code == 2, result.output
@@ -58,14 +58,14 @@ def test_a_dangerous_or_unusable_out_is_refused_before_any_work(local, workdir, 
 
 
 @pytest.mark.parametrize("inside", ["ep0", "data", "."])
-def test_an_input_or_a_folder_holding_one_is_refused(local, workdir, inside):  # noqa: F811
+def test_an_input_or_a_folder_holding_one_is_refused(local, workdir, inside):
     before = snapshot(local)
     result = runner.invoke(app, base(local, "--out", str(local / inside), "--overwrite"))
     assert result.exit_code == 2 and "holds the input" in result.output, result.output
     assert snapshot(local) == before
 
 
-def test_overwrite_replaces_a_previous_result_with_the_users_permissions(local, workdir):  # noqa: F811
+def test_overwrite_replaces_a_previous_result_with_the_users_permissions(local, workdir):
     old_umask = os.umask(0o027)
     try:
         assert runner.invoke(app, base(local, "--gamma", "0.2", "--out", "m")).exit_code == 0
@@ -94,7 +94,7 @@ def test_a_result_moved_aside_by_a_killed_run_is_restored(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_a_run_killed_at_any_moment_leaves_the_old_or_the_new_result(local, tmp_path):  # noqa: F811
+def test_a_run_killed_at_any_moment_leaves_the_old_or_the_new_result(local, tmp_path):
     """SIGKILL a real ``hubmerge run --overwrite`` at moments spread over its run time: the folder always
     loads, as the old merge (γ=0.2) or the new one (γ=0.5), and the next run cleans up after it."""
     exe = Path(sys.executable).with_name("hubmerge")
