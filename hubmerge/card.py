@@ -1,20 +1,45 @@
-"""The model card of a merged repo: hub metadata, settings, metrics, allocation, plot, usage."""
+"""The model card of a merged model: hub metadata, what it is, settings, metrics, allocation, usage, citations.
+
+Built from the merged model's own config (endpoints, settings, partition, preprocessing), so
+``save_pretrained`` / ``push_to_hub`` of a :class:`~hubmerge.partitioned.PartialMergedModel` write it too;
+the report of a merge adds metrics (also as ``model-index`` results where the evaluation data is on the
+Hub), the allocation, a plot and the recipe. Metadata names Hub repos only: a local folder is not a model or
+dataset on the Hub, so it is described in the text instead.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
+from . import __version__
 
-from . import __version__  # noqa: E402
-from .api import MergeReport  # noqa: E402
+if TYPE_CHECKING:
+    from .api import MergeReport
+    from .partitioned import PartialMergedModel
 
 PLOT = "barrier_vs_params.png"
+CITATIONS = """\
+- Koch, *Partial Model Merging*, MSc thesis, 2023 (partial merging, buffers, benefit-factor budgets).
+- Ainsworth, Hayase, Srinivasa, *Git Re-Basin: Merging Models modulo Permutation Symmetries*, ICLR 2023
+  (activation and weight matching).
+- Jordan, Sedghi, Saukh, Entezari, Neyshabur, *REPAIR: REnormalizing Permuted Activations for Interpolation
+  Repair*, ICLR 2023.
+
+```bibtex
+@inproceedings{ainsworth2023git,
+  title={Git Re-Basin: Merging Models modulo Permutation Symmetries},
+  author={Ainsworth, Samuel K. and Hayase, Jonathan and Srinivasa, Siddhartha}, booktitle={ICLR}, year={2023}}
+@inproceedings{jordan2023repair,
+  title={{REPAIR}: {RE}normalizing Permuted Activations for Interpolation Repair},
+  author={Jordan, Keller and Sedghi, Hanie and Saukh, Olga and Entezari, Rahim and Neyshabur, Behnam},
+  booktitle={ICLR}, year={2023}}
+```"""
 
 TEMPLATE = """---
 {card_data}
@@ -22,11 +47,10 @@ TEMPLATE = """---
 
 # {title}
 
-A **partial merge** of [`{a}`]({a_link}) and [`{b}`]({b_link}) made with
-[hubmerge](https://pypi.org/project/hubmerge/) {version}: units that align well are interpolated, units
-that do not are kept side by side, so the model sits between a full merge (same size) and the ensemble
-(twice the size). It is stored and executed partitioned: only the non-zero blocks are in
-`model.safetensors`.
+A **partial merge** of {a} and {b} made with [hubmerge](https://pypi.org/project/hubmerge/) {version}: units
+that align well are interpolated, units that do not are kept side by side, so the model sits between a full
+merge (one endpoint's size) and the ensemble (twice the size). It is stored and executed partitioned: only
+the non-zero blocks are in `model.safetensors`.
 
 ## Method and settings
 
@@ -34,30 +58,62 @@ that do not are kept side by side, so the model sits between a full merge (same 
 |---|---|
 {settings}
 
-Endpoint commits: `{a}` @ `{commit_a}`, `{b}` @ `{commit_b}`.
+Endpoints: {endpoints}.
 
 ## Metrics
 {metrics}
 
+The *barrier* is how much worse the merge is than its endpoints: the α-weighted mean of the endpoints'
+accuracy minus the merge's (percentage points), and the merge's cross-entropy minus the endpoints' weighted
+mean. Lower is better; 0 means no loss, and the ensemble is usually below 0.
+
 ## Allocation per group
 {allocation}
-
-## Recipe (reproduce with `hubmerge run --config recipe.yaml`)
-
-```yaml
 {recipe}
-```
-
 ## How to use
 
 ```python
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
 from hubmerge import PartialMergedModel
 
-model = PartialMergedModel.from_pretrained("{repo_id}")
-logits = model(images)  # preprocess as the endpoints: {preprocess}
+model = PartialMergedModel.from_pretrained("{repo_id}").eval()
+transform = create_transform(**resolve_data_config(model=model))  # the endpoints' preprocessing
+channels = model.pretrained_cfg["input_size"][0]
+image = Image.new("RGB", (320, 240))  # your image: Image.open("photo.jpg")
+batch = transform(image.convert("L" if channels == 1 else "RGB")).unsqueeze(0)
+with torch.no_grad():
+    logits = model(batch)
 plain = model.materialize()  # an equivalent zero-padded plain model, for inspection or export
 ```
+
+## Citation
+
+{citations}
 """
+
+
+def _hub_id(ref: str | None) -> str | None:
+    """``ref`` without its ``@revision`` if it names a Hub repo, None for a local path."""
+    if not ref or Path(ref).expanduser().exists():
+        return None
+    repo = ref.split("@")[0]
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return None
+    return repo
+
+
+def _endpoint(e: dict, fallback: str) -> tuple[str, str]:
+    """(how the text names an endpoint, its provenance)."""
+    ref = e.get("id") or fallback
+    hub = _hub_id(ref)
+    name = f"[`{ref}`](https://huggingface.co/{hub})" if hub else f"`{ref}`"
+    where = f"commit `{e['commit']}`" if e.get("commit") else "a local folder (no commit)" if e else "given in Python"
+    return name, f"{name} ({where})"
 
 
 def _metrics(report: MergeReport) -> str:
@@ -75,10 +131,10 @@ def _metrics(report: MergeReport) -> str:
     return "\n".join(rows) + "\n" + size + f"\n\n![barrier vs parameters]({PLOT})"
 
 
-def _allocation(report: MergeReport) -> str:
+def _allocation(partition: dict, allocation: list[dict]) -> str:
     rows = ["| group | k_A | shared | k_B | γ | params added | benefit |", "|---|---|---|---|---|---|---|"]
-    by_group = {r["group"]: r for r in report.allocation}
-    for g, (ka, m, kb) in report.partition.items():
+    by_group = {r["group"]: r for r in allocation}
+    for g, (ka, m, kb) in partition.items():
         r = by_group.get(g, {})
         benefit = r.get("benefit")
         rows.append(f"| {g} | {ka} | {m} | {kb} | {ka / (ka + m):.2f} | {r.get('params_added', '')} | "
@@ -88,6 +144,11 @@ def _allocation(report: MergeReport) -> str:
 
 def plot(report: MergeReport, path: Path) -> None:
     """Accuracy barrier against parameter increase: full merge, + REPAIR, this merge, ensemble."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     m, a, b = report.metrics, report.metrics["a"], report.metrics["b"]
     ref = (a.accuracy + b.accuracy) / 2
     points = [("full merge", 0.0, m["full_merge"]), ("this merge", report.param_increase, m["merged"]),
@@ -105,30 +166,60 @@ def plot(report: MergeReport, path: Path) -> None:
     plt.close(fig)
 
 
-def write(folder: Path, report: MergeReport, *, repo_id: str, recipe: dict, endpoints: dict, datasets: list[str],
-          licenses: list[str | None], preprocess: dict) -> ModelCard:
-    """Write ``README.md`` (and the plot, when there are metrics) into ``folder``."""
-    a, b = endpoints["a"], endpoints["b"]
+def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_id: str,
+          recipe: dict | None = None, datasets: tuple[str, ...] = (), evaluation: str | None = None,
+          licenses: tuple[str | None, ...] = ()) -> ModelCard:
+    """The card of ``model``; with the ``report`` of its merge also metrics, allocation scores and the
+    recipe. ``datasets``: calibration and evaluation references, ``evaluation`` the latter (its results go
+    to ``model-index`` when it is a Hub dataset)."""
+    ends = model.endpoints or {}
+    (a, prov_a), (b, prov_b) = _endpoint(ends.get("a", {}), "endpoint A"), _endpoint(ends.get("b", {}), "endpoint B")
+    hub_models = [h for h in (_hub_id(ends.get(k, {}).get("id")) for k in ("a", "b")) if h]
+    hub_data = [h for h in map(_hub_id, datasets) if h]
     license_ = licenses[0] if len(set(licenses)) == 1 and licenses[0] else None
+    eval_hub = _hub_id(evaluation)
+    results = None
+    if report is not None and report.metrics and eval_hub:
+        merged = report.metrics["merged"]
+        results = [EvalResult(task_type="image-classification", dataset_type=eval_hub, dataset_name=eval_hub,
+                              metric_type="accuracy", metric_value=merged.accuracy),
+                   EvalResult(task_type="image-classification", dataset_type=eval_hub, dataset_name=eval_hub,
+                              metric_type="loss", metric_value=merged.loss)]
+    title = "Partial merge of {} and {}".format(*(ends.get(k, {}).get("id") or f"endpoint {k.upper()}" for k in "ab"))
     data = ModelCardData(
-        base_model=[a["id"], b["id"]], base_model_relation="merge", library_name="hubmerge",
+        base_model=hub_models or None, base_model_relation="merge" if hub_models else None,
+        library_name="hubmerge", pipeline_tag="image-classification",
         tags=["hubmerge", "model-merging", "partial-merging", "image-classification"],
-        datasets=datasets or None, license=license_,
+        datasets=hub_data or None, license=license_, model_name=repo_id.split("/")[-1],
+        eval_results=results,
     )
-    settings = "\n".join(f"| {k} | `{v}` |" for k, v in report.options.items())
-    settings += f"\n| hubmerge version | `{__version__}` |"
+    settings = report.options if report is not None else model.settings
+    rows = [f"| {k} | `{v}` |" for k, v in settings.items()]
+    rows += [f"| architecture | `{model.architecture}` `{model.model_args}` |",
+             f"| preprocessing | `{model.preprocess}` |", f"| hubmerge version | `{__version__}` |"]
+    if report is None:
+        metrics = "Not recorded with this save: `hubmerge eval MODEL --data DATASET` measures accuracy and loss."
+    elif not report.metrics:
+        metrics = "No evaluation data was given."
+    else:
+        metrics = _metrics(report)
+    text = TEMPLATE.format(
+        card_data=data.to_yaml(), title=title, a=a, b=b, version=__version__, settings="\n".join(rows),
+        endpoints=f"A = {prov_a}, B = {prov_b}", metrics=metrics,
+        allocation=_allocation(model.partition, report.allocation if report is not None else []),
+        recipe="" if recipe is None else ("\n## Recipe (reproduce with `hubmerge run --config recipe.yaml`)\n\n"
+                                          f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False).strip()}\n```\n"),
+        repo_id=repo_id, citations=CITATIONS,
+    )
+    return ModelCard(text)
+
+
+def write(folder: Path, model: PartialMergedModel, report: MergeReport, *, repo_id: str, recipe: dict,
+          datasets: tuple[str, ...], evaluation: str | None, licenses: tuple[str | None, ...]) -> ModelCard:
+    """Write ``README.md`` (and the plot, when there are metrics) into ``folder``."""
     if report.metrics:
         plot(report, folder / PLOT)
-
-    def link(ref: str) -> str:
-        return ref if Path(ref).exists() else f"https://huggingface.co/{ref.split('@')[0]}"
-
-    text = TEMPLATE.format(
-        card_data=data.to_yaml(), title=repo_id.split("/")[-1], a=a["id"], b=b["id"], a_link=link(a["id"]),
-        b_link=link(b["id"]), version=__version__, settings=settings, commit_a=a.get("commit"),
-        commit_b=b.get("commit"), metrics=_metrics(report), allocation=_allocation(report),
-        recipe=yaml.safe_dump(recipe, sort_keys=False).strip(), repo_id=repo_id, preprocess=preprocess,
-    )
-    card = ModelCard(text)
+    card = build(model, report, repo_id=repo_id, recipe=recipe, datasets=datasets, evaluation=evaluation,
+                 licenses=licenses)
     card.save(folder / "README.md")
     return card

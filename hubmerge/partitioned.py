@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 from torch.func import functional_call
 
@@ -277,6 +277,14 @@ class PartialMergedModel(
             if not layer.depthwise:
                 _replace(net, layer.name, net.get_submodule(layer.name).dense())
         return net
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """hubmerge's card (what the model is, its endpoints, settings, partition, usage, citations) for
+        ``save_pretrained`` / ``push_to_hub``, instead of the mixin's generic one; ``hubmerge run`` replaces
+        it with the full card of the merge (metrics, allocation, recipe)."""
+        from .card import build  # the card is rendered from this model; imported only when saving
+
+        return build(self, repo_id=kwargs.get("repo_id") or "path/to/this/folder")
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,

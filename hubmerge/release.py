@@ -127,11 +127,12 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
     staging = staging_for(out)
     try:
         result.model.save_pretrained(staging)
-        card.write(staging, result.report, repo_id=repo_id or str(out or "path/to/folder"),
+        card.write(staging, result.model, result.report,
+                   repo_id=repo_id or str(out.expanduser().resolve() if out else "path/to/folder"),
                    recipe=_resolvable(recipe or _recipe(a, b, calib, evaluation, out, opts)),
-                   endpoints=result.report.endpoints, datasets=[d.ref for d in (calib, evaluation) if d],
-                   licenses=[e.model.pretrained_cfg.get("license") for e in (ea, eb)],
-                   preprocess=pre.to_dict())
+                   datasets=tuple(d.ref for d in (calib, evaluation) if d),
+                   evaluation=evaluation.ref if evaluation else None,
+                   licenses=tuple(e.model.pretrained_cfg.get("license") for e in (ea, eb)))
         usual_permissions(staging)
         url = None
         if push:

@@ -87,6 +87,8 @@ def test_push_endpoints_merge_by_repo_id_push_and_load_back(hub):
         out["relation"] = card.data.base_model_relation
         out["library"] = card.data.library_name
         out["datasets"] = card.data.datasets
+        out["pipeline_tag"] = card.data.pipeline_tag
+        out["title"] = [line for line in card.text.splitlines() if line.startswith("# ")]
         out["card_has_table"] = "| merged |" in card.text and "barrier_vs_params.png" in card.text
         from huggingface_hub import HfApi
         out["files"] = sorted(HfApi().list_repo_files("tester/merged"))
@@ -99,8 +101,9 @@ def test_push_endpoints_merge_by_repo_id_push_and_load_back(hub):
     assert out["same_outputs"] is True
     assert out["base_model"] == ["tester/mlp-a", "tester/mlp-b"]
     assert out["relation"] == "merge" and out["library"] == "hubmerge"
-    assert out["datasets"] == [f"{data}/calib.parquet", f"{data}/calib_disk"]
-    assert out["card_has_table"] is True
+    assert out["datasets"] is None  # local files are not Hub datasets; the card's text names them
+    assert out["card_has_table"] is True and out["title"] == ["# Partial merge of tester/mlp-a and tester/mlp-b"]
+    assert out["pipeline_tag"] == "image-classification"
     assert out["files"] == ["README.md", "barrier_vs_params.png", "config.json", "model.safetensors"]
     assert all(len(e["commit"]) == 40 for e in out["commits"].values())
     assert out["eval_samples"] == 32
