@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .errors import DataError
+from .errors import DataError, UsageError
 
 Batches = Union[DataLoader, Iterable]
 IMAGE_NAMES = ("image", "img", "pixel_values", "images", "x", "input", "inputs")
@@ -171,22 +171,57 @@ def as_batches(data: Any, *, preprocess: Preprocess | None = None, batch_size: i
     return data
 
 
+SPLIT = re.compile(r"([\w.-]+)(?:\[(\d*)(%?):(\d*)(%?)\])?")
+PLAIN_NAMES = ("train", "test", "validation", "calibration")  # what a folder holding one split-less dataset takes
+
+
+def parse_split(split: str) -> tuple[str, slice | None, bool]:
+    """``train``, ``train[:2000]`` or ``train[10%:50%]`` → (name, row slice, whether in percent); anything
+    else is a usage error (the ``datasets`` slice syntax, with both bounds of one kind)."""
+    found = SPLIT.fullmatch(split or "")
+    if found is None or found[3] != found[5] and found[2] and found[4]:
+        raise UsageError(f"split {split!r} must look like train, train[:2000], train[100:200] or train[:10%]")
+    name, lo, pct_lo, hi, pct_hi = found.groups()
+    if "[" not in split:
+        return name, None, False
+    percent = bool(pct_lo or pct_hi)
+    if (pct_lo and not lo) or (pct_hi and not hi):
+        raise UsageError(f"split {split!r}: a % needs a number before it")
+    if percent and any(int(v) > 100 for v in (lo, hi) if v):
+        raise UsageError(f"split {split!r}: percentages go up to 100")
+    return name, slice(int(lo) if lo else None, int(hi) if hi else None), percent
+
+
+def _rows(ds: Any, rows: slice | None, percent: bool) -> Any:
+    if rows is None:
+        return ds
+    n = len(ds)
+    scale = (lambda v: v * n // 100) if percent else (lambda v: v)
+    lo = 0 if rows.start is None else min(n, scale(rows.start))
+    hi = n if rows.stop is None else min(n, scale(rows.stop))
+    return ds.select(range(lo, max(lo, hi)))
+
+
 def load_dataset_ref(ref: str, split: str = "train", samples: int | None = None, seed: int = 0) -> Any:
     """A ``datasets.Dataset`` from a hub id, a ``save_to_disk`` folder, parquet file(s) or an image
     folder; ``split`` may carry a slice (``train[:2000]``); ``samples`` draws a seeded random subset."""
     import datasets
 
+    if samples is not None and samples < 1:
+        raise UsageError(f"samples must be at least 1, got {samples} (leave it out for every row)")
+    name, rows, percent = parse_split(split)
     path = Path(ref)
     try:
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            name, lo, hi = re.fullmatch(r"([\w-]+)(?:\[(\d*):(\d*)\])?", split).groups()
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if name not in ds:
                     raise DataError(f"{ref}: no split {name!r}; splits: {list(ds)}")
                 ds = ds[name]
-            if lo or hi:
-                ds = ds.select(range(int(lo or 0), min(len(ds), int(hi or len(ds)))))
+            elif (str(ds.split) if ds.split else None) not in (name, None) or not ds.split and name not in PLAIN_NAMES:
+                raise DataError(f"{ref} holds one dataset ({ds.split or 'no split name'}), not a split {name!r}; "
+                                f"give its split name or one of {PLAIN_NAMES}")
+            ds = _rows(ds, rows, percent)
         elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
             files = str(path) if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
             ds = datasets.load_dataset("parquet", data_files={split.split("[")[0]: files}, split=split)

@@ -16,6 +16,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from huggingface_hub import snapshot_download
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import errors as hf_errors
 
 from . import __version__
@@ -70,6 +71,13 @@ def resolve(ref: str, revision: str | None = None, *, patterns: list[str] | None
         return Resolved(Path(ref), ref, None, None)
     repo_id, at = split_revision(ref)
     revision = revision or at
+    try:
+        validate_repo_id(repo_id)
+    except hf_errors.HFValidationError as exc:
+        looks_local = ref.startswith(("/", ".", "~")) or Path(ref).exists()
+        raise CheckpointError(f"{ref}: no such local folder" if looks_local else
+                              f"{ref!r} is neither a local folder nor a hub repo id (user/name[@revision]): {exc}"
+                              ) from None
     with remote_errors(f"{repo_id}@{revision or 'main'}"):
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                    cache_dir=cache_dir, local_files_only=local_files_only,

@@ -5,9 +5,10 @@ Validation happens before any download or compute, so a bad option costs nothing
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UsageError
 
@@ -43,8 +44,15 @@ class MergeOptions(BaseModel):
         "auto", description="benefit measure; auto = loss with labels, KL to the ensemble without")
     greedy_step: float = Field(0.25, gt=0.0, le=1.0, description="γ step of the greedy allocator")
     seed: int = Field(0, description="seed of data subsets and random choices")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps, or auto (cuda when available)")
     batch_size: int = Field(256, ge=1, description="images per forward pass")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", value):
+            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> MergeOptions:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from . import card
 from .api import MergeReport, merge
-from .data import HFImages, Preprocess, load_dataset_ref
+from .data import HFImages, Preprocess, load_dataset_ref, parse_split
 from .errors import UsageError
 from .hub import load_endpoint, remote_errors, split_revision
 from .options import MergeOptions
@@ -105,6 +107,16 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
     recorded in the merged model.
     """
     opts = MergeOptions.combine(options, overrides)
+    if repo_id is not None:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise UsageError(f"--repo-id {repo_id!r} is not a hub repo id (user/name): {exc}") from None
+    for ref in (calib, evaluation):
+        if ref is not None:  # split syntax and sample counts, before any download
+            parse_split(ref.split)
+            if ref.samples is not None and ref.samples < 1:
+                raise UsageError(f"--calib-samples must be at least 1, got {ref.samples} (leave it out for every row)")
     token = _token(push, token)
     check_out(out, overwrite, (a, b, *(d.ref for d in (calib, evaluation) if d)))
     if out is not None:

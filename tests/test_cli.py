@@ -215,3 +215,39 @@ def test_a_cards_recipe_reproduces_its_merge_bit_for_bit_from_another_folder(loc
     again = PartialMergedModel.from_pretrained(tmp_path / "second").state_dict()
     want = PartialMergedModel.from_pretrained(first).state_dict()
     assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
+
+
+# bad inputs found by trying the CLI as a user would (issue 12): each one clear line, the documented exit
+# code (2 usage, 3 bad input), before any merge work; they used to end in raw library exceptions, a
+# misleading message, or a silent wrong answer
+BAD_RUNS = [
+    (lambda r: [str(r / "ep0"), "/nonexistent/ep1"], [], 3, "/nonexistent/ep1: no such local folder"),
+    (lambda r: [str(r / "ep0"), "user/../x"], [], 3, "neither a local folder nor a hub repo id"),
+    (lambda r: [str(r / "ep0"), str(r / "ep1")], ["--calib-samples", "-5"], 2, "must be at least 1"),
+    (lambda r: [str(r / "ep0"), str(r / "ep1")], ["--calib-split", "train[abc]"], 2, "must look like train"),
+    (lambda r: [str(r / "ep0"), str(r / "ep1")], ["--device", "tpu"], 2, "device must be cpu, cuda"),
+    (lambda r: [str(r / "ep0"), str(r / "ep1")], ["--push", "--repo-id", "bad..id"], 2, "is not a hub repo id"),
+]
+
+
+@pytest.mark.parametrize("endpoints,extra,code,message", BAD_RUNS)
+def test_bad_run_inputs_are_one_clear_line(local, tmp_path, endpoints, extra, code, message):
+    args = ["run", *endpoints(local), "--calib", str(local / "data"), "--out", str(tmp_path / "m"), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("split,code,message", [
+    ("nosuch", 3, "holds one dataset (no split name), not a split 'nosuch'"),
+    ("test[:10%]", 0, "(4 samples)"),  # datasets' percent slices work on save_to_disk folders too
+    ("test[5%:2]", 2, "must look like train"),
+    ("test[:101%]", 2, "percentages go up to 100"),
+])
+def test_eval_splits_are_parsed_not_ignored(local, split, code, message):
+    result = runner.invoke(app, ["eval", str(local / "ep0"), "--data", str(local / "data"), "--split", split,
+                                 "--quiet"])
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
