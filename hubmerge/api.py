@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import alignment, build as build_stage, partial, repair as repair_stage
@@ -21,7 +22,7 @@ from .arch_specs import architecture_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
-from .errors import DataError, IncompatibleModelsError, UsageError
+from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
 from .evaluate import Barrier, Ensemble, Metrics, barrier, evaluate
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
@@ -60,8 +61,29 @@ class MergeResult:
     report: MergeReport
 
 
+def _check_weights(model: nn.Module, name: str) -> torch.dtype:
+    """A model's floating dtype, after checking that every parameter is floating and every float tensor
+    finite: a NaN would spread through the whole merge, and integer weights are not the model's values."""
+    params = list(model.parameters())
+    if not params:
+        raise IncompatibleModelsError(f"endpoint {name} has no parameters")
+    dtypes = {p.dtype for p in params}
+    if any(not d.is_floating_point for d in dtypes) or len(dtypes) > 1:
+        raise CheckpointError(f"endpoint {name} has parameters of dtypes {sorted(map(str, dtypes))}; hubmerge "
+                              "merges floating-point models of one dtype and does not cast them")
+    for key, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"endpoint {name}: {key} holds NaN or infinite values; the model is broken")
+    return params[0].dtype
+
+
 def check_compatible(model_a: nn.Module, model_b: nn.Module) -> tuple[str, dict]:
-    """Both endpoints must be the same architecture with the same shapes; returns (name, model_args)."""
+    """Both endpoints must be the same architecture with the same shapes, floating dtype and finite weights;
+    returns (name, model_args)."""
+    dtype_a, dtype_b = _check_weights(model_a, "A"), _check_weights(model_b, "B")
+    if dtype_a != dtype_b:
+        raise IncompatibleModelsError(f"the endpoints' dtypes differ (A {dtype_a}, B {dtype_b}); convert one, "
+                                      f"for example model_b.to({dtype_a})")
     arch_a, arch_b = architecture_of(model_a), architecture_of(model_b)
     if arch_a[0] != arch_b[0]:
         raise IncompatibleModelsError(f"different architectures: A is {arch_a[0]}, B is {arch_b[0]}")

@@ -56,6 +56,8 @@ def batches(data: Batches, device: torch.device | str = "cpu", progress: str | b
     total = len(data) if hasattr(data, "__len__") else None
     for batch in progress_bar(data, progress, total):
         x, y = _split(batch)
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise DataError("a batch of inputs holds NaN or infinite values; clean the data first")
         yield x.to(device), (None if y is None else y.to(device))
 
 
@@ -98,6 +100,8 @@ class Preprocess:
 
     def __call__(self, image: Any) -> torch.Tensor:
         t = torch.as_tensor(np.array(image))
+        if t.dim() not in (2, 3):
+            raise DataError(f"an image must be 2-D (H, W) or 3-D (H, W, C or C, H, W), got shape {tuple(t.shape)}")
         scale = 255.0 if t.dtype == torch.uint8 else 1.0
         t = t.to(torch.float32) / scale
         if t.dim() == 2:
@@ -158,6 +162,9 @@ def as_batches(data: Any, *, preprocess: Preprocess | None = None, batch_size: i
     """Turn a DataLoader, torch Dataset or ``datasets.Dataset`` into re-iterable batches."""
     if data is None:
         raise DataError("no data given")
+    if iter(data) is data:  # a generator or iterator: hubmerge passes over the data several times
+        raise DataError(f"data must be re-iterable (a list of batches, a DataLoader or a Dataset), not a "
+                        f"{type(data).__name__}, which is used up after one pass")
     if type(data).__module__.startswith("datasets"):
         if len(data) == 0:
             raise DataError("the dataset is empty")

@@ -61,6 +61,12 @@ def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu"
         if y is None:
             raise DataError("evaluation data has no labels; give a label column or (x, y) batches")
         out = model(x)
+        if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+            raise DataError(f"labels must be a 1-D integer class index per sample, got {y.dtype} of shape "
+                            f"{tuple(y.shape)}")
+        if len(y) and (y.min() < 0 or y.max() >= out.shape[1]):
+            raise DataError(f"labels run from {y.min().item()} to {y.max().item()}, but the model has "
+                            f"{out.shape[1]} classes (0..{out.shape[1] - 1})")
         correct += (out.argmax(1) == y).sum().item()
         loss += F.cross_entropy(out.double(), y, reduction="sum").item()
         n += len(y)

@@ -17,6 +17,11 @@ import safetensors.torch
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import validate_repo_id
+
+try:  # the HTTP client of huggingface_hub 2.x, whose connection errors are not OSErrors
+    from httpx2 import TransportError
+except ImportError:  # huggingface_hub 1.x
+    from httpx import TransportError
 from huggingface_hub import errors as hf_errors
 
 from . import __version__
@@ -60,7 +65,7 @@ def remote_errors(what: str) -> Iterator[None]:
                           "(HF_HUB_OFFLINE=1); download it once online or give a local folder") from exc
     except hf_errors.HfHubHTTPError as exc:
         raise RemoteError(f"{what}: the hub refused the request ({str(exc).splitlines()[0]})") from exc
-    except OSError as exc:
+    except (OSError, TransportError) as exc:
         raise RemoteError(f"{what}: cannot reach the hub ({exc}); check HF_ENDPOINT and the network") from exc
 
 
@@ -119,6 +124,10 @@ def load_state_strict(model, state: dict, what: str) -> None:
     wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         raise CheckpointError(f"{what}: tensors with wrong shapes {wrong[:5]}; the file does not match its config")
+    cast = [k for k, v in state.items() if expected[k].is_floating_point() and not v.is_floating_point()]
+    if cast:  # load_state_dict would cast them silently
+        raise CheckpointError(f"{what}: tensors stored as integers {cast[:5]} where the model has floating-point "
+                              "weights; hubmerge does not cast a checkpoint")
     model.load_state_dict(state, strict=True)
 
 

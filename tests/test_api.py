@@ -7,7 +7,7 @@ from torch import nn
 
 import hubmerge
 from hubmerge.data import Preprocess
-from hubmerge.errors import DataError, IncompatibleModelsError, UnsupportedModelError, UsageError
+from hubmerge.errors import CheckpointError, DataError, IncompatibleModelsError, UnsupportedModelError, UsageError
 
 from conftest import labelled, make
 
@@ -117,3 +117,58 @@ def test_merge_takes_a_merge_options_object_and_keywords_win():
     assert overridden.cross == "interpolate"  # the object's other fields stayed
     with pytest.raises(hubmerge.UsageError, match="MergeOptions"):
         hubmerge.merge(a, b, data, options={"gamma": 0.5})
+
+
+def _broken(kind: str) -> nn.Module:
+    model = make("mlp_bn", 2)
+    if kind == "nan":
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("nan")
+    else:
+        model.float()
+    return model
+
+
+@pytest.mark.parametrize("case,error,message", [
+    ("nan", CheckpointError, "holds NaN or infinite values"),
+    ("float32", IncompatibleModelsError, "dtypes differ"),
+])
+def test_broken_or_mismatched_weights_are_refused(case, error, message):
+    """A NaN weight used to give a NaN model with no error; mixed dtypes a raw 'mat1 and mat2' error."""
+    with pytest.raises(error, match=message):
+        hubmerge.merge(make("mlp_bn", 1), _broken(case), labelled("mlp_bn"))
+
+
+def test_bad_data_from_python_raises_hubmerges_errors():
+    a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
+    with pytest.raises(DataError, match="re-iterable"):
+        hubmerge.merge(a, b, (batch for batch in data))
+    nan = [(x.clone().fill_(float("inf")), y) for x, y in data]
+    with pytest.raises(DataError, match="NaN or infinite"):
+        hubmerge.merge(a, b, nan)
+    out_of_range = [(x, y + 10) for x, y in data]
+    with pytest.raises(DataError, match="labels run from"):
+        hubmerge.merge(a, b, data, evaluation=out_of_range)
+    floats = [(x, y.double()) for x, y in data]
+    with pytest.raises(DataError, match="integer class index"):
+        hubmerge.merge(a, b, data, evaluation=floats)
+    pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
+    for shape in [(6,), (2, 1, 6, 6)]:
+        with pytest.raises(DataError, match="2-D"):
+            pre(np.zeros(shape, dtype=np.uint8))
+
+
+def test_integer_weights_in_a_checkpoint_are_refused_not_cast(tmp_path):
+    from safetensors.torch import save_file
+
+    from hubmerge.demo import save_timm
+    from hubmerge.hub import load_endpoint
+
+    model = make("mlp_bn", 1).float()
+    save_timm(model, tmp_path, "hubmerge_mlp", model.model_args)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].round().to(torch.int32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="stored as integers"):
+        load_endpoint(str(tmp_path))

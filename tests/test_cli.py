@@ -251,3 +251,15 @@ def test_eval_splits_are_parsed_not_ignored(local, split, code, message):
                                  "--quiet"])
     assert result.exit_code == code, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_push_to_an_unreachable_hub_is_a_remote_error(local, tmp_path):
+    """A connection error of huggingface_hub's HTTP client (not an OSError) used to exit 1 as 'unexpected'."""
+    exe = Path(sys.executable).with_name("hubmerge")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")},
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_unused", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([str(exe), *base(local, "--push", "--repo-id", "user/merged")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 4, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cannot reach the hub" in lines[0], proc.stderr
