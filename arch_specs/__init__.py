@@ -9,6 +9,7 @@ configuration each is tested on (``families.py``).
 from __future__ import annotations
 
 import json
+import os
 
 import timm
 import torch
@@ -72,14 +73,31 @@ def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Per
     return spec
 
 
+def _weight_bytes(architecture: str, model_args: dict) -> int | None:
+    """Bytes of a model's parameters and buffers, from a copy on the meta device (nothing allocated); None
+    for a model whose construction computes values (meta tensors have none), whose size is then not known
+    in advance."""
+    try:
+        with torch.device("meta"):
+            shapes = timm.create_model(architecture, pretrained=False, **model_args)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return sum(t.numel() * t.element_size() for t in [*shapes.parameters(), *shapes.buffers()])
+
+
 def build_model(architecture: str, model_args: dict) -> nn.Module:
     """Create an untrained model with timm (hubmerge's literature models are registered there); it keeps
     ``model_args`` so the merge can rebuild it."""
     try:
+        need, have = _weight_bytes(architecture, model_args), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need is not None and need > have:  # model_args come from config files: sizes before allocating
+            raise UnsupportedModelError(f"{architecture} with model_args {model_args} needs {need / 2**30:.1f} GiB "
+                                        f"for its weights, more than this machine's {have / 2**30:.1f} GiB; "
+                                        "check the sizes in its config")
         model = timm.create_model(architecture, pretrained=False, **model_args)
     except RuntimeError as exc:  # timm's "Unknown model"
         raise UnsupportedModelError(f"timm does not know the architecture {architecture!r} ({exc})") from exc
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise UnsupportedModelError(f"{architecture} does not take model_args {model_args}: {exc}") from exc
     model.model_args = dict(model_args)
     return model

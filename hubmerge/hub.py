@@ -96,7 +96,13 @@ def read_config(resolved: Resolved) -> dict:
     path = resolved.folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{resolved.repo_id}: no {CONFIG}; is this a timm or hubmerge model repo?")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{resolved.repo_id}: {CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{resolved.repo_id}: {CONFIG} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_weights(resolved: Resolved, device: str = "cpu") -> dict:

@@ -263,3 +263,20 @@ def test_push_to_an_unreachable_hub_is_a_remote_error(local, tmp_path):
     assert proc.returncode == 4, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "cannot reach the hub" in lines[0], proc.stderr
+
+
+def test_a_broken_or_oversized_endpoint_config_is_refused_before_allocating(local, tmp_path):
+    """Invalid JSON used to exit 1; a width of 10**9 in model_args tried to allocate hundreds of GB."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(local / "ep0", bad)
+    args = ["run", str(bad), str(local / "ep1"), "--calib", str(local / "data"), "--out", str(tmp_path / "m")]
+    (bad / "config.json").write_text("{not json")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3 and "config.json is not valid JSON" in result.output, result.output
+    config = json.loads((local / "ep0" / "config.json").read_text())
+    config["model_args"]["width"] = 10**9
+    (bad / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3 and "GiB for its weights" in result.output, result.output
