@@ -16,7 +16,8 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -63,27 +64,40 @@ def batches(data: Batches, device: torch.device | str = "cpu", progress: str | b
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Image → normalised float tensor of ``input_size`` (C, H, W), as the endpoint was trained."""
+    """Image → normalised float tensor of ``input_size`` (C, H, W), as the endpoint was trained and as timm
+    evaluates it: timm's own ``create_transform`` (resize the shorter side to ``size / crop_pct`` with
+    ``interpolation``, centre-crop, normalise), never a stretch to the target shape."""
 
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
 
     def __post_init__(self) -> None:
         if len(self.input_size) != 3 or min(self.input_size) < 1:
             raise DataError(f"input_size must be (channels, height, width), got {self.input_size}")
         c = self.input_size[0]
+        if c not in (1, 3):
+            raise DataError(f"images have 1 (greyscale) or 3 (RGB) channels; input_size asks for {c}")
         if len(self.mean) != c or len(self.std) != c:
             raise DataError(f"mean {self.mean} and std {self.std} need one value per input channel ({c})")
         if min(self.std) <= 0:
             raise DataError(f"std must be positive, got {self.std}")
+        if not 0 < self.crop_pct <= 1:
+            raise DataError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        transform = create_transform(input_size=self.input_size, interpolation=self.interpolation, mean=self.mean,
+                                     std=self.std, crop_pct=self.crop_pct, crop_mode=self.crop_mode)
+        object.__setattr__(self, "_transform", transform)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, input_size: tuple[int, ...] | None = None,
                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Preprocess:
-        """The preprocessing in the model's ``pretrained_cfg``; a field given here replaces the stored one.
-        Nothing is guessed: a field that is neither stored nor given is an error, since data normalised
-        differently from training silently lowers every measured accuracy."""
+        """The preprocessing in the model's ``pretrained_cfg`` (resolved as timm resolves it); a field given
+        here replaces the stored one. ``input_size``, ``mean`` and ``std`` are never guessed: one that is
+        neither stored nor given is an error, since data normalised differently from training silently
+        lowers every measured accuracy."""
         cfg = getattr(model, "pretrained_cfg", None) or {}
         given = {"input_size": input_size or cfg.get("input_size"), "mean": mean or cfg.get("mean"),
                  "std": std or cfg.get("std")}
@@ -91,33 +105,28 @@ class Preprocess:
         if missing:
             raise DataError(f"the model's pretrained_cfg has no {', '.join(missing)}: give "
                             f"{', '.join(missing)} (command line: --input-size C,H,W --mean M,.. --std S,..)")
+        resolved = resolve_data_config(pretrained_cfg={**cfg, **given})
         return cls(tuple(int(v) for v in given["input_size"]), tuple(float(v) for v in given["mean"]),
-                   tuple(float(v) for v in given["std"]))
+                   tuple(float(v) for v in given["std"]), resolved["interpolation"], float(resolved["crop_pct"]),
+                   resolved["crop_mode"])
 
-    def to_dict(self) -> dict[str, list]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON form, as stored in a merged model's config and card."""
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
 
     def __call__(self, image: Any) -> torch.Tensor:
-        t = torch.as_tensor(np.array(image))
-        if t.dim() not in (2, 3):
-            raise DataError(f"an image must be 2-D (H, W) or 3-D (H, W, C or C, H, W), got shape {tuple(t.shape)}")
-        scale = 255.0 if t.dtype == torch.uint8 else 1.0
-        t = t.to(torch.float32) / scale
-        if t.dim() == 2:
-            t = t[None]
-        elif t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
-            t = t.permute(2, 0, 1)
-        c, h, w = self.input_size
-        if t.shape[0] == 4:
-            t = t[:3]
-        if t.shape[0] != c:
-            t = t.mean(0, keepdim=True) if c == 1 else t.expand(c, -1, -1)
-        if tuple(t.shape[1:]) != (h, w):
-            t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        std = torch.tensor(self.std).view(-1, 1, 1)
-        return (t - mean) / std
+        if not isinstance(image, Image.Image):
+            array = np.asarray(image)
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = np.moveaxis(array, 0, -1)  # (C, H, W) → (H, W, C)
+            if array.ndim not in (2, 3):
+                raise DataError(f"an image must be 2-D (H, W) or 3-D (H, W, C or C, H, W), got shape {array.shape}")
+            if array.dtype != np.uint8:
+                raise DataError(f"an image array must hold uint8 pixels (0..255), got {array.dtype}; "
+                                "give PIL images or uint8 arrays")
+            image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+        return self._transform(image.convert("L" if self.input_size[0] == 1 else "RGB"))
 
 
 def find_columns(ds: Any, image_column: str | None = None, label_column: str | None = None

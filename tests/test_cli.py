@@ -119,7 +119,8 @@ def test_preprocessing_override_is_used_recorded_and_reused_by_eval(local, tmp_p
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["report"]["metrics"]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["preprocess"] == {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.2]}
+    assert config["preprocess"] == {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.2], "interpolation": "bilinear",
+                                    "crop_pct": 1.0, "crop_mode": "center"}
 
     def loss(*args):
         out = runner.invoke(app, ["eval", *args, "--data", str(local / "data"), "--json", "--quiet"])

@@ -4,6 +4,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 from hubmerge.data import Preprocess, as_batches, batches, load_dataset_ref
@@ -14,7 +15,7 @@ PRE = Preprocess(input_size=(1, 8, 8), mean=(0.5,), std=(0.25,))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """An ImageFolder tree: train/<class>/<i>.png with 12×10 RGB images (resized and greyed on load)."""
+    """An ImageFolder tree: train/<class>/<i>.png with 12×10 RGB images (resized, cropped and greyed on load)."""
     root = tmp_path_factory.mktemp("imagefolder")
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog", "eel"):
@@ -31,10 +32,13 @@ def test_image_folder_loads_with_class_labels_and_endpoint_preprocessing(folder)
     x, y = torch.cat(xs), torch.cat(ys)
     assert x.shape == (12, 1, 8, 8) and x.dtype == torch.float32
     assert sorted(y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
-    first = np.asarray(ds[0]["image"].convert("RGB"), dtype=np.float32).mean(-1) / 255  # greyscale, [0, 1]
-    want = torch.nn.functional.interpolate(torch.tensor(first)[None, None], size=(8, 8), mode="bilinear",
-                                           align_corners=False)[0]
-    assert torch.allclose(x[0], (want - 0.5) / 0.25, atol=1e-5)
+    # as timm evaluates: the 10×12 image's shorter side resized to 8, the centre 8×8 cropped, never stretched
+    grey = ds[0]["image"].convert("L")
+    want = T.Compose([T.Resize(8, T.InterpolationMode.BILINEAR), T.CenterCrop(8), T.ToTensor(),
+                      T.Normalize((0.5,), (0.25,))])(grey)
+    assert torch.allclose(x[0], want, atol=1e-6)
+    stretched = T.Normalize((0.5,), (0.25,))(T.ToTensor()(grey.resize((8, 8), Image.BILINEAR)))
+    assert (x[0] - stretched).abs().max() > 0.1
 
 
 def test_saved_dataset_split_slice_and_seeded_subset(tmp_path):
