@@ -137,7 +137,13 @@ class Prepared:
             first = next(iter(batches(self.calibration)), None)
             if first is None:
                 raise DataError("calibration data is empty: give at least one batch of inputs")
-            return tuple(first[0].shape[1:])
+            size = tuple(first[0].shape[1:])
+            channels = self.model_args.get("in_chans", (getattr(self.model_a, "pretrained_cfg", None) or {}).get(
+                "input_size", (None,))[0])
+            if channels is not None and (len(size) != 3 or size[0] != channels):
+                raise DataError(f"calibration inputs have shape {size} per sample; the model takes {channels}-channel "
+                                "images (channels, height, width)")
+            return size
         cfg = getattr(self.model_a, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
             raise UsageError("cannot tell the input resolution for FLOP counting: no calibration data and no "

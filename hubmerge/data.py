@@ -62,6 +62,9 @@ def batches(data: Batches, device: torch.device | str = "cpu", progress: str | b
         yield x.to(device), (None if y is None else y.to(device))
 
 
+MAX_SIDE = 8192  # an image side larger than this is a typo (an input_size of 10**6 would allocate terabytes)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Image → normalised float tensor of ``input_size`` (C, H, W), as the endpoint was trained and as timm
@@ -87,6 +90,8 @@ class Preprocess:
             raise DataError(f"std must be positive, got {self.std}")
         if not 0 < self.crop_pct <= 1:
             raise DataError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if max(self.input_size[1:]) > MAX_SIDE:
+            raise DataError(f"input_size {self.input_size}: sides above {MAX_SIDE} pixels are not classifier inputs")
         transform = create_transform(input_size=self.input_size, interpolation=self.interpolation, mean=self.mean,
                                      std=self.std, crop_pct=self.crop_pct, crop_mode=self.crop_mode)
         object.__setattr__(self, "_transform", transform)
@@ -161,7 +166,10 @@ class HFImages(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        row = self.ds[int(i)]
+        try:
+            row = self.ds[int(i)]
+        except (OSError, ValueError) as exc:  # a corrupt or unreadable image file (PIL's decoding errors)
+            raise DataError(f"row {i}: cannot decode the image ({exc})") from None
         x = self.preprocess(row[self.image])
         return (x, torch.as_tensor(row[self.label])) if self.label else x
 

@@ -152,6 +152,8 @@ def test_bad_data_from_python_raises_hubmerges_errors():
     floats = [(x, y.double()) for x, y in data]
     with pytest.raises(DataError, match="integer class index"):
         hubmerge.merge(a, b, data, evaluation=floats)
+    with pytest.raises(DataError, match="the model takes 1-channel images"):
+        hubmerge.merge(a, b, [(x.expand(-1, 3, -1, -1), y) for x, y in data])
     pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
     for shape in [(6,), (2, 1, 6, 6)]:
         with pytest.raises(DataError, match="2-D"):

@@ -281,3 +281,7 @@ def test_a_broken_or_oversized_endpoint_config_is_refused_before_allocating(loca
     (bad / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, args)
     assert result.exit_code == 3 and "GiB for its weights" in result.output, result.output
+    config["model_args"]["width"] = "wide"
+    (bad / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3 and "does not take model_args" in result.output, result.output

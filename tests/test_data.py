@@ -54,3 +54,14 @@ def test_saved_dataset_split_slice_and_seeded_subset(tmp_path):
 def test_a_datasets_dataset_without_preprocessing_is_a_clear_error(folder):
     with pytest.raises(DataError, match="needs a Preprocess"):
         as_batches(load_dataset_ref(str(folder), "train"))
+
+
+def test_a_corrupt_image_and_an_absurd_input_size_are_data_errors(tmp_path):
+    rows = {"image": [{"bytes": b"not a png", "path": None}], "label": [0]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path))
+    data = as_batches(load_dataset_ref(str(tmp_path), "train"), preprocess=PRE)
+    with pytest.raises(DataError, match="row 0: cannot decode the image"):
+        list(batches(data))
+    with pytest.raises(DataError, match="sides above 8192"):
+        Preprocess(input_size=(3, 10**6, 10**6), mean=(0.5,) * 3, std=(0.5,) * 3)
