@@ -107,6 +107,15 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
         assert family in archs
 
 
+def test_archs_derive_traces_every_family_and_agrees_with_the_table():
+    result = runner.invoke(app, ["archs", "--derive", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["family"]: r for r in json.loads(result.stdout)}
+    assert all(r["derived"] == r["support"] for r in rows.values())
+    assert rows["convnext"]["derived"] == "partial" and rows["convnext"]["why_not_partial"] is None
+    assert "attention in blocks.0.attn" in rows["vit"]["why_not_partial"]
+
+
 def test_eval_command(local):
     result = runner.invoke(app, ["eval", str(local / "ep0"), "--data", str(local / "data"), "--json", "--quiet"])
     assert result.exit_code == 0, result.output
