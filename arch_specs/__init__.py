@@ -34,6 +34,18 @@ def family_of(model: nn.Module) -> str:
     return type(model).__module__.rpartition(".")[2]
 
 
+def _input_size(default: tuple[int, ...], model_args: dict) -> tuple[int, int, int]:
+    """The (C, H, W) a model built with ``model_args`` takes: timm's default cfg keeps its default size
+    when ``in_chans`` or ``img_size`` say otherwise."""
+    chans, height, width = default
+    size = model_args.get("img_size")
+    if isinstance(size, int):
+        height = width = size
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        height, width = size
+    return (model_args.get("in_chans", chans), height, width)
+
+
 def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, batch: int = 2) -> torch.Tensor:
     """A fixed random batch at the size given, else the model's own (``pretrained_cfg['input_size']`` with
     the ``in_chans`` / ``img_size`` of its ``model_args``, which timm's default cfg does not follow), in the
@@ -43,14 +55,7 @@ def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, b
         if "input_size" not in cfg:
             raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['input_size']: give the "
                                         "input size (C, H, W) to trace it with")
-        args = getattr(model, "model_args", None) or {}
-        chans, height, width = cfg["input_size"]
-        size = args.get("img_size")
-        if isinstance(size, int):
-            height = width = size
-        elif isinstance(size, (list, tuple)) and len(size) == 2:
-            height, width = size
-        input_size = (args.get("in_chans", chans), height, width)
+        input_size = _input_size(cfg["input_size"], getattr(model, "model_args", None) or {})
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, *input_size, generator=gen, dtype=torch.float64).to(param.device, param.dtype)
@@ -85,9 +90,11 @@ def _weight_bytes(architecture: str, model_args: dict) -> int | None:
     return sum(t.numel() * t.element_size() for t in [*shapes.parameters(), *shapes.buffers()])
 
 
-def build_model(architecture: str, model_args: dict) -> nn.Module:
+def build_model(architecture: str, model_args: dict, pretrained_cfg: dict | None = None) -> nn.Module:
     """Create an untrained model with timm (hubmerge's literature models are registered there); it keeps
-    ``model_args`` so the merge can rebuild it."""
+    ``model_args`` so the merge can rebuild it. ``pretrained_cfg`` (a repo's stored one) overlays timm's;
+    its ``input_size`` follows ``in_chans`` / ``img_size`` of ``model_args``, which a stored cfg written from
+    timm's defaults can contradict (a ViT built with ``img_size=32`` takes nothing else)."""
     try:
         need, have = _weight_bytes(architecture, model_args), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need is not None and need > have:  # model_args come from config files: sizes before allocating
@@ -95,6 +102,10 @@ def build_model(architecture: str, model_args: dict) -> nn.Module:
                                         f"for its weights, more than this machine's {have / 2**30:.1f} GiB; "
                                         "check the sizes in its config")
         model = timm.create_model(architecture, pretrained=False, **model_args)
+        cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **(pretrained_cfg or {})}
+        if "input_size" in cfg:  # the size this model takes, which preprocessing and the card read
+            cfg["input_size"] = _input_size(cfg["input_size"], model_args)
+        model.pretrained_cfg = cfg
     except RuntimeError as exc:  # timm's "Unknown model"
         raise UnsupportedModelError(f"timm does not know the architecture {architecture!r} ({exc})") from exc
     except (TypeError, ValueError) as exc:

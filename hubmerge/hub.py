@@ -197,9 +197,8 @@ def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: 
         args = dict(config.get("model_args") or {})
         if "num_classes" in config:
             args.setdefault("num_classes", config["num_classes"])
-        model = build_model(config["architecture"], args)
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **(config.get("pretrained_cfg") or {}),
-                                "architecture": config["architecture"]}
+        model = build_model(config["architecture"], args,
+                            {**(config.get("pretrained_cfg") or {}), "architecture": config["architecture"]})
     else:
         raise CheckpointError(f"{ref}: {CONFIG} has no 'architecture' (timm format); for a "
                               "PyTorchModelHubMixin repo pass its model class")

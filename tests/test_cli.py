@@ -4,13 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import yaml
 from typer.testing import CliRunner
 
+import datasets
 from hubmerge import PartialMergedModel
+from hubmerge.arch_specs import randomize_
 from hubmerge.cli.app import app
 from hubmerge.demo import save_timm
 
@@ -172,6 +175,9 @@ def test_help_version_and_usage_errors_do_not_load_torch():
     code = """
 import sys
 from typer.testing import CliRunner
+
+import datasets
+from hubmerge.arch_specs import randomize_
 from hubmerge.cli.app import app
 runner = CliRunner()
 help = runner.invoke(app, ["run", "--help"])
@@ -294,3 +300,22 @@ def test_a_broken_or_oversized_endpoint_config_is_refused_before_allocating(loca
     (bad / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, args)
     assert result.exit_code == 3 and "does not take model_args" in result.output, result.output
+
+
+def test_an_endpoint_built_with_img_size_is_fed_that_size(tmp_path):
+    """timm's stored cfg keeps its default 224 for a ViT built with img_size=32; the merge used to resize
+    the data to 224 and fail. The model_args decide the size the model takes."""
+    rng = np.random.default_rng(0)
+    args = dict(img_size=32, depth=1, embed_dim=24, num_heads=2, num_classes=10)
+    for i in (0, 1):
+        model = randomize_(timm.create_model("vit_tiny_patch16_224", **args), i)
+        save_timm(model, tmp_path / f"ep{i}", "vit_tiny_patch16_224", args)
+    assert json.loads((tmp_path / "ep0" / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    datasets.Dataset.from_dict(
+        {"image": [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(8)], "label": list(range(8))},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    ).save_to_disk(str(tmp_path / "data"))
+    result = runner.invoke(app, ["run", str(tmp_path / "ep0"), str(tmp_path / "ep1"), "--calib", str(tmp_path / "data"),
+                                 "--out", str(tmp_path / "m"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert list(PartialMergedModel.from_pretrained(tmp_path / "m").pretrained_cfg["input_size"]) == [3, 32, 32]
