@@ -18,7 +18,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import typer
 import yaml
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)  # help shows [@revision] as written
+# no rich markup: help texts show "[@revision]" and "train[:2000]" as written
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
 log = logging.getLogger("hubmerge")
 
 
@@ -50,11 +51,11 @@ def _with_merge_options(command):
     extra = []
     for name, field in MergeOptions.model_fields.items():
         kind = _cli_type(name, field.annotation)
-        default = field.default.value if isinstance(field.default, Enum) else field.default
+        choice = isinstance(kind, type) and issubclass(kind, Enum)
         flag = f"--{name.replace('_', '-')}"
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
-        option = typer.Option(NONE if default is None and isinstance(kind, type) and issubclass(kind, Enum)
-                              else default, *decls, help=field.description)
+        default = NONE if field.default is None and choice else field.default
+        option = typer.Option(default, *decls, help=field.description)
         extra.append(Parameter(name, Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     command.__signature__ = sig.replace(parameters=own + extra)
     return command
