@@ -175,9 +175,6 @@ def test_help_version_and_usage_errors_do_not_load_torch():
     code = """
 import sys
 from typer.testing import CliRunner
-
-import datasets
-from hubmerge.arch_specs import randomize_
 from hubmerge.cli.app import app
 runner = CliRunner()
 help = runner.invoke(app, ["run", "--help"])
