@@ -23,7 +23,7 @@ from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
-from .evaluate import Barrier, Ensemble, Metrics, barrier, evaluate
+from .evaluate import Barrier, Metrics, barrier, evaluate, evaluate_all
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
 from .statistics import collect
@@ -191,16 +191,14 @@ def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any
     o = prepared.options
     data = prepared.batches(evaluation)
     full = prepared.plans(0.0)
-    candidates = {
-        "a": prepared.model_a,
-        "b": prepared.model_b,
-        "ensemble": Ensemble(prepared.model_a, prepared.model_b, o.alpha),
-        "full_merge": prepared.build(full, repair=None),
-    }
+    candidates = {"a": prepared.model_a, "b": prepared.model_b, "full_merge": prepared.build(full, repair=None)}
     if o.repair is not None:
         candidates["full_merge_repair"] = prepared.build(full)
     candidates["merged"] = model
-    metrics = {k: evaluate(m, data, o.device, progress=f"evaluating {k}") for k, m in candidates.items()}
+    # one pass for all six: the ensemble's logits come from the endpoints' (issue 13: evaluation shares work)
+    found = evaluate_all(candidates, data, o.device, {"ensemble": ("a", "b", o.alpha)}, progress="evaluating")
+    order = ["a", "b", "ensemble", "full_merge", "full_merge_repair", "merged"]
+    metrics = {k: found[k] for k in order if k in found}
     return metrics, barrier(metrics["a"], metrics["b"], metrics["merged"], o.alpha)
 
 

@@ -46,7 +46,51 @@ def logits(model: nn.Module, data: Batches, device: torch.device | str = "cpu") 
     return torch.cat([model(x).double().cpu() for x, _ in batches(data, device)])
 
 
+@dataclass
+class _Tally:
+    correct: int = 0
+    loss: float = 0.0
+    n: int = 0
+
+    def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.correct += (out.argmax(1) == y).sum().item()
+        self.loss += F.cross_entropy(out.double(), y, reduction="sum").item()
+        self.n += len(y)
+
+
+def _check_labels(y: torch.Tensor | None, classes: int) -> torch.Tensor:
+    if y is None:
+        raise DataError("evaluation data has no labels; give a label column or (x, y) batches")
+    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+        raise DataError(f"labels must be a 1-D integer class index per sample, got {y.dtype} of shape {tuple(y.shape)}")
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise DataError(f"labels run from {y.min().item()} to {y.max().item()}, but the model has {classes} classes "
+                        f"(0..{classes - 1})")
+    return y
+
+
 @torch.no_grad()
+def evaluate_all(models: dict[str, nn.Module], data: Batches, device: torch.device | str = "cpu",
+                 ensembles: dict[str, tuple[str, str, float]] | None = None, progress: str | bool = False
+                 ) -> dict[str, Metrics]:
+    """Accuracy and cross-entropy of several models in one pass over labelled batches (the data is read and
+    preprocessed once). ``ensembles[name] = (a, b, α)`` scores the logit average (1−α)·a + α·b from the
+    logits of models ``a`` and ``b``, as :class:`Ensemble` computes it, without running them again."""
+    ensembles = ensembles or {}
+    for m in models.values():
+        m.eval().to(device)
+    tally = {name: _Tally() for name in [*models, *ensembles]}
+    for x, y in batches(data, device, progress):
+        outs = {name: m(x) for name, m in models.items()}
+        outs.update({name: (1 - alpha) * outs[a] + alpha * outs[b] for name, (a, b, alpha) in ensembles.items()})
+        y = _check_labels(y, next(iter(outs.values())).shape[1])
+        for name, out in outs.items():
+            tally[name].add(out, y)
+    if not tally or next(iter(tally.values())).n == 0:
+        raise DataError("evaluation data is empty")
+    return {name: Metrics(t.correct / t.n, t.loss / t.n, t.n) for name, t in tally.items()}
+
+
 def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu",
              progress: str | bool = False, batch_size: int = 256) -> Metrics:
     """Top-1 accuracy and mean cross-entropy on labelled data (a DataLoader, a torch Dataset, or a
@@ -55,24 +99,7 @@ def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu"
         data = as_batches(data, preprocess=Preprocess.from_model(model), batch_size=batch_size)
     else:
         data = as_batches(data, batch_size=batch_size)
-    model.eval().to(device)
-    correct, loss, n = 0, 0.0, 0
-    for x, y in batches(data, device, progress):
-        if y is None:
-            raise DataError("evaluation data has no labels; give a label column or (x, y) batches")
-        out = model(x)
-        if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
-            raise DataError(f"labels must be a 1-D integer class index per sample, got {y.dtype} of shape "
-                            f"{tuple(y.shape)}")
-        if len(y) and (y.min() < 0 or y.max() >= out.shape[1]):
-            raise DataError(f"labels run from {y.min().item()} to {y.max().item()}, but the model has "
-                            f"{out.shape[1]} classes (0..{out.shape[1] - 1})")
-        correct += (out.argmax(1) == y).sum().item()
-        loss += F.cross_entropy(out.double(), y, reduction="sum").item()
-        n += len(y)
-    if n == 0:
-        raise DataError("evaluation data is empty")
-    return Metrics(correct / n, loss / n, n)
+    return evaluate_all({"model": model}, data, device, progress=progress)["model"]
 
 
 def barrier(a: Metrics, b: Metrics, merged: Metrics, alpha: float = 0.5) -> Barrier:

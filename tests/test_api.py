@@ -174,3 +174,17 @@ def test_integer_weights_in_a_checkpoint_are_refused_not_cast(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="stored as integers"):
         load_endpoint(str(tmp_path))
+
+
+def test_one_evaluation_pass_gives_exactly_the_metrics_of_separate_ones():
+    """The report evaluates all six models in one pass over the data, the ensemble from the endpoints'
+    logits; the numbers are those of evaluating each model on its own."""
+    from hubmerge.evaluate import Ensemble, evaluate
+
+    a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
+    result = hubmerge.merge(a, b, data, evaluation=data, gamma=0.3)
+    m = result.report.metrics
+    assert list(m) == ["a", "b", "ensemble", "full_merge", "full_merge_repair", "merged"]
+    assert m["a"] == evaluate(a, data) and m["b"] == evaluate(b, data)
+    assert m["ensemble"] == evaluate(Ensemble(a, b), data)
+    assert m["merged"] == evaluate(result.model, data)
