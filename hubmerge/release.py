@@ -3,7 +3,9 @@
 ``hubmerge run`` is a thin shell over :func:`run`; a release pipeline can call it from Python with the same
 names. Everything that can be checked without downloads (options, token, output folder, data presence) is
 checked first; the result is staged in a temporary folder and only then moved into place or uploaded in
-one commit, so no half-written folder or repo is ever left behind."""
+one commit, so no half-written folder or repo is ever left behind (the output folder's guard and its
+replacement by rename are :mod:`hubmerge.output`).
+"""
 
 from __future__ import annotations
 
@@ -100,11 +102,11 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
         options: MergeOptions | None = None, **overrides: Any) -> RunResult:
     """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result.
 
-    ``options``: a :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win);
-    ``recipe`` is the effective recipe to embed
-    in the card (the CLI passes its merged command line and ``--config``); ``preprocess`` replaces fields
-    (``input_size``, ``mean``, ``std``) of endpoint A's ``pretrained_cfg`` for the datasets, and is
-    recorded in the merged model.
+    ``options``: a :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win).
+    ``recipe`` is the effective recipe to embed in the card (the CLI passes its merged command line and
+    ``--config``; from Python it is built from these arguments); ``preprocess`` replaces fields
+    (``input_size``, ``mean``, ``std``) of endpoint A's ``pretrained_cfg`` for the datasets, and is recorded
+    in the merged model.
     """
     opts = MergeOptions.combine(options, overrides)
     if repo_id is not None:
