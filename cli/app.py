@@ -85,17 +85,22 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _setup(quiet: bool, json_out: bool) -> None:
+    """Progress bars and logging for a command that starts working (this is where heavy imports begin)."""
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
+
     from hubmerge.data import SHOW_PROGRESS
 
     SHOW_PROGRESS["enabled"] = not quiet
     if quiet or not sys.stderr.isatty():  # the libraries' own bars follow the same rule as ours
-        import datasets
-        from huggingface_hub.utils import disable_progress_bars
-
         datasets.disable_progress_bars()
         disable_progress_bars()
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s" if sys.stderr.isatty() else "hubmerge: %(message)s")
+    for name in ("datasets", "huggingface_hub"):  # they print through their own handler: passed on to ours
+        library = logging.getLogger(name)  # as well, each of their warnings appeared twice
+        if library.handlers:
+            library.propagate = False
 
 
 def _fail(exc: BaseException, debug: bool) -> None:

@@ -316,3 +316,20 @@ def test_an_endpoint_built_with_img_size_is_fed_that_size(tmp_path):
                                  "--out", str(tmp_path / "m"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert list(PartialMergedModel.from_pretrained(tmp_path / "m").pretrained_cfg["input_size"]) == [3, 32, 32]
+
+
+def test_library_warnings_appear_once():
+    """datasets and huggingface_hub log through their own stderr handler; passed on to the CLI's handler too,
+    each of their warnings used to print twice."""
+    code = """
+import logging
+from hubmerge.cli.app import _setup
+_setup(False, False)
+logging.getLogger("datasets").warning("from datasets")
+logging.getLogger("huggingface_hub").warning("from the hub")
+logging.getLogger("hubmerge").warning("from hubmerge")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [sum(m in line for line in lines) for m in ("from datasets", "from the hub", "from hubmerge")] == [1, 1, 1]
