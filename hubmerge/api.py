@@ -94,6 +94,18 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module) -> tuple[str, dict]
     return arch_a
 
 
+def _recorded_preprocess(model: nn.Module) -> Preprocess | None:
+    """Endpoint A's preprocessing, which the merged model records; None, with a warning, where its
+    ``pretrained_cfg`` cannot describe its inputs (timm's 3-channel mean for a model built with
+    ``in_chans=1``): tensors are used as given, and a ``datasets.Dataset`` then asks for ``preprocess=``."""
+    try:
+        return Preprocess.from_model(model)
+    except DataError as exc:
+        log.warning("endpoint A's pretrained_cfg does not describe its inputs (%s); the merge records no "
+                    "preprocessing", exc)
+        return None
+
+
 class Prepared:
     """An endpoint pair with its spec, calibration statistics, alignment scores and cost model."""
 
@@ -106,7 +118,7 @@ class Prepared:
         self.model_b = model_b.eval().to(options.device)
         self.endpoints = endpoints or {}
         if preprocess is None and getattr(model_a, "pretrained_cfg", None):
-            preprocess = Preprocess.from_model(model_a)
+            preprocess = _recorded_preprocess(model_a)
         self.preprocess = preprocess
         self.calibration = None
         if calibration is not None:
@@ -129,7 +141,10 @@ class Prepared:
         self._plans: dict = {}
 
     def batches(self, data: Any):
-        """User data as batches, preprocessed like the endpoints when it is a ``datasets.Dataset``."""
+        """User data as batches, preprocessed like the endpoints when it is a ``datasets.Dataset`` (tensors
+        are taken as they are, so a cfg that cannot describe them is never consulted)."""
+        if self.preprocess is None and type(data).__module__.startswith("datasets"):
+            self.preprocess = Preprocess.from_model(self.model_a)
         return as_batches(data, preprocess=self.preprocess, batch_size=self.options.batch_size)
 
     def _input_size(self) -> tuple[int, ...]:

@@ -85,7 +85,8 @@ class Preprocess:
         if c not in (1, 3):
             raise DataError(f"images have 1 (greyscale) or 3 (RGB) channels; input_size asks for {c}")
         if len(self.mean) != c or len(self.std) != c:
-            raise DataError(f"mean {self.mean} and std {self.std} need one value per input channel ({c})")
+            raise DataError(f"mean {self.mean} and std {self.std} need one value per input channel ({c}); give the "
+                            "model's own (command line: --mean M,.. --std S,..; Python: preprocess=Preprocess(...))")
         if min(self.std) <= 0:
             raise DataError(f"std must be positive, got {self.std}")
         if not 0 < self.crop_pct <= 1:

@@ -188,3 +188,23 @@ def test_one_evaluation_pass_gives_exactly_the_metrics_of_separate_ones():
     assert m["a"] == evaluate(a, data) and m["b"] == evaluate(b, data)
     assert m["ensemble"] == evaluate(Ensemble(a, b), data)
     assert m["merged"] == evaluate(result.model, data)
+
+
+def test_an_in_chans_1_timm_model_merges_from_tensors_and_asks_for_its_normalisation_for_datasets(caplog):
+    """timm keeps its 3-channel ImageNet mean in the cfg of a model built with in_chans=1. Tensors are used
+    as given, so the merge runs (and records no preprocessing, with a warning); a datasets.Dataset needs the
+    model's own mean and std, and the error says how to give them."""
+    from hubmerge.arch_specs import build_model, randomize_
+
+    args = dict(channels=(4, 8, 8, 12), in_chans=1, num_classes=5)
+    a, b = (randomize_(build_model("resnet18", args), seed).double() for seed in (1, 2))
+    assert a.pretrained_cfg["input_size"] == (1, 224, 224) and len(a.pretrained_cfg["mean"]) == 3
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 1, 32, 32, generator=gen, dtype=torch.float64), torch.arange(4) % 5) for _ in range(2)]
+    result = hubmerge.merge(a, b, data, gamma=0.2)
+    assert result.model.preprocess is None and "records no preprocessing" in caplog.text
+    images = datasets.Dataset.from_dict({"image": [np.zeros((32, 32), dtype=np.uint8)] * 2, "label": [0, 1]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "label": datasets.ClassLabel(num_classes=5)}))
+    with pytest.raises(DataError, match="give the model's own"):
+        hubmerge.merge(a, b, images, gamma=0.2)
