@@ -46,16 +46,24 @@ def _input_size(default: tuple[int, ...], model_args: dict) -> tuple[int, int, i
     return (model_args.get("in_chans", chans), height, width)
 
 
+def input_size_of(model: nn.Module) -> tuple[int, int, int] | None:
+    """The (C, H, W) ``model`` takes: its ``pretrained_cfg['input_size']`` with the ``in_chans`` /
+    ``img_size`` of its ``model_args``; None where the cfg names no size."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" not in cfg:
+        return None
+    return _input_size(cfg["input_size"], getattr(model, "model_args", None) or {})
+
+
 def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, batch: int = 2) -> torch.Tensor:
     """A fixed random batch at the size given, else the model's own (``pretrained_cfg['input_size']`` with
     the ``in_chans`` / ``img_size`` of its ``model_args``, which timm's default cfg does not follow), in the
     model's dtype and device: what specs are traced with."""
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        if "input_size" not in cfg:
+        input_size = input_size_of(model)
+        if input_size is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['input_size']: give the "
                                         "input size (C, H, W) to trace it with")
-        input_size = _input_size(cfg["input_size"], getattr(model, "model_args", None) or {})
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, *input_size, generator=gen, dtype=torch.float64).to(param.device, param.dtype)

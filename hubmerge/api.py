@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import alignment, build as build_stage, partial, repair as repair_stage
-from .arch_specs import architecture_of, spec_for
+from .arch_specs import architecture_of, input_size_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
@@ -152,18 +152,16 @@ class Prepared:
             first = next(iter(batches(self.calibration)), None)
             if first is None:
                 raise DataError("calibration data is empty: give at least one batch of inputs")
-            size = tuple(first[0].shape[1:])
-            channels = self.model_args.get("in_chans", (getattr(self.model_a, "pretrained_cfg", None) or {}).get(
-                "input_size", (None,))[0])
-            if channels is not None and (len(size) != 3 or size[0] != channels):
-                raise DataError(f"calibration inputs have shape {size} per sample; the model takes {channels}-channel "
+            size, takes = tuple(first[0].shape[1:]), input_size_of(self.model_a)
+            if takes is not None and (len(size) != 3 or size[0] != takes[0]):
+                raise DataError(f"calibration inputs have shape {size} per sample; the model takes {takes[0]}-channel "
                                 "images (channels, height, width)")
             return size
-        cfg = getattr(self.model_a, "pretrained_cfg", None) or {}
-        if "input_size" not in cfg:
+        takes = input_size_of(self.model_a)
+        if takes is None:
             raise UsageError("cannot tell the input resolution for FLOP counting: no calibration data and no "
                              "pretrained_cfg['input_size'] on the model")
-        return tuple(cfg["input_size"])
+        return takes
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

@@ -227,14 +227,20 @@ def _rows(ds: Any, rows: slice | None, percent: bool) -> Any:
     return ds.select(range(lo, max(lo, hi)))
 
 
+def check_request(split: str, samples: int | None) -> tuple[str, slice | None, bool]:
+    """A split (parsed, see :func:`parse_split`) and a sample count as a user gives them, checked before
+    anything is downloaded."""
+    if samples is not None and samples < 1:
+        raise UsageError(f"samples must be at least 1, got {samples} (leave it out for every row)")
+    return parse_split(split)
+
+
 def load_dataset_ref(ref: str, split: str = "train", samples: int | None = None, seed: int = 0) -> Any:
     """A ``datasets.Dataset`` from a hub id, a ``save_to_disk`` folder, parquet file(s) or an image
     folder; ``split`` may carry a slice (``train[:2000]``); ``samples`` draws a seeded random subset."""
     import datasets
 
-    if samples is not None and samples < 1:
-        raise UsageError(f"samples must be at least 1, got {samples} (leave it out for every row)")
-    name, rows, percent = parse_split(split)
+    name, rows, percent = check_request(split, samples)
     path = Path(ref)
     try:
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():

@@ -21,7 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import card
 from .api import MergeReport, merge
-from .data import HFImages, Preprocess, load_dataset_ref, parse_split
+from .data import HFImages, Preprocess, check_request, load_dataset_ref
 from .errors import UsageError
 from .hub import load_endpoint, remote_errors, split_revision
 from .options import MergeOptions
@@ -116,9 +116,7 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
             raise UsageError(f"--repo-id {repo_id!r} is not a hub repo id (user/name): {exc}") from None
     for ref in (calib, evaluation):
         if ref is not None:  # split syntax and sample counts, before any download
-            parse_split(ref.split)
-            if ref.samples is not None and ref.samples < 1:
-                raise UsageError(f"--calib-samples must be at least 1, got {ref.samples} (leave it out for every row)")
+            check_request(ref.split, ref.samples)
     token = _token(push, token)
     check_out(out, overwrite, (a, b, *(d.ref for d in (calib, evaluation) if d)))
     if out is not None:
