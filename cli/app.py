@@ -225,8 +225,9 @@ def run(
         options = _merge_options(values)
         # usage errors before torch loads: the options, and an --out that must not be touched
         MergeOptions.parse(**options)
+        out = Path(values["out"]) if values["out"] else None
         inputs = tuple(v for v in (values["model_a"], values["model_b"], values["calib"], values["eval"]) if v)
-        check_out(Path(values["out"]) if values["out"] else None, values["overwrite"], inputs)
+        check_out(out, values["overwrite"], inputs)
         _setup(quiet, json_out)
         from hubmerge.release import DataRef, run as run_merge
 
@@ -238,7 +239,7 @@ def run(
                                               values["label_column"])
         result = run_merge(
             values["model_a"], values["model_b"], calib=calib_ref or None, evaluation=eval_ref or None,
-            out=Path(values["out"]) if values["out"] else None, overwrite=values["overwrite"], push=values["push"],
+            out=out, overwrite=values["overwrite"], push=values["push"],
             repo_id=values["repo_id"], private=values["private"], revision=values["revision"], recipe=recipe,
             preprocess=_preprocess(values), **{**options, "device": _device(options["device"])},
         )
