@@ -181,10 +181,9 @@ class Prepared:
                             epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans)
 
     def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default",
-              alpha: float | None = None, reference: repair_stage.Repaired | None = None) -> PartialMergedModel:
+              alpha: float | None = None) -> PartialMergedModel:
         """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``,
-        at the options' α or the one given; ``reference``: an earlier build of these options whose
-        corrections may be reused (see :func:`hubmerge.repair.repair`)."""
+        at the options' α or the one given."""
         o = self.options
         method = o.repair if repair == "default" else repair
         model = build_stage.build(
@@ -194,7 +193,7 @@ class Prepared:
             preprocess=self.preprocess.to_dict() if self.preprocess else None, input_size=list(self.input_size),
         )
         return repair_stage.apply(model, method, plans, self.stats, self.calibration,
-                                  unmerged=o.repair_unmerged, device=o.device, reference=reference)
+                                  unmerged=o.repair_unmerged, device=o.device)
 
     def partition(self, plans: dict[str, partial.GroupPlan]) -> dict[str, tuple[int, int, int]]:
         return {g: p.sizes for g, p in plans.items()}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from .data import batches, progress_bar
 from .errors import UsageError
 from .evaluate import Ensemble, logits
-from .repair import Repaired
+from .repair import Sweep, shared_prefix
 
 log = logging.getLogger("hubmerge")
 
@@ -43,10 +45,9 @@ class Allocation:
 
 
 class Scorer:
-    """Badness of a candidate merge on calibration data (lower is better)."""
+    """Badness of a candidate merge from its logits on the calibration data (lower is better)."""
 
     def __init__(self, prepared):
-        self.prepared = prepared
         o = prepared.options
         data = prepared.calibration
         labels = [y for _, y in batches(data)]
@@ -59,20 +60,25 @@ class Scorer:
             ens = logits(Ensemble(prepared.model_a, prepared.model_b, o.alpha), data, o.device)
             self.target = F.log_softmax(ens, 1)
 
-    def __call__(self, model) -> float:
-        out = logits(model, self.prepared.calibration, self.prepared.options.device)
+    def __call__(self, out: torch.Tensor) -> float:
+        out = out.double().cpu()
         if self.kind == "loss":
-            value = F.cross_entropy(out, self.labels).item()
-        elif self.kind == "accuracy":
-            value = 1.0 - (out.argmax(1) == self.labels).double().mean().item()
-        else:
-            value = F.kl_div(F.log_softmax(out, 1), self.target, log_target=True, reduction="batchmean").item()
-        return value
+            return F.cross_entropy(out, self.labels).item()
+        if self.kind == "accuracy":
+            return 1.0 - (out.argmax(1) == self.labels).double().mean().item()
+        return F.kl_div(F.log_softmax(out, 1), self.target, log_target=True, reduction="batchmean").item()
 
 
 class _Search:
     """Shared state of the measured allocators: units per group, costs, and candidate evaluation (counted
-    and timed: build, REPAIR and scoring)."""
+    and timed: build, REPAIR and scoring).
+
+    Candidates are scored through REPAIR sweeps (:class:`~hubmerge.repair.Sweep`): a candidate branches off a
+    reference merge's sweep at its first layer planned differently, copying the reference's corrections in
+    front and continuing from its calibration activations there, so it costs a suffix pass. With
+    ``repair="reset"`` nothing can be shared (RESET re-estimates every BatchNorm from the input in train
+    mode): each candidate is reset and scored from the input.
+    """
 
     def __init__(self, prepared):
         self.p = prepared
@@ -106,17 +112,47 @@ class _Search:
                 hi = mid - 1
         return lo
 
-    def score(self, scorer: Scorer, k: dict[str, int], reference: Repaired | None = None
-              ) -> tuple[float, Repaired]:
-        """Score of the merge with ``k`` units apart per group; REPAIR reuses ``reference``'s corrections
-        in front of the first group where the two differ."""
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
         t0 = time.perf_counter()
-        plans = self.p.plans(self.gammas(k))
-        model = self.p.build(plans, reference=reference)
-        value = scorer(model)
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def start(self, k: dict[str, int] | None = None, repaired: Sweep | None = None) -> Sweep:
+        """A sweep from the input: of the merge with ``k`` units apart per group (built and repaired as the
+        options say), or of an earlier candidate's ``repaired`` merge (only carrying activations)."""
+        o = self.p.options
+        with self._timed():
+            if repaired is not None:
+                model, plans, correct = repaired.model, repaired.plans, False
+            else:
+                plans = self.p.plans(self.gammas(k))
+                model, correct = self.p.build(plans, repair="reset" if o.repair == "reset" else None), o.repair == "repair"
+            return Sweep.start(model, plans, self.p.stats, self.p.calibration, correct=correct,
+                               unmerged=o.repair_unmerged, device=o.device)
+
+    def in_forward_order(self, reference: Sweep, ks: list[dict[str, int]]) -> list[int]:
+        """Indices of candidates ``ks`` by their first layer planned differently from ``reference`` (sweeps only
+        move forward, so branches are taken in that order)."""
+        first = [shared_prefix(self.p.spec.layers, self.p.plans(self.gammas(k)), reference.plans) for k in ks]
+        return sorted(range(len(ks)), key=first.__getitem__)
+
+    def candidate(self, reference: Sweep, k: dict[str, int]) -> Sweep:
+        """The sweep of the merge with ``k`` units apart, branched off ``reference`` (see the class docstring)."""
+        if self.p.options.repair == "reset":
+            return self.start(k)
+        with self._timed():
+            plans = self.p.plans(self.gammas(k))
+            return reference.branch(self.p.build(plans, repair=None), plans, correct=self.p.options.repair == "repair")
+
+    def score(self, scorer: Scorer, sweep: Sweep) -> float:
+        """Finish a sweep (its remaining REPAIR corrections) and score the repaired merge's logits."""
+        with self._timed():
+            value = scorer(sweep.finish())
         self.evaluations += 1
-        self.seconds += time.perf_counter() - t0
-        return value, Repaired(model, plans)
+        return value
 
     def result(self, trace: list[dict], benefits: dict[str, float] | None = None, **extra) -> Allocation:
         base = self.p.costs(self.partition({g: 0 for g in self.widths})).groups
@@ -165,13 +201,16 @@ def _adaptive(s: _Search) -> Allocation:
 
 
 def _benefit(s: _Search, scorer: Scorer) -> Allocation:
-    base, reference = s.score(scorer, s.k)
-    full = {g: 0 for g in s.widths}
+    reference = s.start(s.k)
+    groups = list(s.widths)
+    alone = [{**{h: 0 for h in groups}, g: s.widths[g]} for g in groups]
+    values = {}
+    for i in progress_bar(s.in_forward_order(reference, alone), "measuring benefit per group"):
+        values[groups[i]] = s.score(scorer, s.candidate(reference, alone[i]))
+    base = s.score(scorer, reference)
     benefit, trace = {}, []
-    for g, n in progress_bar(list(s.widths.items()), "measuring benefit per group"):
-        k = {**full, g: n}
-        gain = base - s.score(scorer, k, reference)[0]
-        cost = s.increase(k)
+    for g, k in zip(groups, alone):
+        gain, cost = base - values[g], s.increase(k)
         benefit[g] = gain / cost if cost > 0 else 0.0
         trace.append({"group": g, "score_gain": gain, "cost": cost, "benefit_factor": benefit[g]})
     # the budget is spent in full (a group that measured no gain still adds capacity), best first
@@ -182,32 +221,33 @@ def _benefit(s: _Search, scorer: Scorer) -> Allocation:
 
 def _greedy(s: _Search, scorer: Scorer) -> Allocation:
     step = s.p.options.greedy_step
-    current, reference = s.score(scorer, s.k)
+    reference = s.start(s.k)
+    current = s.score(scorer, reference)
     trace, benefits = [], {g: 0.0 for g in s.widths}
     while True:
-        best, spent = None, s.increase(s.k)
+        spent, steps = s.increase(s.k), []
         for g, n in s.widths.items():
-            if s.k[g] >= n:
-                continue
-            k_next = s.largest_fit(g, min(n, s.k[g] + max(1, round(step * n))))
-            if k_next == s.k[g]:
-                continue
-            cand = {**s.k, g: k_next}
-            cost = s.increase(cand) - spent
-            value, built = s.score(scorer, cand, reference)
-            gain = current - value
-            ratio = gain / cost if cost > 0 else float("inf")
-            if best is None or ratio > best[0]:
-                best = (ratio, g, k_next, gain, built)
-        if best is None:  # nothing fits any more: the budget is spent to the unit
+            k_next = s.largest_fit(g, min(n, s.k[g] + max(1, round(step * n)))) if s.k[g] < n else s.k[g]
+            if k_next > s.k[g]:
+                steps.append((g, {**s.k, g: k_next}))
+        if not steps:  # nothing fits any more: the budget is spent to the unit
             break
-        ratio, g, k_next, gain, reference = best
-        s.k[g] = k_next
+        reference, best = s.start(repaired=reference), None
+        for i in s.in_forward_order(reference, [k for _, k in steps]):
+            g, cand = steps[i]
+            sweep = s.candidate(reference, cand)
+            gain, cost = current - s.score(scorer, sweep), s.increase(cand) - spent
+            ratio = gain / cost if cost > 0 else float("inf")
+            # the best gain per cost; among equals the first group in the spec's order
+            if best is None or (ratio, -i) > (best[0], -best[1]):
+                best = (ratio, i, gain, sweep)
+        ratio, i, gain, reference = best
+        g, s.k = steps[i][0], steps[i][1]
         current -= gain
         benefits[g] += gain
-        trace.append({"group": g, "units": k_next, "score": current, "benefit_per_cost": ratio,
+        trace.append({"group": g, "units": s.k[g], "score": current, "benefit_per_cost": ratio,
                       "increase": s.increase(s.k)})
-        log.info("greedy: %s -> %d units, score %.4f, increase %.3f", g, k_next, current, s.increase(s.k))
+        log.info("greedy: %s -> %d units, score %.4f, increase %.3f", g, s.k[g], current, s.increase(s.k))
     return s.result(trace, benefits)
 
 

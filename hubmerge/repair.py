@@ -5,6 +5,13 @@ calibration data and fold an affine correction into the layer (into its norm whe
 its weight and bias), so the statistics become the endpoints' interpolated ones
 (μ* = (1−α)μ_A + αμ_B, σ* = (1−α)σ_A + ασ_B). Shared units always; unmerged units toward their own
 endpoint's statistics when ``unmerged=True``. ``reset``: re-estimate BatchNorm running statistics.
+
+Each correction changes what later layers see, so layers are measured in order; instead of a pass from the
+input per layer, a :class:`Sweep` carries the calibration activations forward through the model's graph
+(:mod:`hubmerge.activations`), measuring each layer where it stands and applying its correction to the
+values it carries on, so REPAIR of a whole model costs about one forward pass. A budget candidate that is
+planned like a reference merge in front of some layer :meth:`~Sweep.branch` es off the reference's sweep
+there: it copies the corrections in front and continues from the reference's activations (a suffix pass).
 """
 
 from __future__ import annotations
@@ -14,73 +21,100 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .activations import Activations, Program
 from .data import Batches, batches
 from .errors import UsageError
 from .partial import GroupPlan
 from .partitioned import PartialMergedModel, PartitionedLayer
 from .spec import Layer
-from .statistics import Statistics, layer_moments
+from .statistics import Moments, Statistics, flat, unit_dim
 
 REPAIRS = ("repair", "reset")
 DEAD = 1e-8  # a unit with σ below this is dead (constant on the calibration data)
+Rows = list[tuple[nn.Module, int, int]]
 
 
-def _targets(layer: Layer, plan: GroupPlan, stats: Statistics, alpha: float, unmerged: bool):
-    """Target mean/std per merged unit and the mask of units to correct."""
-    a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
+@dataclass(frozen=True)
+class Correction:
+    """One conv/linear output REPAIR renormalises: ``index`` in the spec's layers (or outputs, for a merge held
+    in the plain architecture), the BatchNorm reading it, the sub-layers covering its output rows (the shift
+    goes into the one bias each row has), and the target mean/std of its units with the mask of units to
+    correct."""
 
-    def lay(ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-        return torch.cat([ta[plan.a_only], (1 - alpha) * ta[plan.shared_a] + alpha * tb[plan.shared_b],
-                          tb[plan.b_only]])
+    index: int
+    name: str
+    norm: str | None
+    rows: Rows
+    mean: torch.Tensor
+    std: torch.Tensor
+    mask: torch.Tensor
 
-    ka, m, kb = plan.sizes
-    mask = torch.cat([torch.full((ka,), unmerged), torch.ones(m, dtype=torch.bool), torch.full((kb,), unmerged)])
-    return lay(a.mean, b.mean), lay(a.std, b.std), mask
+
+def _lay(plan: GroupPlan, ta: torch.Tensor, tb: torch.Tensor, alpha: float) -> torch.Tensor:
+    return torch.cat([ta[plan.a_only], (1 - alpha) * ta[plan.shared_a] + alpha * tb[plan.shared_b], tb[plan.b_only]])
+
+
+def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, unmerged: bool = False
+                ) -> list[Correction]:
+    """Every correction REPAIR makes in ``model``, in forward order. A partitioned merge corrects each layer's
+    output units (``[A-only | shared | B-only]``; unmerged ones toward their own endpoint when ``unmerged``);
+    a full merge held in the plain architecture (families without partial merging) corrects every output of
+    :attr:`~hubmerge.spec.PermutationSpec.outputs`, where position p holds A's unit p and the B unit matched
+    to it."""
+    spec, alpha, out = model.spec, model.alpha, []
+    if spec.partial is not None:
+        matched = {g: p.shared_b for g, p in plans.items()}
+        for i, o in enumerate(spec.outputs):
+            a, b = stats.layers_a[o.name], stats.layers_b[o.name]
+            index = spec.gather(f"{o.name}.weight", 0, matched)
+            index = torch.arange(len(a.mean)) if index is None else index
+            mask = torch.cat([torch.full((seg.size,), seg.group is not None) for seg in spec.axes[f"{o.name}.weight"][0]])
+            module = model.net.get_submodule(o.name)
+            out.append(Correction(i, o.name, o.norm, [(module, 0, len(mask))], (1 - alpha) * a.mean + alpha * b.mean[index],
+                                  (1 - alpha) * a.std + alpha * b.std[index], mask))
+        return out
+    for i, layer in enumerate(spec.layers):
+        if layer.out_group is None:  # the logits are the output, not a unit to renormalise
+            continue
+        part = model.layer(layer.name)
+        rows = ([(sub, *part.extent[block][0]) for block, sub in part.blocks()] if isinstance(part, PartitionedLayer)
+                else [(part, 0, part.out_channels)])  # a depthwise conv is stored plainly
+        if layer.norm is None and rows[0][0].bias is None:
+            raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
+        plan = plans[layer.out_group]
+        a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
+        ka, m, kb = plan.sizes
+        mask = torch.cat([torch.full((ka,), unmerged), torch.ones(m, dtype=torch.bool), torch.full((kb,), unmerged)])
+        out.append(Correction(i, layer.name, layer.norm, rows, _lay(plan, a.mean, b.mean, alpha),
+                              _lay(plan, a.std, b.std, alpha), mask))
+    return out
+
+
+def affine(c: Correction, got: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit ``(scale, shift)`` that give an output measured as ``got`` the target mean/std of ``c``."""
+    std = got.std.cpu()
+    # a unit dead in the merge or in the target (constant on the data) only gets its mean set: scaling
+    # cannot revive it, and a zero scale cannot be folded into a following BatchNorm
+    scale = torch.where(c.mask & (std > DEAD) & (c.std > DEAD), c.std / std.clamp_min(DEAD), torch.ones_like(std))
+    shift = torch.where(c.mask, c.mean - scale * got.mean.cpu(), torch.zeros_like(scale))
+    return scale, shift
 
 
 @torch.no_grad()
-def _fold(net: nn.Module, norm: str | None, rows: list[tuple[nn.Module, int, int]], scale: torch.Tensor,
-          shift: torch.Tensor) -> None:
+def fold(net: nn.Module, c: Correction, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make a layer's output behave as ``scale·x + shift`` without changing module types: into the
-    BatchNorm that reads it, else into ``rows`` (sub-layers covering output rows r0:r1; the shift goes
-    into the one bias each row has)."""
-    if norm:
-        bn = net.get_submodule(norm)
+    BatchNorm that reads it, else into its sub-layers' weights and biases."""
+    if c.norm:
+        bn = net.get_submodule(c.norm)
         # BN(s·x + t) = (γ·s)·(x − (μ_run − t)/s)/√(σ²_run + ε) + β
         bn.running_mean.copy_(((bn.running_mean.double() - shift) / scale).to(bn.running_mean.dtype))
         bn.weight.mul_(scale.to(bn.weight.dtype))
         return
-    for sub, r0, r1 in rows:
+    for sub, r0, r1 in c.rows:
         s, t = scale[r0:r1], shift[r0:r1]
         sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
         if sub.bias is not None:
             sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
-
-
-@torch.no_grad()
-def _correct(net: nn.Module, name: str, norm: str | None, rows: list[tuple[nn.Module, int, int]],
-             target: tuple[torch.Tensor, torch.Tensor, torch.Tensor], data: Batches,
-             device: torch.device | str) -> None:
-    """Measure one layer's output on ``data`` and fold the affine map that gives it the target mean/std
-    (``target`` = mean, std, mask of units to correct)."""
-    mean_t, std_t, mask = target
-    got = layer_moments(net, [name], data, device, stop=True)[name]
-    std = got.std.cpu()
-    # a unit dead in the merge or in the target (constant on the data) only gets its mean set: scaling
-    # cannot revive it, and a zero scale cannot be folded into a following BatchNorm
-    scale = torch.where(mask & (std > DEAD) & (std_t > DEAD), std_t / std.clamp_min(DEAD), torch.ones_like(std))
-    shift = torch.where(mask, mean_t - scale * got.mean.cpu(), torch.zeros_like(scale))
-    _fold(net, norm, rows, scale, shift)
-
-
-@dataclass(frozen=True)
-class Repaired:
-    """A repaired merge and the plans it was built from, kept so a candidate that differs only in later
-    groups can copy the corrections of the layers in front of the first difference instead of measuring
-    them again (the budget search builds many such candidates)."""
-
-    model: PartialMergedModel
-    plans: dict[str, GroupPlan]
 
 
 def _same(p: GroupPlan, q: GroupPlan) -> bool:
@@ -101,50 +135,70 @@ def _copy_layer(model: PartialMergedModel, source: PartialMergedModel, layer: La
         model.net.get_submodule(name).load_state_dict(source.net.get_submodule(name).state_dict())
 
 
-def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches, *,
-           unmerged: bool = False, device: torch.device | str = "cpu", reference: Repaired | None = None
-           ) -> PartialMergedModel:
-    """Correct every hidden layer's pre-activation statistics in place, front to back.
+class Sweep:
+    """REPAIR of one merge carried through its calibration activations (see the module docstring).
 
-    With a ``reference`` repaired the same way (same endpoints, data and settings), the layers in front of
-    the first group planned differently copy its corrections: their inputs are the same, so measuring
-    them again would give the same numbers.
+    ``todo``: the corrections still to make, in forward order (none for a merge that is already repaired or
+    not to be repaired: the sweep then only carries activations, for scoring or for branches).
     """
-    if model.spec.partial is not None:
-        return _repair_plain(model, plans, stats, data, device)
-    reused = shared_prefix(model.spec.layers, plans, reference.plans) if reference else 0
-    for i, layer in enumerate(model.spec.layers):
-        if i < reused:
-            _copy_layer(model, reference.model, layer)
-            continue
-        if layer.out_group is None:  # the logits are the output, not a unit to renormalise
-            continue
-        part = model.layer(layer.name)
-        rows = ([(sub, *part.extent[block][0]) for block, sub in part.blocks()] if isinstance(part, PartitionedLayer)
-                else [(part, 0, part.out_channels)])  # a depthwise conv is stored plainly
-        if layer.norm is None and rows[0][0].bias is None:
-            raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
-        target = _targets(layer, plans[layer.out_group], stats, model.alpha, unmerged)
-        _correct(model.net, layer.name, layer.norm, rows, target, data, device)
-    return model
+
+    def __init__(self, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None,
+                 acts: Activations, todo: list[Correction], unmerged: bool):
+        self.model, self.plans, self.stats, self.acts = model, plans, stats, acts
+        self.todo, self.unmerged = list(todo), unmerged
+
+    @classmethod
+    def start(cls, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None, data: Batches,
+              *, correct: bool = True, unmerged: bool = False, device: torch.device | str = "cpu") -> Sweep:
+        """A sweep from the input; with ``correct`` it makes every REPAIR correction of ``model``."""
+        model.eval().to(device)
+        todo = corrections(model, plans, stats, unmerged) if correct else []
+        return cls(model, plans, stats, Activations(Program(model.net), model.net, data, device), todo, unmerged)
+
+    def run(self, until: int | None = None) -> PartialMergedModel:
+        """Make the corrections of the layers in front of layer ``until`` of the spec (all of them: None); with
+        ``until``, also carry the activations up to that layer's node."""
+        program = self.acts.program
+        while self.todo and (until is None or self.todo[0].index < until):
+            c = self.todo.pop(0)
+            index, module = program.node_of(c.name), self.model.net.get_submodule(c.name)
+            got, dim = Moments(), unit_dim(module)
+            values = self.acts.observe(index, module, lambda out: got.add(flat(out, dim)))
+            scale, shift = affine(c, got)
+            fold(self.model.net, c, scale, shift)
+            if program.runs_itself(index, c.name):  # carry on the corrected output instead of running it again
+                if c.norm is None:
+                    shape = [1] * values[0].dim()
+                    shape[dim] = -1
+                    values = [v * scale.view(shape).to(v) + shift.view(shape).to(v) for v in values]
+                self.acts.commit(index, values)
+        if until is not None and until < len(self.model.spec.layers):
+            self.acts.advance(program.node_of(self.model.spec.layers[until].name))
+        return self.model
+
+    def branch(self, model: PartialMergedModel, plans: dict[str, GroupPlan], correct: bool = True) -> Sweep:
+        """The sweep of another merge of the same endpoints and settings (built, not yet repaired), started
+        where the two are first planned differently: this sweep is carried up to that layer, ``model`` takes
+        its corrections in front of it and continues from its activations there. Branches must come in
+        forward order of their first difference (a sweep only moves forward)."""
+        first = shared_prefix(self.model.spec.layers, plans, self.plans)
+        self.run(until=first)
+        for layer in self.model.spec.layers[:first]:
+            _copy_layer(model, self.model, layer)
+        model.eval().to(next(self.model.parameters()).device)
+        todo = [c for c in corrections(model, plans, self.stats, self.unmerged) if c.index >= first] if correct else []
+        return Sweep(model, plans, self.stats, self.acts.fork(Program(model.net), model.net), todo, self.unmerged)
+
+    def finish(self) -> torch.Tensor:
+        """Make the remaining corrections and return the repaired model's outputs on the calibration data."""
+        self.run()
+        return self.acts.result()
 
 
-def _repair_plain(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches,
-                  device: torch.device | str) -> PartialMergedModel:
-    """REPAIR of a full merge held in the plain architecture (families without partial merging): every
-    output of :attr:`~hubmerge.spec.PermutationSpec.outputs`, front to back; position p holds A's unit p
-    and B's unit matched to it, so its target interpolates their statistics there."""
-    spec, alpha = model.spec, model.alpha
-    matched = {g: p.shared_b for g, p in plans.items()}
-    for out in spec.outputs:
-        a, b = stats.layers_a[out.name], stats.layers_b[out.name]
-        index = spec.gather(f"{out.name}.weight", 0, matched)
-        index = torch.arange(len(a.mean)) if index is None else index
-        mask = torch.cat([torch.full((seg.size,), seg.group is not None) for seg in spec.axes[f"{out.name}.weight"][0]])
-        target = ((1 - alpha) * a.mean + alpha * b.mean[index], (1 - alpha) * a.std + alpha * b.std[index], mask)
-        module = model.net.get_submodule(out.name)
-        _correct(model.net, out.name, out.norm, [(module, 0, len(mask))], target, data, device)
-    return model
+def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches, *,
+           unmerged: bool = False, device: torch.device | str = "cpu") -> PartialMergedModel:
+    """Correct every hidden layer's pre-activation statistics in place, front to back, in one sweep."""
+    return Sweep.start(model, plans, stats, data, unmerged=unmerged, device=device).run()
 
 
 @torch.no_grad()
@@ -170,9 +224,8 @@ def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "c
 
 
 def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupPlan], stats: Statistics | None,
-          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu",
-          reference: Repaired | None = None) -> PartialMergedModel:
-    """Run the chosen REPAIR variant (None = leave the merge as built); ``reference`` as in :func:`repair`."""
+          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu") -> PartialMergedModel:
+    """Run the chosen REPAIR variant (None = leave the merge as built)."""
     if method is None:
         return model
     if method not in REPAIRS:
@@ -182,4 +235,4 @@ def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupP
     if method == "reset":
         reset_norms(model, data, device)
         return model
-    return repair(model, plans, stats, data, unmerged=unmerged, device=device, reference=reference)
+    return repair(model, plans, stats, data, unmerged=unmerged, device=device)

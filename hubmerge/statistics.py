@@ -17,7 +17,7 @@ from .errors import DataError
 from .spec import Group, PermutationSpec
 
 
-def _flat(out: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def flat(out: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Units along ``dim`` → (samples, units) in float64: every other position (batch, spatial, token) is
     a sample of each unit."""
     return out.detach().movedim(dim, -1).reshape(-1, out.shape[dim]).double()
@@ -145,13 +145,13 @@ def collect(
     handles = []
 
     def keep(point):
-        return lambda out: stash.__setitem__(point, _flat(out, point[1]))
+        return lambda out: stash.__setitem__(point, flat(out, point[1]))
 
     def pair(point):
-        return lambda out: stats.points[point].add(stash.pop(point), _flat(out, point[1]))
+        return lambda out: stats.points[point].add(stash.pop(point), flat(out, point[1]))
 
     def moments(target, dim):
-        return lambda out: target.add(_flat(out, dim))
+        return lambda out: target.add(flat(out, dim))
 
     for point in stats.points:
         handles.append(_hook(model_a, point[0], keep(point)))
@@ -175,40 +175,22 @@ def collect(
     return stats
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the measured layer has run."""
-
-
 @torch.no_grad()
-def layer_moments(
-    model: nn.Module, names: Iterable[str], data: Batches, device: torch.device | str = "cpu", stop: bool = False
-) -> dict[str, Moments]:
-    """Per-unit moments of the outputs of ``names`` in one model; with ``stop`` the forward pass ends
-    after the last of them ran, which REPAIR uses to measure one layer at a time cheaply."""
+def layer_moments(model: nn.Module, names: Iterable[str], data: Batches, device: torch.device | str = "cpu"
+                  ) -> dict[str, Moments]:
+    """Per-unit moments of the outputs of ``names`` in one model, over all of ``data``."""
     names = list(names)
     result = {n: Moments() for n in names}
-    seen: set[str] = set()
 
     def record(name):
         dim = unit_dim(model.get_submodule(name))
-
-        def fn(out):
-            result[name].add(_flat(out, dim))
-            seen.add(name)
-            if stop and len(seen) == len(names):
-                raise _Stop
-
-        return fn
+        return lambda out: result[name].add(flat(out, dim))
 
     handles = [_hook(model, n, record(n)) for n in names]
     try:
         model.eval().to(device)
         for x, _ in batches(data, device):
-            seen.clear()
-            try:
-                model(x)
-            except _Stop:
-                pass
+            model(x)
     finally:
         for h in handles:
             h.remove()
