@@ -27,7 +27,7 @@ from .errors import UsageError
 from .partial import GroupPlan
 from .partitioned import PartialMergedModel, PartitionedLayer
 from .spec import Layer
-from .statistics import Moments, Statistics, flat, unit_dim
+from .statistics import Moments, Statistics, unit_dim
 
 REPAIRS = ("repair", "reset")
 DEAD = 1e-8  # a unit with σ below this is dead (constant on the calibration data)
@@ -163,7 +163,7 @@ class Sweep:
             c = self.todo.pop(0)
             index, module = program.node_of(c.name), self.model.net.get_submodule(c.name)
             got, dim = Moments(), unit_dim(module)
-            values = self.acts.observe(index, module, lambda out: got.add(flat(out, dim)))
+            values = self.acts.observe(index, module, lambda out: got.add(out, dim))
             scale, shift = affine(c, got)
             fold(self.model.net, c, scale, shift)
             if program.runs_itself(index, c.name):  # carry on the corrected output instead of running it again

@@ -17,7 +17,7 @@ from .errors import DataError
 from .spec import Group, PermutationSpec
 
 
-def flat(out: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def _flat(out: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Units along ``dim`` → (samples, units) in float64: every other position (batch, spatial, token) is
     a sample of each unit."""
     return out.detach().movedim(dim, -1).reshape(-1, out.shape[dim]).double()
@@ -31,11 +31,15 @@ class Moments:
     sum: torch.Tensor | None = None
     sumsq: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        s, q = x.sum(0), (x * x).sum(0)
+    def add(self, out: torch.Tensor, dim: int = 1) -> None:
+        """Add every position of ``out`` as a sample of the units along ``dim`` (reduced in place, without
+        moving the units to the last dim first: measured about twice as fast on conv maps)."""
+        x = out.detach().double()
+        others = [d for d in range(x.dim()) if d != dim % x.dim()]
+        s, q = x.sum(others), torch.linalg.vector_norm(x, dim=others).square()
         self.sum = s if self.sum is None else self.sum + s
         self.sumsq = q if self.sumsq is None else self.sumsq + q
-        self.count += x.shape[0]
+        self.count += x.numel() // x.shape[dim]
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.sum + other.sum, self.sumsq + other.sumsq)
@@ -59,6 +63,7 @@ class PairMoments:
     cross: torch.Tensor | None = None
 
     def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add matching samples × units matrices of A and B."""
         self.a.add(xa)
         self.b.add(xb)
         c = xa.T @ xb
@@ -145,13 +150,13 @@ def collect(
     handles = []
 
     def keep(point):
-        return lambda out: stash.__setitem__(point, flat(out, point[1]))
+        return lambda out: stash.__setitem__(point, _flat(out, point[1]))
 
     def pair(point):
-        return lambda out: stats.points[point].add(stash.pop(point), flat(out, point[1]))
+        return lambda out: stats.points[point].add(stash.pop(point), _flat(out, point[1]))
 
     def moments(target, dim):
-        return lambda out: target.add(flat(out, dim))
+        return lambda out: target.add(out, dim)
 
     for point in stats.points:
         handles.append(_hook(model_a, point[0], keep(point)))
@@ -184,7 +189,7 @@ def layer_moments(model: nn.Module, names: Iterable[str], data: Batches, device:
 
     def record(name):
         dim = unit_dim(model.get_submodule(name))
-        return lambda out: result[name].add(flat(out, dim))
+        return lambda out: result[name].add(out, dim)
 
     handles = [_hook(model, n, record(n)) for n in names]
     try:
