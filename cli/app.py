@@ -8,6 +8,7 @@ stdout and nothing else there.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 from enum import Enum
@@ -228,7 +229,7 @@ def run(
         out = Path(values["out"]) if values["out"] else None
         inputs = tuple(v for v in (values["model_a"], values["model_b"], values["calib"], values["eval"]) if v)
         check_out(out, values["overwrite"], inputs)
-        _setup(quiet, json_out)
+        _setup(quiet or os.environ.get("RANK", "0") != "0", json_out)  # under torchrun, rank 0 logs
         from hubmerge.release import DataRef, run as run_merge
 
         recipe = {k: v for k, v in values.items() if k not in ("json_out", "quiet", "debug", "overwrite")}
@@ -245,6 +246,8 @@ def run(
         )
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes
         _fail(exc, debug)
+    if not result.main:  # under torchrun, rank 0 reports for every process
+        return
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
         return

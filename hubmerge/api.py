@@ -22,6 +22,7 @@ from .arch_specs import architecture_of, input_size_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
+from .distributed import require_everywhere
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
 from .evaluate import Barrier, Metrics, barrier, evaluate, evaluate_all
 from .options import MergeOptions
@@ -150,8 +151,7 @@ class Prepared:
     def _input_size(self) -> tuple[int, ...]:
         if self.calibration is not None:
             first = next(iter(batches(self.calibration)), None)
-            if first is None:
-                raise DataError("calibration data is empty: give at least one batch of inputs")
+            require_everywhere(first is not None, "calibration data is empty: give at least one batch of inputs")
             size, takes = tuple(first[0].shape[1:]), input_size_of(self.model_a)
             if takes is not None and (len(size) != 3 or size[0] != takes[0]):
                 raise DataError(f"calibration inputs have shape {size} per sample; the model takes {takes[0]}-channel "

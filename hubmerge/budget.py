@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import batches, progress_bar
+from .distributed import total
 from .errors import UsageError
 from .evaluate import Ensemble, logits
 from .repair import Sweep, shared_prefix
@@ -61,12 +62,16 @@ class Scorer:
             self.target = F.log_softmax(ens, 1)
 
     def __call__(self, out: torch.Tensor) -> float:
+        """The mean over all calibration samples (over every process of a process group)."""
         out = out.double().cpu()
         if self.kind == "loss":
-            return F.cross_entropy(out, self.labels).item()
-        if self.kind == "accuracy":
-            return 1.0 - (out.argmax(1) == self.labels).double().mean().item()
-        return F.kl_div(F.log_softmax(out, 1), self.target, log_target=True, reduction="batchmean").item()
+            summed = F.cross_entropy(out, self.labels, reduction="sum")
+        elif self.kind == "accuracy":
+            summed = (out.argmax(1) != self.labels).double().sum()
+        else:
+            summed = F.kl_div(F.log_softmax(out, 1), self.target, log_target=True, reduction="sum")
+        summed, count = total(summed, torch.tensor(float(len(out))))
+        return (summed / count).item()
 
 
 class _Search:

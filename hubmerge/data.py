@@ -21,6 +21,7 @@ from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .distributed import shard, world
 from .errors import DataError, UsageError
 
 Batches = Union[DataLoader, Iterable]
@@ -53,9 +54,11 @@ def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def batches(data: Batches, device: torch.device | str = "cpu", progress: str | bool = False
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Iterate ``(x, y)`` on ``device``; ``y`` is None for label-free data."""
-    total = len(data) if hasattr(data, "__len__") else None
-    for batch in progress_bar(data, progress, total):
+    """Iterate ``(x, y)`` on ``device``; ``y`` is None for label-free data. In a process group, this
+    process's share of the batches (:func:`hubmerge.distributed.shard`)."""
+    rank, size = world()
+    total = len(range(rank, len(data), size)) if hasattr(data, "__len__") else None
+    for batch in progress_bar(shard(data), progress, total):
         x, y = _split(batch)
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise DataError("a batch of inputs holds NaN or infinite values; clean the data first")

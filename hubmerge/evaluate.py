@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Batches, Preprocess, as_batches, batches
+from .distributed import total
 from .errors import DataError
 
 
@@ -86,9 +87,11 @@ def evaluate_all(models: dict[str, nn.Module], data: Batches, device: torch.devi
         y = _check_labels(y, next(iter(outs.values())).shape[1])
         for name, out in outs.items():
             tally[name].add(out, y)
-    if not tally or next(iter(tally.values())).n == 0:
+    # each process tallied its own batches (one all-reduce for every model's sums)
+    sums = total(torch.tensor([[t.correct, t.loss, t.n] for t in tally.values()], dtype=torch.float64))[0]
+    if not tally or sums[0, 2] == 0:
         raise DataError("evaluation data is empty")
-    return {name: Metrics(t.correct / t.n, t.loss / t.n, t.n) for name, t in tally.items()}
+    return {name: Metrics(c / n, loss / n, int(n)) for name, (c, loss, n) in zip(tally, sums.tolist())}
 
 
 def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu",

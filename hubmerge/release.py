@@ -22,6 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 from . import card
 from .api import MergeReport, merge
 from .data import HFImages, Preprocess, check_request, load_dataset_ref
+from .distributed import is_main, session
 from .errors import UsageError
 from .hub import load_endpoint, remote_errors, split_revision
 from .options import MergeOptions
@@ -31,10 +32,14 @@ from .partitioned import PartialMergedModel
 
 @dataclass
 class RunResult:
+    """The merge, its report, and where rank 0 of a process group (or the only process) put it; ``main`` is
+    False in the other processes, which write nothing."""
+
     model: PartialMergedModel
     report: MergeReport
     output: Path | None
     repo_url: str | None
+    main: bool = True
 
     def to_dict(self) -> dict:
         return {"report": self.report.to_dict(), "output": str(self.output) if self.output else None,
@@ -107,6 +112,10 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
     ``--config``; from Python it is built from these arguments); ``preprocess`` replaces fields
     (``input_size``, ``mean``, ``std``) of endpoint A's ``pretrained_cfg`` for the datasets, and is recorded
     in the merged model.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join one process group, split every pass over the
+    data between them (:mod:`hubmerge.distributed`) and compute the same merge; rank 0 writes and pushes
+    it, the others return it with no ``output`` or ``repo_url``.
     """
     opts = MergeOptions.combine(options, overrides)
     if repo_id is not None:
@@ -119,13 +128,24 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
             check_request(ref.split, ref.samples)
     token = _token(push, token)
     check_out(out, overwrite, (a, b, *(d.ref for d in (calib, evaluation) if d)))
-    if out is not None:
-        recover(out)
     if calib is None and opts.needs_data:
         raise UsageError("this merge needs calibration data (--calib): activation matching, REPAIR and budget "
                          "allocation measure activations; use --align weight --repair none for a data-free merge")
+    with session(opts.device) as device:
+        return _run(a, b, calib, evaluation, out, push, repo_id, private, revision, token, model_class,
+                    recipe, preprocess, opts.model_copy(update={"device": device}))
+
+
+def _run(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out: Path | None, push: bool,
+         repo_id: str | None, private: bool, revision: str | None, token: str | None, model_class: type | None,
+         recipe: dict | None, preprocess: dict | None, opts: MergeOptions) -> RunResult:
+    """:func:`run` after its checks, in this process of a process group (or alone): every process merges,
+    one writes and pushes."""
+    main = is_main()
+    if out is not None and main:
+        recover(out)
     api = HfApi(token=token)
-    if push and repo_id is None:
+    if push and repo_id is None and main:
         repo_id = _default_repo(api, a, b, token)
     t0 = time.perf_counter()
     ea = load_endpoint(a, token=token, device=opts.device, model_class=model_class)
@@ -136,6 +156,8 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
                    evaluation=_dataset(evaluation, pre, opts.seed), preprocess=pre,
                    endpoints={"a": ea.describe(), "b": eb.describe()}, **opts.model_dump())
     result.report.timings["download"] = download_s
+    if not main:  # the other processes computed the same merge
+        return RunResult(result.model, result.report, None, None, main=False)
     staging = staging_for(out)
     try:
         result.model.save_pretrained(staging)

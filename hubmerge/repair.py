@@ -23,6 +23,7 @@ from torch import nn
 
 from .activations import Activations, Program
 from .data import Batches, batches
+from .distributed import total
 from .errors import UsageError
 from .partial import GroupPlan
 from .partitioned import PartialMergedModel, PartitionedLayer
@@ -164,7 +165,7 @@ class Sweep:
             index, module = program.node_of(c.name), self.model.net.get_submodule(c.name)
             got, dim = Moments(), unit_dim(module)
             values = self.acts.observe(index, module, lambda out: got.add(out, dim))
-            scale, shift = affine(c, got)
+            scale, shift = affine(c, got.summed())
             fold(self.model.net, c, scale, shift)
             if program.runs_itself(index, c.name):  # carry on the corrected output instead of running it again
                 if c.norm is None:
@@ -216,6 +217,12 @@ def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "c
     try:
         for x, _ in batches(data, device):
             model(x)
+        for n in norms:  # each process averaged its own batches' statistics: weight them by batch count
+            count = n.num_batches_tracked.double()
+            mean, var, count = total(n.running_mean * count, n.running_var * count, count)
+            n.running_mean.copy_(mean / count)
+            n.running_var.copy_(var / count)
+            n.num_batches_tracked.copy_(count)
     finally:
         for n, mom in zip(norms, momenta):
             n.momentum = mom

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .data import Batches, batches
-from .errors import DataError
+from .distributed import require_everywhere, total, world
 from .spec import Group, PermutationSpec
 
 
@@ -43,6 +43,11 @@ class Moments:
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.sum + other.sum, self.sumsq + other.sumsq)
+
+    def summed(self) -> Moments:
+        """These moments added up over every process of a process group (each saw its own batches)."""
+        count, s, q = total(torch.tensor(float(self.count)), self.sum, self.sumsq)
+        return Moments(int(count.item()), s, q)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -175,8 +180,25 @@ def collect(
     finally:
         for h in handles:
             h.remove()
-    if stats.samples == 0:
-        raise DataError("calibration data is empty: give at least one batch of inputs")
+    require_everywhere(stats.samples > 0, "calibration data is empty: give at least one batch of inputs")
+    return _summed(stats)
+
+
+def _summed(stats: Statistics) -> Statistics:
+    """Statistics added up over every process of a process group, in one all-reduce."""
+    if world()[1] == 1:
+        return stats
+    moments = [m for pm in stats.points.values() for m in (pm.a, pm.b)] + [*stats.layers_a.values(),
+                                                                            *stats.layers_b.values()]
+    counts = torch.tensor([float(m.count) for m in moments] + [float(stats.samples)], dtype=torch.float64)
+    summed = iter(total(counts, *[t for m in moments for t in (m.sum, m.sumsq)],
+                        *[pm.cross for pm in stats.points.values()]))
+    counts = next(summed).long().tolist()
+    for m, count in zip(moments, counts):
+        m.count, m.sum, m.sumsq = count, next(summed), next(summed)
+    for pm in stats.points.values():
+        pm.cross = next(summed)
+    stats.samples = counts[-1]
     return stats
 
 
