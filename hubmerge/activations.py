@@ -34,11 +34,9 @@ class _Tracer(fx.Tracer):
     extraction) and hubmerge's partitioned modules as leaves, so every module REPAIR corrects is one node
     or inside one."""
 
-    leaves = (PartitionedLayer, PartitionedNorm)
-
     def __init__(self):
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
-        self.leaves = (*self.leaves, *get_notrace_modules())
+        self.leaves = (PartitionedLayer, PartitionedNorm, *get_notrace_modules())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
