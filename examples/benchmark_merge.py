@@ -12,12 +12,21 @@ Pairs (Fashion-MNIST at 32×32, trained from two seeds, cached in ``--cache``): 
 ``convnext`` (convnext_atto, depths 1-1-2-1, dims 16–64).
 
     python examples/benchmark_merge.py --pairs resnet18 vit convnext --repeats 2
+
+``--memory 1000 8000`` instead measures peak memory (the process's maximum resident set) of a full merge
+with REPAIR and a benefit allocation at ``--budget``, once per calibration-set size, each in a fresh
+process, with ``--activation-memory`` GiB of activations kept in memory (the rest is spilled to disk):
+
+    python examples/benchmark_merge.py --pairs resnet18 --memory 1000 8000 --activation-memory 0.01
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,12 +68,35 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path("examples/out/endpoints"))
+    ap.add_argument("--memory", nargs="+", type=int, help="calibration sizes to measure peak memory at")
+    ap.add_argument("--activation-memory", type=float, default=4.0, help="GiB of activations REPAIR keeps")
+    ap.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)  # one measurement, in a child
     args = ap.parse_args()
+    if args.memory:
+        for pair in args.pairs:
+            for n in args.memory:
+                child = [sys.executable, __file__, "--peak", "--pairs", pair, "--calib-samples", str(n),
+                         "--activation-memory", str(args.activation_memory), "--budget", str(args.budget),
+                         "--cache", str(args.cache), "--train-samples", str(args.train_samples)]
+                peak = subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1]
+                print(f"{pair:9s} calibration {n:6d}: peak memory {peak} MiB (activations kept in memory: "
+                      f"{args.activation_memory} GiB)", flush=True)
+        return
 
     torch.set_num_threads(torch.get_num_threads())
     train = demo.subset(demo.load("fashion-mnist", "train", 32), args.train_samples)
     calib = demo.subset(train, args.calib_samples, seed=1)
     evaluation = demo.subset(demo.load("fashion-mnist", "test", 32), args.eval_samples, seed=2)
+    if args.peak:  # the child of --memory: one full merge and one allocation, then the peak resident set
+        (pair,) = args.pairs
+        arch, model_args = PAIRS[pair]
+        fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs,
+                                tag=f"-fashion-mnist-{demo.args_tag(model_args)}")
+        a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
+        hubmerge.merge(a, b, calib, gamma=0.0, activation_memory=args.activation_memory)
+        hubmerge.merge(a, b, calib, budget=args.budget, activation_memory=args.activation_memory)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        return
     models = {}
     for pair in args.pairs:
         arch, model_args = PAIRS[pair]

@@ -193,7 +193,7 @@ class Prepared:
             preprocess=self.preprocess.to_dict() if self.preprocess else None, input_size=list(self.input_size),
         )
         return repair_stage.apply(model, method, plans, self.stats, self.calibration,
-                                  unmerged=o.repair_unmerged, device=o.device)
+                                  unmerged=o.repair_unmerged, device=o.device, memory=o.activation_bytes)
 
     def partition(self, plans: dict[str, partial.GroupPlan]) -> dict[str, tuple[int, int, int]]:
         return {g: p.sizes for g, p in plans.items()}

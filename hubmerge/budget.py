@@ -136,7 +136,7 @@ class _Search:
                 plans = self.p.plans(self.gammas(k))
                 model, correct = self.p.build(plans, repair="reset" if o.repair == "reset" else None), o.repair == "repair"
             return Sweep.start(model, plans, self.p.stats, self.p.calibration, correct=correct,
-                               unmerged=o.repair_unmerged, device=o.device)
+                               unmerged=o.repair_unmerged, device=o.device, memory=o.activation_bytes)
 
     def in_forward_order(self, reference: Sweep, ks: list[dict[str, int]]) -> list[int]:
         """Indices of candidates ``ks`` by their first layer planned differently from ``reference`` (sweeps only

@@ -46,6 +46,12 @@ class MergeOptions(BaseModel):
     seed: int = Field(0, description="seed of data subsets and random choices")
     device: str = Field("cpu", description="cpu, cuda, cuda:N, mps, or auto (cuda when available)")
     batch_size: int = Field(256, ge=1, description="images per forward pass")
+    activation_memory: float = Field(
+        4.0, gt=0.0, description="GiB of calibration activations REPAIR keeps in memory; more waits in a temporary folder")
+
+    @property
+    def activation_bytes(self) -> float:
+        return self.activation_memory * 2**30
 
     @field_validator("device")
     @classmethod

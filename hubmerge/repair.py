@@ -16,6 +16,7 @@ there: it copies the corrections in front and continues from the reference's act
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -136,6 +137,13 @@ def _copy_layer(model: PartialMergedModel, source: PartialMergedModel, layer: La
         model.net.get_submodule(name).load_state_dict(source.net.get_submodule(name).state_dict())
 
 
+def _along(dim: int, scale: torch.Tensor, shift: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``scale·values + shift`` with the per-unit vectors along ``dim``."""
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    return values * scale.view(shape).to(values) + shift.view(shape).to(values)
+
+
 class Sweep:
     """REPAIR of one merge carried through its calibration activations (see the module docstring).
 
@@ -150,11 +158,14 @@ class Sweep:
 
     @classmethod
     def start(cls, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None, data: Batches,
-              *, correct: bool = True, unmerged: bool = False, device: torch.device | str = "cpu") -> Sweep:
-        """A sweep from the input; with ``correct`` it makes every REPAIR correction of ``model``."""
+              *, correct: bool = True, unmerged: bool = False, device: torch.device | str = "cpu",
+              memory: float = float("inf")) -> Sweep:
+        """A sweep from the input, keeping at most ``memory`` bytes of activations in memory (the rest in a
+        temporary folder); with ``correct`` it makes every REPAIR correction of ``model``."""
         model.eval().to(device)
         todo = corrections(model, plans, stats, unmerged) if correct else []
-        return cls(model, plans, stats, Activations(Program(model.net), model.net, data, device), todo, unmerged)
+        acts = Activations(Program(model.net), model.net, data, device, memory)
+        return cls(model, plans, stats, acts, todo, unmerged)
 
     def run(self, until: int | None = None) -> PartialMergedModel:
         """Make the corrections of the layers in front of layer ``until`` of the spec (all of them: None); with
@@ -164,15 +175,12 @@ class Sweep:
             c = self.todo.pop(0)
             index, module = program.node_of(c.name), self.model.net.get_submodule(c.name)
             got, dim = Moments(), unit_dim(module)
-            values = self.acts.observe(index, module, lambda out: got.add(out, dim))
+            keep = program.runs_itself(index, c.name)  # carry on the corrected output instead of running it again
+            self.acts.observe(index, module, lambda out: got.add(out, dim), keep)
             scale, shift = affine(c, got.summed())
             fold(self.model.net, c, scale, shift)
-            if program.runs_itself(index, c.name):  # carry on the corrected output instead of running it again
-                if c.norm is None:
-                    shape = [1] * values[0].dim()
-                    shape[dim] = -1
-                    values = [v * scale.view(shape).to(v) + shift.view(shape).to(v) for v in values]
-                self.acts.commit(index, values)
+            if keep and c.norm is None:  # corrected in the layer itself (a following norm reads the output as it is)
+                self.acts.transform(functools.partial(_along, dim, scale, shift))
         if until is not None and until < len(self.model.spec.layers):
             self.acts.advance(program.node_of(self.model.spec.layers[until].name))
         return self.model
@@ -197,9 +205,11 @@ class Sweep:
 
 
 def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches, *,
-           unmerged: bool = False, device: torch.device | str = "cpu") -> PartialMergedModel:
-    """Correct every hidden layer's pre-activation statistics in place, front to back, in one sweep."""
-    return Sweep.start(model, plans, stats, data, unmerged=unmerged, device=device).run()
+           unmerged: bool = False, device: torch.device | str = "cpu", memory: float = float("inf")
+           ) -> PartialMergedModel:
+    """Correct every hidden layer's pre-activation statistics in place, front to back, in one sweep that
+    keeps at most ``memory`` bytes of activations in memory."""
+    return Sweep.start(model, plans, stats, data, unmerged=unmerged, device=device, memory=memory).run()
 
 
 @torch.no_grad()
@@ -231,8 +241,9 @@ def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "c
 
 
 def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupPlan], stats: Statistics | None,
-          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu") -> PartialMergedModel:
-    """Run the chosen REPAIR variant (None = leave the merge as built)."""
+          data: Batches | None, *, unmerged: bool = False, device: torch.device | str = "cpu",
+          memory: float = float("inf")) -> PartialMergedModel:
+    """Run the chosen REPAIR variant (None = leave the merge as built); ``memory`` as in :func:`repair`."""
     if method is None:
         return model
     if method not in REPAIRS:
@@ -242,4 +253,4 @@ def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupP
     if method == "reset":
         reset_norms(model, data, device)
         return model
-    return repair(model, plans, stats, data, unmerged=unmerged, device=device)
+    return repair(model, plans, stats, data, unmerged=unmerged, device=device, memory=memory)

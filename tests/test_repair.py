@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import hubmerge
+
 from hubmerge.api import Prepared
 from hubmerge.errors import UsageError
 from hubmerge.options import MergeOptions
@@ -151,6 +153,25 @@ def test_a_branch_is_the_merge_repaired_from_the_input(case):
     assert firsts == sorted(firsts) and firsts[-1] > 0  # some branch started past the input
     same_as_fresh(reference, p.build(base_plans), x)
     assert shared_prefix(p.spec.layers, base_plans, p.plans(0.2)) == len(p.spec.layers)
+
+
+@pytest.mark.parametrize("case", ["mlp_bn", "timm_resnet18"])
+def test_activations_spilled_to_disk_give_the_same_merge(case):
+    """With no memory for activations every chunk waits in the temporary folder between steps; REPAIR and the
+    budget search (whose branches fork spilled chunks) give the same merge bit for bit."""
+    p = helpers_prepared(case)
+    plans = p.plans(0.3)
+    sweep = Sweep.start(p.build(plans, repair=None), plans, p.stats, p.calibration, unmerged=True, memory=0)
+    assert sweep.acts.chunks.spilled == len(sweep.acts.chunks) > 1
+    folder = sweep.acts.chunks.folder
+    want = p.build(plans).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in sweep.run().state_dict().items())
+    del sweep
+    assert not folder.exists()  # the temporary folder goes with its activations
+    a, b, data = make(case, 1), make(case, 2), labelled(case)
+    spilled = hubmerge.merge(a, b, data, budget=0.3, activation_memory=1e-9).model.state_dict()
+    kept = hubmerge.merge(a, b, data, budget=0.3).model.state_dict()
+    assert spilled.keys() == kept.keys() and all(torch.equal(v, kept[k]) for k, v in spilled.items())
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext", "mobilenetv3"])
