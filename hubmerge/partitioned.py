@@ -16,7 +16,9 @@ convolutions each read a whole input slice. ``shared_from_b`` adds into the shar
 concatenated. A layer with no zero block (its input or output group fully merged, or the fixed
 input/logits) is stored and run as one block, ``whole``: splitting it would only add ops, and joining
 blocks into one weight on every forward costs a weight copy per call (measured at batch 1 on a VGG11 merge
-with half its groups fully merged: 24 ms joined, 14 ms whole). BatchNorms become per-unit norms of the wider
+with half its groups fully merged: 24 ms joined, 14 ms whole). At inference a layer may instead run
+as one zero-padded op joined from its blocks (:meth:`PartialMergedModel.plan_execution` times both forms per
+layer and keeps the faster; storage stays partitioned). BatchNorms become per-unit norms of the wider
 group, LayerNorms over a widened group :class:`PartitionedNorm` s, per-unit vectors (layer scales) widen.
 The rest of the architecture (activations, pooling, residual adds) is the base model's own code.
 """
@@ -24,6 +26,8 @@ The rest of the architecture (activations, pooling, residual adds) is the base m
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
@@ -78,6 +82,9 @@ class PartitionedLayer(nn.Module):
         bias = template.bias is not None
         for block, ((r0, r1), (c0, c1)) in self.extent.items():
             self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
+        self.execution = "blocks"  # or "dense" (see :meth:`PartialMergedModel.plan_execution`)
+        # (block tensors, their versions when joined, the joined layer): a cache, not state
+        self.__dict__["_joined"] = (None, None, None)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The present sub-layers, ``whole`` alone or in the order ``a_side``, ``shared_from_b``, ``b_only``;
@@ -87,6 +94,8 @@ class PartitionedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "whole"):
             return self.whole(x)
+        if self.execution == "dense" and not torch.is_grad_enabled():
+            return self._dense().forward(x)  # (its hooks machinery is not needed: it is never hooked)
         d, width = self.unit_dim, x.shape[self.unit_dim]
         cols = self.extent["a_side"][1][1]
         out = self.a_side(x.narrow(d, 0, cols))
@@ -97,6 +106,17 @@ class PartitionedLayer(nn.Module):
             c0 = self.extent["b_only"][1][0]
             out = torch.cat([out, self.b_only(x.narrow(d, c0, width - c0))], d)
         return out
+
+    def _dense(self) -> nn.Module:
+        """The zero-padded layer joined from the blocks, joined again whenever a block's tensor changed: REPAIR
+        folds corrections in place, ``load_state_dict`` copies into them, ``.to`` gives them new storage, and
+        each of these changes a tensor's version or address (the check costs a few µs per call)."""
+        tensors, key, dense = self._joined
+        if tensors is None or key != [(t.data_ptr(), t._version) for t in tensors]:
+            tensors = [t for b in self.extent for t in (getattr(self, b).weight, getattr(self, b).bias) if t is not None]
+            dense = self.dense()
+            self.__dict__["_joined"] = (tensors, [(t.data_ptr(), t._version) for t in tensors], dense)
+        return dense
 
     def dense(self) -> nn.Module:
         """The equivalent plain layer, zero blocks included (for inspection and export)."""
@@ -265,6 +285,37 @@ class PartialMergedModel(
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @torch.no_grad()
+    def plan_execution(self, x: torch.Tensor, repeats: int = 7) -> dict[str, str]:
+        """Choose, for every layer stored as several blocks, whether inference runs the blocks or one
+        zero-padded op (joined from the blocks, never stored): each form is timed on the input the layer
+        sees for ``x``, a batch like those the model will run, alternately ``repeats`` times, and the faster
+        median wins, so the model is never slower than either form layer by layer. Storage stays
+        partitioned; training (gradients enabled) always runs the blocks. Returns the choice per layer."""
+        layers = {name: m for name, m in self.net.named_modules()
+                  if isinstance(m, PartitionedLayer) and not hasattr(m, "whole")}
+        seen: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0]))
+                   for name, m in layers.items()]
+        try:
+            self.eval()(x)
+        finally:
+            for h in handles:
+                h.remove()
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        for name, m in layers.items():
+            times: dict[str, list[float]] = {"blocks": [], "dense": []}
+            for _ in range(repeats + 1):  # the first round warms up (and joins the dense weight)
+                for form in times:
+                    m.execution = form
+                    sync()
+                    t0 = time.perf_counter()
+                    m(seen[name])
+                    sync()
+                    times[form].append(time.perf_counter() - t0)
+            m.execution = min(times, key=lambda form: statistics.median(times[form][1:]))
+        return {name: m.execution for name, m in layers.items()}
 
     def layer(self, name: str) -> PartitionedLayer | nn.Conv2d:
         """The partitioned module of a spec layer (a plain, resized conv for a depthwise one)."""

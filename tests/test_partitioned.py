@@ -5,6 +5,7 @@ import safetensors.torch
 import torch
 
 from hubmerge import PartialMergedModel
+from hubmerge.partitioned import PartitionedLayer
 from hubmerge.cost import CostModel
 from hubmerge.errors import CheckpointError
 
@@ -106,3 +107,29 @@ def test_inconsistent_partition_in_config_is_refused(saved):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="do not hold all"):
         PartialMergedModel.from_pretrained(path)
+
+
+def test_planned_execution_computes_the_same_and_keeps_the_blocks(saved):
+    """Each layer may run as one zero-padded op joined from its blocks; the outputs stay the merge's, the
+    stored state stays the blocks, a block changed in place (as REPAIR folds) is joined again, and training
+    runs the blocks."""
+    model, _ = saved
+    x = inputs("timm_resnet18")
+    want, keys = model(x), set(model.state_dict())
+    layers = [m for m in model.net.modules() if isinstance(m, PartitionedLayer) and not hasattr(m, "whole")]
+    assert layers and set(model.plan_execution(x, repeats=1).values()) <= {"blocks", "dense"}
+    for m in layers:
+        m.execution = "dense"
+    with torch.no_grad():
+        assert (model(x) - want).abs().max() <= 1e-12 * want.abs().max()
+        assert set(model.state_dict()) == keys
+        layers[0].a_side.weight.mul_(2.0)
+        changed = model(x)
+    assert (changed - want).abs().max() > 1e-6  # joined again from the changed block
+    for m in layers:
+        m.execution = "blocks"
+    with torch.no_grad():
+        assert (model(x) - changed).abs().max() <= 1e-12 * changed.abs().max()
+    layers[0].execution = "dense"
+    model(x).sum().backward()  # with gradients the blocks run, so they receive them
+    assert layers[0].a_side.weight.grad is not None
