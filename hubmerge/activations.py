@@ -55,8 +55,9 @@ class Program:
         try:
             graph = _Tracer().trace(module)
         except Exception as exc:  # fx raises many types (TraceError, TypeError on control flow, …)
-            raise UnsupportedModelError(f"torch.fx cannot trace {type(module).__name__} for REPAIR and the budget "
-                                        f"search ({type(exc).__name__}: {exc})") from exc
+            raise UnsupportedModelError(f"torch.fx cannot trace {type(module).__name__}, which REPAIR and the budget "
+                                        f"search run through ({type(exc).__name__}: {exc}); merge it with "
+                                        "repair='reset' or repair=None and no budget") from exc
         self.nodes: list[fx.Node] = list(graph.nodes)
         order = {n.name: i for i, n in enumerate(self.nodes)}
         self.last_use = {n.name: max((order[u.name] for u in n.users), default=order[n.name]) for n in self.nodes}
