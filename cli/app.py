@@ -8,8 +8,8 @@ stdout and nothing else there.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import sys
 from enum import Enum
 from inspect import Parameter, signature  # (the `inspect` command below takes the module's name)
