@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .activations import Activations, Program
-from .data import Batches, batches
+from .data import Batches, batches, progress_bar
 from .distributed import total
 from .errors import UsageError
 from .partial import GroupPlan
@@ -167,12 +167,14 @@ class Sweep:
         acts = Activations(Program(model.net), model.net, data, device, memory)
         return cls(model, plans, stats, acts, todo, unmerged)
 
-    def run(self, until: int | None = None) -> PartialMergedModel:
-        """Make the corrections of the layers in front of layer ``until`` of the spec (all of them: None); with
-        ``until``, also carry the activations up to that layer's node."""
+    def run(self, until: int | None = None, progress: str | bool = False) -> PartialMergedModel:
+        """Make the corrections of the layers in front of layer ``until`` of the spec (all of them: None),
+        with a progress bar titled ``progress``; with ``until``, also carry the activations up to that
+        layer's node."""
         program = self.acts.program
-        while self.todo and (until is None or self.todo[0].index < until):
-            c = self.todo.pop(0)
+        now = [c for c in self.todo if until is None or c.index < until]
+        self.todo = self.todo[len(now):]
+        for c in progress_bar(now, progress):
             index, module = program.node_of(c.name), self.model.net.get_submodule(c.name)
             got, dim = Moments(), unit_dim(module)
             keep = program.runs_itself(index, c.name)  # carry on the corrected output instead of running it again
@@ -209,7 +211,8 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
            ) -> PartialMergedModel:
     """Correct every hidden layer's pre-activation statistics in place, front to back, in one sweep that
     keeps at most ``memory`` bytes of activations in memory."""
-    return Sweep.start(model, plans, stats, data, unmerged=unmerged, device=device, memory=memory).run()
+    return Sweep.start(model, plans, stats, data, unmerged=unmerged, device=device, memory=memory).run(
+        progress="REPAIR")
 
 
 @torch.no_grad()
