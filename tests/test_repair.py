@@ -103,12 +103,13 @@ def family_prepared(family):
 
 
 @pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18", "cifar_vgg_stride", "vit", "convnext",
-                                  "mobilevit", "nfnet", "vgg"])
+                                  "mobilevit", "nfnet"])
 def test_one_pass_repair_equals_layer_by_layer_repair(case):
     """The sweep carries corrected activations forward instead of measuring each layer from the input; in
     float64 both give the same weights to 1e-10. ViT is a full merge held in the plain architecture;
-    MobileViT, NFNet and timm's VGG have corrected layers inside modules that torch.fx keeps whole, which the
-    sweep runs again after each correction."""
+    MobileViT and NFNet have corrected layers inside modules that torch.fx keeps whole, which the sweep runs
+    again after each correction (timm's VGG, whose ConvMlp is such a module in a partitioned merge, takes the
+    same path; it is left out for its 40 s)."""
     p = helpers_prepared(case, repair_unmerged=True) if case in CASES else family_prepared(case)
     plans = p.plans(0.3 if p.spec.partial is None else 0.0)
     plain = p.build(plans, repair=None)
