@@ -126,10 +126,12 @@ class _Chunks:
         env = self.memory[i]
         return torch.load(self._path(i), weights_only=False) if env is None else env
 
+    def append(self, env: dict) -> None:
+        self.memory.append(None)
+        self.sizes.append(0)
+        self[len(self.memory) - 1] = env
+
     def __setitem__(self, i: int, env: dict) -> None:
-        if i == len(self.memory):
-            self.memory.append(None)
-            self.sizes.append(0)
         if self.memory[i] is not None:
             self.used -= self.sizes[i]
         self.sizes[i] = _nbytes(env)
@@ -169,18 +171,21 @@ class Activations:
                     raise UnsupportedModelError(f"the model's forward takes a second input {extra.name!r} without a "
                                                 "default; hubmerge feeds it images only")
                 env[extra.name] = extra.args[0]
-            self.chunks[len(self.chunks)] = env
+            self.chunks.append(env)
 
-    def _visit(self) -> Iterator[dict]:
+    def _visit(self, change: bool = True) -> Iterator[dict]:
         """Each chunk's values in turn (with the pending transform applied), stored again after the caller's
-        step on them."""
+        step on them; a caller that only reads them (``change=False``) stores nothing unless a transform was
+        pending (a spilled chunk is then not written again)."""
+        store = change or self.pending is not None
         for i in range(len(self.chunks)):
             env = self.chunks[i]
             if self.pending is not None:
                 name, fn = self.pending
                 env[name] = fn(env[name])
             yield env
-            self.chunks[i] = env
+            if store:
+                self.chunks[i] = env
         self.pending = None
 
     def _steps(self, env: dict, stop: int) -> None:
@@ -245,8 +250,8 @@ class Activations:
                                         "difference; their activations cannot be shared")
         out = Activations(program, root, None, memory=self.chunks.limit)
         out.position = self.position
-        for env in self._visit():
-            out.chunks[len(out.chunks)] = tree_map_only(torch.Tensor, torch.clone, env)
+        for env in self._visit(change=False):
+            out.chunks.append(tree_map_only(torch.Tensor, torch.clone, env))
         return out
 
     @torch.no_grad()

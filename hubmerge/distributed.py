@@ -72,7 +72,7 @@ def require_everywhere(here: bool, message: str) -> None:
     process only would leave the others waiting in their next all-reduce)."""
     missing = total(torch.tensor(0.0 if here else 1.0))[0].item()
     if missing:
-        rank, size = world()
+        size = world()[1]
         raise DataError(message if size == 1 else f"{message} (in {int(missing)} of {size} processes: each process "
                         f"reads every {size}-th batch, so give at least one batch per process)")
 
