@@ -2,12 +2,14 @@
 
 Every model's permutation spec comes from its traced computation (:func:`hubmerge.trace.derive`); nothing
 here is a hand-written spec. What stays in this package is what tracing cannot tell: hubmerge's own
-literature models (registered in timm so hub repos round-trip) and the table of families with the tiny
-configuration each is tested on (``families.py``).
+literature models (registered in timm so hub repos round-trip), the table of families with the tiny
+configuration each is tested on (``families.py``), and where attention modules keep their head count
+(``attention.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -19,6 +21,7 @@ from hubmerge.errors import UnsupportedModelError
 from hubmerge.spec import PermutationSpec
 from hubmerge.trace import derive
 
+from .attention import HEAD_COUNTS
 from .families import FAMILIES, Family
 
 _SPECS: dict[str, PermutationSpec] = {}
@@ -70,19 +73,34 @@ def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, b
 
 
 def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> PermutationSpec:
-    """The permutation spec of ``model``, derived by tracing (cached per architecture, arguments and input
-    size: the spec depends on nothing else)."""
+    """The permutation spec of ``model``, derived by tracing (cached per architecture, arguments, input size
+    and the module classes and state shapes, so a model whose modules were swapped is traced anew)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     args = getattr(model, "model_args", None)
     key = None
     if cfg.get("architecture") and args is not None:
-        key = json.dumps([cfg["architecture"], args, list(input_size or cfg.get("input_size") or [])],
-                         sort_keys=True, default=str)
+        structure = [(n, type(m).__module__, type(m).__qualname__) for n, m in model.named_modules()]
+        shapes = [(k, list(t.shape)) for k, t in model.state_dict().items()]
+        key = json.dumps([cfg["architecture"], args, list(input_size or cfg.get("input_size") or []), structure,
+                          shapes], sort_keys=True, default=str)
         if key in _SPECS:
             return _SPECS[key]
-    spec = derive(model, example_input(model, input_size), family_of(model))
+    spec = _known_heads(model, derive(model, example_input(model, input_size), family_of(model)))
     if key is not None:
         _SPECS[key] = spec
+    return spec
+
+
+def _known_heads(model: nn.Module, spec: PermutationSpec) -> PermutationSpec:
+    """The spec, refusing partial merges where an attention module's head count cannot be raised (its class
+    is not in :data:`~hubmerge.arch_specs.attention.HEAD_COUNTS`, or its count is not the traced one)."""
+    for h in spec.heads if spec.partial is None else ():
+        module = model.get_submodule(h.module)
+        count = HEAD_COUNTS.get(type(module))
+        if count is None or getattr(module, count.heads, None) != len(h.heads):
+            why = (f"attention {h.module} is a {type(module).__name__}, whose head count hubmerge does not know "
+                   "how to raise (arch_specs/attention.py)")
+            return dataclasses.replace(spec, partial=why)
     return spec
 
 

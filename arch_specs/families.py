@@ -1,8 +1,9 @@
 """The families hubmerge is tested on, each with a tiny timm configuration, and the support level the
 family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
-be widened), ``full`` = full merges (γ=0) with exact invariants; widening these groups needs partitioned
-versions of the constructs named by ``hubmerge inspect`` (grouped convs, attention heads, concatenations,
-channel-and-token mixing), which are not built yet.
+be widened; attention heads merge or stay apart whole), ``full`` = full merges (γ=0) with exact invariants;
+widening these groups needs partitioned versions of the constructs named by ``hubmerge inspect`` (grouped
+convs, concatenations, channel-and-token mixing, attention with per-head tables or rotary dims), which are
+not built yet.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ FAMILIES = {
     "regnety": Family("regnety_002"),
     "convnext": Family("test_convnext", support="partial"),
     "convnextv2": Family("convnextv2_atto", dict(depths=(1, 1, 2, 1), dims=(8, 16, 16, 24)), support="partial"),
-    "vit": Family("test_vit", input_size=(3, 160, 160)),
-    "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),
+    "vit": Family("test_vit", input_size=(3, 160, 160), support="partial"),
+    "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="partial"),
     "swin": Family("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=12, depths=(1, 1), num_heads=(2, 2)),
                    (3, 56, 56)),
     "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),

@@ -336,7 +336,10 @@ def inspect(
             touched = list(dict.fromkeys(n for n, _ in spec.group_axes(g)))
             info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
                                    "parameters": touched})
+        info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads]} for h in spec.heads]
         if merged:
+            for row, h in zip(info["attention"], spec.heads):
+                row["heads_apart"] = sum(net.partition[head[0]][0] > 0 for head in h.heads)
             costs = CostModel(spec, net.net, tuple(net.input_size or net.pretrained_cfg["input_size"]))
             report = costs(net.partition)
             for row in info["groups"]:
@@ -357,6 +360,12 @@ def inspect(
         part = f"  A-only/shared/B-only {row['partition']}  params {row['params']:,}" if merged else ""
         typer.echo(f"  {row['name']:28s} width {row['width']:5d}{part}  ({len(row['parameters'])} tensors: "
                    f"{', '.join(row['parameters'][:3])}{', …' if len(row['parameters']) > 3 else ''})")
+    for row in info["attention"]:
+        apart = f"; {row['heads_apart']} kept apart, so the merge runs {len(row['heads']) + row['heads_apart']}" \
+            if merged else ""
+        typer.echo(f"  attention {row['module']}: {len(row['heads'])} heads (q/k and v groups "
+                   f"{', '.join('/'.join(head) for head in row['heads'][:2])}{', …' if len(row['heads']) > 2 else ''})"
+                   f", each merged or kept apart whole{apart}")
     if merged:
         inc = info["increase"]
         typer.echo(f"increase over one endpoint: +{100 * inc['params']:.1f}% parameters, +{100 * inc['flops']:.1f}% FLOPs")

@@ -1,14 +1,16 @@
 """Issue "budget": barrier after REPAIR per allocator and budget, on real offline data.
 
 Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves of the data, ResNet20
-from different seeds and a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
-streams, widened through partitioned norms) from different seeds, all on Fashion-MNIST. For budgets {0.05,
+from different seeds, a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
+streams, widened through partitioned norms) and a small ViT (patch 4, depth 4, width 64, 2 heads: heads
+kept apart whole) from different seeds, all on Fashion-MNIST. For budgets {0.05,
 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on
 held-out data, the measured parameter increase and each allocation's wall time, and writes a PNG plot per
 pair.
 
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
     python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit
+    python examples/budget.py --pairs vit-seeds --budgets 0.1 0.22 --allocators uniform benefit --cross interpolate
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ PAIRS = {
     # layer scales starting at 1 instead of timm's 1e-6, so the block MLPs matter after 3 epochs
     "convnext-ls1-seeds": ("convnext_atto", dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], ls_init_value=1.0,
                                                  in_chans=1, num_classes=10), "seeds"),
+    # the ViT of examples/full_merge.py: patch 4, depth 4, width 64, 2 heads (kept apart whole)
+    "vit-seeds": ("vit_tiny_patch16_224", dict(patch_size=4, img_size=32, depth=4, embed_dim=64, num_heads=2,
+                                               in_chans=1, num_classes=10), "seeds"),
 }
 
 
@@ -47,6 +52,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=500)
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--greedy-step", type=float, default=0.25)
+    ap.add_argument("--cross", default="fill", choices=["fill", "interpolate"])
     ap.add_argument("--cache", type=Path, default=Path("examples/out/endpoints"))
     ap.add_argument("--plots", type=Path, default=Path("examples/out"))
     args = ap.parse_args()
@@ -66,7 +72,7 @@ def main() -> None:
             fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs, tag=tag)
         a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
         calib = demo.subset(train, args.calib_samples, seed=1)
-        ref = hubmerge.merge(a, b, calib, evaluation=evaluation, gamma=0.0, cross="fill").report
+        ref = hubmerge.merge(a, b, calib, evaluation=evaluation, gamma=0.0, cross=args.cross).report
         m = ref.metrics
         print(f"\n== {pair}: {arch}, A {100 * m['a'].accuracy:.2f}%, B {100 * m['b'].accuracy:.2f}%, "
               f"ensemble {100 * m['ensemble'].accuracy:.2f}%, full merge {100 * m['full_merge'].accuracy:.2f}%, "
@@ -78,7 +84,7 @@ def main() -> None:
         for allocator in args.allocators:
             for budget in args.budgets:
                 r = hubmerge.merge(a, b, calib, evaluation=evaluation, budget=budget, allocator=allocator,
-                                   cross="fill", greedy_step=args.greedy_step).report
+                                   cross=args.cross, greedy_step=args.greedy_step).report
                 evals = next((t["evaluations"] for t in r.trace if "evaluations" in t), 0)
                 print(f"{allocator:9s} {budget:6.2f} {100 * r.param_increase:7.1f}% "
                       f"{100 * r.barrier.accuracy:10.2f}pp {r.barrier.loss:13.3f} {evals:6d} "

@@ -2,7 +2,8 @@
 
 Every allocator returns per-group γ whose merged model costs at most ``budget`` more than one endpoint
 (parameters, or FLOPs with ``budget_unit="flops"``), with the last step sized to the largest whole number
-of units that still fits. γ_g is kept as k_g / n_g, so costs are exact.
+of units that still fits. γ_g is kept as k_g / n_g, so costs are exact. What is widened is a group, or the
+heads of one attention module (:class:`~hubmerge.partial.Choice`), kept apart a whole head at a time.
 
 - ``uniform``: the largest single γ for all groups.
 - ``adaptive``: adaptive buffers (split pairs scoring below ε), ε searched so the budget is met.
@@ -31,6 +32,7 @@ from .data import batches, progress_bar
 from .distributed import total
 from .errors import UsageError
 from .evaluate import Ensemble, logits
+from .partial import choices
 from .repair import Sweep, shared_prefix
 
 log = logging.getLogger("hubmerge")
@@ -89,16 +91,19 @@ class _Search:
         self.p = prepared
         self.unit = prepared.options.budget_unit
         self.budget = prepared.options.budget
-        self.widths = {g: grp.width for g, grp in prepared.spec.groups.items()}
-        self.k = {g: 0 for g in self.widths}
+        self.choices = {c.name: c for c in choices(prepared.spec)}  # groups, and attention modules' heads
+        self.widths = {name: c.width for name, c in self.choices.items()}
+        self.group_widths = {g: grp.width for g, grp in prepared.spec.groups.items()}
+        self.k = {name: 0 for name in self.widths}
         self.evaluations, self.seconds = 0, 0.0
 
     def gammas(self, k: dict[str, int]) -> dict[str, float]:
-        return {g: k[g] / self.widths[g] for g in k}
+        """Per-group γ of k units (heads) apart per choice."""
+        return {g: v for name, c in self.choices.items() for g, v in c.gammas(k[name]).items()}
 
     def partition(self, k: dict[str, int]) -> dict[str, tuple[int, int, int]]:
-        """k units of each group kept apart on both sides: sizes (k, n − k, k)."""
-        return {g: (k[g], self.widths[g] - k[g], k[g]) for g in k}
+        """k units (heads) of each choice kept apart on both sides: a group's sizes are (k, n − k, k)."""
+        return {g: v for name, c in self.choices.items() for g, v in c.partition(k[name], self.group_widths).items()}
 
     def increase(self, k: dict[str, int]) -> float:
         return self.p.costs.increase(self.partition(k))[self.unit]
@@ -162,9 +167,14 @@ class _Search:
     def result(self, trace: list[dict], benefits: dict[str, float] | None = None, **extra) -> Allocation:
         base = self.p.costs(self.partition({g: 0 for g in self.widths})).groups
         now = self.p.costs(self.partition(self.k)).groups
+
+        def added(name: str, unit: str) -> int:
+            c = self.choices[name]
+            return sum(getattr(now[g], unit) - getattr(base[g], unit) for g in (sum(c.heads, ()) or (name,)))
+
         rows = [{
             "group": g, "gamma": self.k[g] / n, "units_added": self.k[g],
-            "params_added": now[g].params - base[g].params, "flops_added": now[g].flops - base[g].flops,
+            "params_added": added(g, "params"), "flops_added": added(g, "flops"),
             "benefit": None if benefits is None else benefits.get(g),
         } for g, n in self.widths.items()]
         return Allocation(self.gammas(self.k), rows, trace, **extra)
@@ -189,7 +199,8 @@ def _adaptive(s: _Search) -> Allocation:
 
     def sizes(eps: float) -> dict[str, int]:
         plans = p.plans(1.0, method="adaptive", epsilon=eps)
-        return {g: plans[g].sizes[0] for g in s.widths}
+        return {name: sum(plans[head[0]].sizes[0] > 0 for head in c.heads) if c.heads else plans[name].sizes[0]
+                for name, c in s.choices.items()}
 
     lo, hi, trace = -1.0, 1.0 + 1e-9, []
     if s.fits(sizes(hi)):

@@ -10,9 +10,11 @@ For each layer (rows = output group sections, columns = input group sections):
 with ``c_A, c_B = 1−α, α`` for ``cross="interpolate"`` and ``1, 1`` for ``cross="fill"`` (the logits layer
 always interpolates). Biases and norms: A-only from A, B-only from B, shared interpolated.
 
-The table is stored as the blocks of :class:`~hubmerge.partitioned.PartitionedLayer`: ``a_side`` (the top-left 2×2),
+Each axis of a layer is its segments one after the other, each laid out so (:func:`~hubmerge.partial.layout`):
+most layers map one group to one group, a fused ``qkv`` projection holds q, k and v of every head. The table
+is stored as the blocks of :class:`~hubmerge.partitioned.PartitionedLayer`: ``a_side`` (the top-left 2×2),
 ``shared_from_b`` (shared rows × B-only columns) and ``b_only`` (B-only rows × shared and B-only columns),
-or one ``whole`` block where the layer has no zero block.
+with rows and columns in section order, or one ``whole`` block where the layer has no zero block.
 """
 
 from __future__ import annotations
@@ -21,52 +23,52 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .partial import GroupPlan
-from .partitioned import PartialMergedModel, Sizes, block_extents
-from .spec import Layer, PermutationSpec, expand, permute_state
+from .partial import GroupPlan, Layout, layout
+from .partitioned import PartialMergedModel, block_extents, storage_order
+from .spec import Layer, PermutationSpec, permute_state
 
 CROSS_RULES = ("interpolate", "fill")
 
 
-def _sections(plan: GroupPlan | None, repeat: int, width: int) -> tuple[torch.Tensor, ...]:
-    """(A-only, shared-from-A, shared-from-B, B-only) tensor indices along an axis of ``width`` entries."""
-    if plan is None:  # fixed input/output: every entry is shared and unpermuted
-        every = torch.arange(width)
-        return torch.empty(0, dtype=torch.long), every, every, torch.empty(0, dtype=torch.long)
-    return tuple(expand(t, repeat) for t in (plan.a_only, plan.shared_a, plan.shared_b, plan.b_only))
-
-
-def _take(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    return w.index_select(0, rows).index_select(1, cols)
-
-
 def _wide(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
-          ) -> tuple[torch.Tensor, torch.Tensor | None, Sizes, Sizes]:
-    """The layer's wide weight (zero blocks included) and bias, with its (out, in) section sizes."""
+          ) -> tuple[torch.Tensor, torch.Tensor | None, Layout, Layout]:
+    """The layer's wide weight (zero blocks included) and bias in the merged order of its axes, with the
+    layouts of its output and input axes."""
     wa, wb = sa[f"{layer.name}.weight"], sb[f"{layer.name}.weight"]
     ba, bb = sa.get(f"{layer.name}.bias"), sb.get(f"{layer.name}.bias")
-    ro_a, rs_a, rs_b, ro_b = _sections(plans.get(layer.out_group), 1, wa.shape[0])
-    ci_a, cs_a, cs_b, ci_b = _sections(plans.get(layer.in_group), layer.in_repeat, wa.shape[1])
-    c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" or layer.out_group is None else (1.0, 1.0)
-
-    def zeros(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return wa.new_zeros(len(rows), len(cols), *wa.shape[2:])
-
-    weight = torch.cat([
-        torch.cat([_take(wa, ro_a, ci_a), _take(wa, ro_a, cs_a), zeros(ro_a, ci_b)], 1),
-        torch.cat([c_a * _take(wa, rs_a, ci_a), (1 - alpha) * _take(wa, rs_a, cs_a) + alpha * _take(wb, rs_b, cs_b),
-                   c_b * _take(wb, rs_b, ci_b)], 1),
-        torch.cat([zeros(ro_b, ci_a), _take(wb, ro_b, cs_b), _take(wb, ro_b, ci_b)], 1),
-    ])
-    bias = None if ba is None else torch.cat([ba[ro_a], (1 - alpha) * ba[rs_a] + alpha * bb[rs_b], bb[ro_b]])
-    return weight, bias, (len(ro_a), len(rs_a), len(ro_b)), (len(ci_a), len(cs_a), len(ci_b))
+    rows, cols = layout(layer.out_axis, plans), layout(layer.in_axis, plans)
+    # coefficients of A's and B's weights per (row kind, column section): the table in the module docstring;
+    # row kind 3 is the logits (fixed rows), which always interpolate their cross blocks
+    c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" else (1.0, 1.0)
+    from_a = ((1.0, 1.0, 0.0), (c_a, 1 - alpha, 0.0), (0.0, 0.0, 0.0), (1 - alpha, 1 - alpha, 0.0))
+    from_b = ((0.0, 0.0, 0.0), (0.0, alpha, c_b), (0.0, 1.0, 1.0), (0.0, alpha, alpha))
+    kind = torch.where(rows.fixed, 3, rows.section)
+    weight = wa.new_zeros(len(kind), len(cols.section), *wa.shape[2:])
+    for r in range(4):
+        ri = torch.nonzero(kind == r).flatten()
+        for c in range(3):
+            ci = torch.nonzero(cols.section == c).flatten()
+            if not len(ri) or not len(ci) or from_a[r][c] == from_b[r][c] == 0.0:
+                continue
+            block = 0.0
+            if from_a[r][c]:
+                block = from_a[r][c] * wa.index_select(0, rows.a[ri]).index_select(1, cols.a[ci])
+            if from_b[r][c]:
+                block = block + from_b[r][c] * wb.index_select(0, rows.b[ri]).index_select(1, cols.b[ci])
+            weight[ri[:, None], ci[None, :]] = block
+    bias = None if ba is None else rows.combine(ba, bb, alpha)
+    return weight, bias, rows, cols
 
 
 def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
                   ) -> dict[str, torch.Tensor]:
-    """The stored tensors of one partitioned layer (keys relative to the layer): its wide weight cut
-    into the blocks of :func:`~hubmerge.partitioned.block_extents`, which leave out the zero blocks."""
-    weight, bias, out_sizes, in_sizes = _wide(layer, plans, sa, sb, alpha, cross)
+    """The stored tensors of one partitioned layer (keys relative to the layer): its wide weight with rows
+    and columns in storage order (:func:`~hubmerge.partitioned.storage_order`), cut into the blocks of
+    :func:`~hubmerge.partitioned.block_extents`, which leave out the zero blocks."""
+    weight, bias, rows, cols = _wide(layer, plans, sa, sb, alpha, cross)
+    row_order, col_order, out_sizes, in_sizes = storage_order(rows.section, cols.section)
+    weight = weight.index_select(0, row_order).index_select(1, col_order)
+    bias = None if bias is None else bias[row_order]
     out = {}
     for block, ((r0, r1), (c0, c1)) in block_extents(out_sizes, in_sizes).items():
         out[f"{block}.weight"] = weight[r0:r1, c0:c1]

@@ -1,7 +1,7 @@
 """Cost model: non-zero parameters and FLOPs of a partitioned model (method §4), the units of the budget.
 
-Per layer, non-zero weights = (k_A·(k_A′+m′) + m·w′ + k_B·(m′+k_B′)) × kernel size (primes: input group,
-times the flatten stride), plus one bias per output unit and two affine norm parameters per unit; norms,
+Per layer and group of its output rows, non-zero weights = (k_A·(k_A′+m′) + m·w′ + k_B·(m′+k_B′)) × kernel
+size (primes: the sections of the input axis, summed over its segments, times the flatten stride), plus one bias per output unit and two affine norm parameters per unit; norms,
 layer scales and other per-unit tensors outside the layers add their parameters per unit of their group. FLOPs
 count 2 per multiply-accumulate of conv/linear layers at the given input resolution (norms, activations
 and pooling are left out, which the relative increase barely notices).
@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .spec import Layer, PermutationSpec
+from .partial import Sizes
+from .spec import Layer, PermutationSpec, Segment
 from .statistics import unit_dim
-
-Sizes = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -75,16 +74,23 @@ def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...])
     return geo
 
 
-def layer_cost(layer: Layer, geo: LayerGeometry, out: Sizes, inp: Sizes) -> Cost:
-    """Closed-form cost of one partitioned layer."""
-    ka, m, kb = out
-    ia, im, ib = (s * layer.in_repeat for s in inp)
-    units = ka + m + kb
-    if layer.depthwise:  # one filter per unit
-        weights = units * geo.kernel
-    else:
-        weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
-    return Cost(weights + units * (geo.bias + geo.norm_params), 2 * weights * geo.positions)
+def layer_cost(layer: Layer, geo: LayerGeometry, partition: dict[str, Sizes]) -> dict[str | None, Cost]:
+    """Closed-form cost of one partitioned layer, per group of its output axis (None: its fixed rows)."""
+    def sizes(seg: Segment) -> Sizes:
+        return tuple(partition[seg.group]) if seg.group is not None else (0, seg.width, 0)
+
+    ia, im, ib = (sum(sizes(seg)[i] * seg.repeat for seg in layer.in_axis) for i in range(3))
+    out: dict[str | None, Cost] = {}
+    for seg in layer.out_axis:
+        ka, m, kb = sizes(seg)
+        units = ka + m + kb
+        if layer.depthwise:  # one filter per unit
+            weights = units * geo.kernel
+        else:
+            weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
+        cost = Cost(weights + units * (geo.bias + geo.norm_params), 2 * weights * geo.positions)
+        out[seg.group] = out[seg.group] + cost if seg.group in out else cost
+    return out
 
 
 @dataclass(frozen=True)
@@ -112,18 +118,18 @@ def per_unit_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
 
 
 def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[str, Sizes],
-         fixed: dict[str, tuple[int, int]], per_unit: dict[str, int] | None = None) -> CostReport:
-    """Cost of the model with ``partition``; ``fixed[layer] = (out, in)`` widths of fixed axes;
-    ``per_unit[group]``: parameters per unit outside the layers (:func:`per_unit_params`)."""
+         per_unit: dict[str, int] | None = None) -> CostReport:
+    """Cost of the model with ``partition``; ``per_unit[group]``: parameters per unit outside the layers
+    (:func:`per_unit_params`). A layer's cost counts for the groups of its output rows."""
     layers, groups = {}, {g: Cost(0, 0) for g in spec.groups}
     for g, k in (per_unit or {}).items():
         groups[g] = Cost(k * sum(partition[g]), 0)
     for l in spec.layers:
-        out = partition[l.out_group] if l.out_group else (0, fixed[l.name][0], 0)
-        inp = partition[l.in_group] if l.in_group else (0, fixed[l.name][1], 0)
-        layers[l.name] = layer_cost(l, geo[l.name], out, inp)
-        if l.out_group:
-            groups[l.out_group] = groups[l.out_group] + layers[l.name]
+        by_group = layer_cost(l, geo[l.name], partition)
+        layers[l.name] = sum(by_group.values(), Cost(0, 0))
+        for g, c in by_group.items():
+            if g is not None:
+                groups[g] = groups[g] + c
     total = sum(layers.values(), Cost(0, 0))
     total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()), 0)
     return CostReport(layers, groups, total)
@@ -132,18 +138,6 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
 def full_partition(spec: PermutationSpec) -> dict[str, Sizes]:
     """One endpoint's partition: every unit shared."""
     return {g: (0, grp.width, 0) for g, grp in spec.groups.items()}
-
-
-def fixed_widths(spec: PermutationSpec, net: nn.Module) -> dict[str, tuple[int, int]]:
-    """Widths of every layer's output and input axes as stored (fixed axes never change with γ)."""
-    out = {}
-    for l in spec.layers:
-        module = net.get_submodule(l.name)
-        w = _weighted(module).weight
-        sizes_out = getattr(module, "out_sizes", None)
-        sizes_in = getattr(module, "in_sizes", None)
-        out[l.name] = (sum(sizes_out) if sizes_out else w.shape[0], sum(sizes_in) if sizes_in else w.shape[1])
-    return out
 
 
 def dense_cost(net: nn.Module, input_size: tuple[int, ...]) -> Cost:
@@ -164,14 +158,13 @@ class CostModel:
             self.endpoint = dense_cost(net, input_size)
             return
         self.geo = geometry(net, spec, input_size)
-        self.fixed = fixed_widths(spec, net)
         self.per_unit = per_unit_params(spec, net)
         self.endpoint = self(full_partition(spec)).total
 
     def __call__(self, partition: dict[str, Sizes]) -> CostReport:
         if self.spec.partial is not None:
             return CostReport({}, {g: Cost(0, 0) for g in self.spec.groups}, self.endpoint)
-        return cost(self.spec, self.geo, partition, self.fixed, self.per_unit)
+        return cost(self.spec, self.geo, partition, self.per_unit)
 
     def increase(self, partition: dict[str, Sizes]) -> dict[str, float]:
         """Relative increase over one endpoint, in parameters and in FLOPs."""

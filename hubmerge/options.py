@@ -26,7 +26,8 @@ class MergeOptions(BaseModel):
     # measured (examples/repair_unmerged.py, Fashion-MNIST VGG11): lower barrier at every γ and rule tried
     repair_unmerged: bool = Field(True, description="also renormalise unmerged units toward their endpoint")
     gamma: Union[float, dict[str, float]] = Field(
-        0.0, description="share of units kept apart when no budget: one number, or per group in --config")
+        0.0, description="share of units kept apart when no budget: one number, or per group or attention "
+                         "module (round(γ·heads) heads kept apart whole) in --config")
     partial: Literal["forced", "adaptive", "topk", "random"] = Field(
         "forced", description="how pairs are chosen to stay apart")
     epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")

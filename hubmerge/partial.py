@@ -6,6 +6,7 @@ permutation merge, γ=1 keeps every unit of both models (the ensemble).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,9 @@ import torch
 
 from .alignment import lap
 from .errors import UsageError
-from .spec import PermutationSpec
+from .spec import Axis, Heads, PermutationSpec, positions
+
+Sizes = tuple[int, int, int]
 
 PARTIALS = ("forced", "adaptive", "topk", "random")
 
@@ -43,11 +46,70 @@ class GroupPlan:
         return torch.cat([self.shared_b, self.b_only])
 
     @classmethod
+    def apart(cls, width: int) -> GroupPlan:
+        """Every unit kept apart (an attention head that is not merged)."""
+        every = torch.arange(width)
+        return cls(every, every[:0], every[:0], every)
+
+    @classmethod
     def from_pairs(cls, pairs_a: torch.Tensor, pairs_b: torch.Tensor, split: torch.Tensor) -> GroupPlan:
         """From matched pairs and a boolean mask of the pairs to keep apart."""
         order = torch.argsort(pairs_a)
         pairs_a, pairs_b, split = pairs_a[order], pairs_b[order], split[order]
         return cls(pairs_a[split], pairs_a[~split], pairs_b[~split], torch.sort(pairs_b[split]).values)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each position of an axis of the merged model comes from: ``section`` 0 = A-only, 1 = shared,
+    2 = B-only; ``a`` / ``b``: the position of A's / B's axis it takes (0 where it takes none). The axis
+    is its segments one after the other, each laid out ``[A-only | shared | B-only]``; fixed positions
+    (``fixed``) are shared and stay where they are."""
+
+    section: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    fixed: torch.Tensor
+
+    def combine(self, ta: torch.Tensor, tb: torch.Tensor, alpha: float, dim: int = 0) -> torch.Tensor:
+        """A per-position tensor of the merge (a bias, a norm's parameter, a REPAIR target): A's value on
+        A-only positions, B's on B-only ones, ``(1−α)·A + α·B`` on shared ones."""
+        shape = [1] * ta.dim()
+        shape[dim] = -1
+        wa = torch.tensor([1.0, 1 - alpha, 0.0], dtype=ta.dtype)[self.section].view(shape).to(ta.device)
+        wb = torch.tensor([0.0, alpha, 1.0], dtype=ta.dtype)[self.section].view(shape).to(ta.device)
+        return wa * ta.index_select(dim, self.a.to(ta.device)) + wb * tb.index_select(dim, self.b.to(tb.device))
+
+
+def sections(axis: Axis, partition: dict[str, Sizes]) -> torch.Tensor:
+    """The section (0 A-only, 1 shared, 2 B-only) of every position of ``axis`` in the merged model."""
+    parts = []
+    for seg in axis:
+        sizes = partition[seg.group] if seg.group is not None else (0, seg.width, 0)
+        parts += [torch.full((n * seg.repeat,), i, dtype=torch.long) for i, n in enumerate(sizes)]
+    return torch.cat(parts)
+
+
+def layout(axis: Axis, plans: dict[str, GroupPlan]) -> Layout:
+    """The :class:`Layout` of ``axis`` (from the spec's table) under ``plans``."""
+    secs, from_a, from_b, fixed, start = [], [], [], [], 0
+    for seg in axis:
+        rows = positions(seg, start)
+        plan = plans.get(seg.group) if seg.group is not None else None
+        if plan is None:
+            every = rows.reshape(-1)
+            parts = [(1, every, every)]
+        else:
+            parts = [(0, rows[plan.a_only].reshape(-1), None), (1, rows[plan.shared_a].reshape(-1),
+                     rows[plan.shared_b].reshape(-1)), (2, None, rows[plan.b_only].reshape(-1))]
+        for section, a, b in parts:
+            n = len(a if a is not None else b)
+            secs.append(torch.full((n,), section, dtype=torch.long))
+            from_a.append(a if a is not None else torch.zeros(n, dtype=torch.long))
+            from_b.append(b if b is not None else torch.zeros(n, dtype=torch.long))
+            fixed.append(torch.full((n,), seg.group is None))
+        start += seg.size
+    return Layout(torch.cat(secs), torch.cat(from_a), torch.cat(from_b), torch.cat(fixed))
 
 
 def _relaxed(scores: torch.Tensor, k: int, fill: tuple[float, float]) -> GroupPlan:
@@ -102,12 +164,16 @@ def plan_group(scores: torch.Tensor, gamma: float, method: str = "forced", *, ep
 
 
 def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[str, float]:
-    """Expand a scalar γ to every group; check a dict names only known groups."""
+    """Expand a scalar γ to every group; check a dict names only known groups or attention modules (whose γ
+    goes to the groups of all their heads: round(γ·heads) kept apart)."""
     if isinstance(gamma, dict):
-        unknown = sorted(set(gamma) - set(spec.groups))
+        modules = {h.module: sum(h.heads, ()) for h in spec.heads}
+        unknown = sorted(set(gamma) - set(spec.groups) - set(modules))
         if unknown:
-            raise UsageError(f"gamma names unknown groups {unknown}; groups are {list(spec.groups)}")
-        return {g: float(gamma.get(g, 0.0)) for g in spec.groups}
+            raise UsageError(f"gamma names unknown groups {unknown}; groups are {list(spec.groups)}"
+                             + (f", attention modules {list(modules)}" if modules else ""))
+        per_group = {g: float(v) for name, v in gamma.items() for g in modules.get(name, (name,))}
+        return {g: per_group.get(g, 0.0) for g in spec.groups}
     return {g: float(gamma) for g in spec.groups}
 
 
@@ -121,7 +187,8 @@ def check_widenable(spec: PermutationSpec, what: str) -> None:
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | dict[str, float],
          method: str = "forced", *, epsilon: float = 0.0, seed: int = 0,
          cache: dict[tuple, GroupPlan] | None = None) -> dict[str, GroupPlan]:
-    """Plans for every group (γ per group, a scalar meaning the same γ everywhere).
+    """Plans for every group (γ per group, a scalar meaning the same γ everywhere); the groups of attention
+    heads are planned per head (:func:`_plan_heads`).
 
     A group's plan depends only on its own scores, γ and the method, so ``cache`` (keyed by those) lets
     the budget search re-plan only the groups it changes.
@@ -130,10 +197,68 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
     if any(gammas.values()):
         check_widenable(spec, "gamma > 0")
     cache = {} if cache is None else cache
-    out = {}
-    for i, g in enumerate(spec.groups):
-        key = (g, gammas[g], method, epsilon, seed)
+
+    def planned(g: str, gamma: float, method: str, i: int) -> GroupPlan:
+        key = (g, gamma, method, epsilon, seed)
         if key not in cache:
-            cache[key] = plan_group(scores[g], gammas[g], method, epsilon=epsilon, seed=seed + i)
-        out[g] = cache[key]
+            cache[key] = plan_group(scores[g], gamma, method, epsilon=epsilon, seed=seed + i)
+        return cache[key]
+
+    heads = spec.head_of()
+    out = {g: planned(g, gammas[g], method, i) for i, g in enumerate(spec.groups) if g not in heads}
+    for h in spec.heads:
+        out.update(_plan_heads(h, {g: planned(g, 0.0, "forced", 0) for head in h.heads for g in head},
+                               scores, gammas, epsilon if method == "adaptive" else None))
+    return {g: out[g] for g in spec.groups}
+
+
+def _plan_heads(heads: Heads, merged: dict[str, GroupPlan], scores: dict[str, torch.Tensor],
+                gammas: dict[str, float], threshold: float | None = None) -> dict[str, GroupPlan]:
+    """Heads are merged or kept apart whole. Of the module's H heads, round(Σ γ_h) are kept apart (γ_h: the
+    largest γ of the head's groups, so a scalar γ keeps round(γ·H) apart and γ=1 on one head's group keeps
+    that head apart), those with the largest γ_h first, among equals those whose matched dims correlate
+    least (their mean score in ``merged``, the full-merge plans); with adaptive buffers (``threshold`` = ε)
+    only heads scoring below ε. Kept apart, every unit of the head's groups is apart; merged, the groups
+    take their full-merge plans."""
+    want = [max(gammas[g] for g in head) for head in heads.heads]
+    quality = [float(np.mean([scores[g].double()[merged[g].shared_a, merged[g].shared_b].mean().item() for g in head]))
+               for head in heads.heads]
+    ranked = sorted(range(len(want)), key=lambda h: (-want[h], quality[h], h))[:math.floor(sum(want) + 0.5)]
+    apart = {h for h in ranked if threshold is None or quality[h] < threshold}
+    return {g: GroupPlan.apart(len(merged[g].shared_a)) if h in apart else merged[g]
+            for h, head in enumerate(heads.heads) for g in head}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a budget widens, in forward order: one group of ``width`` units, or the ``width`` heads of one
+    attention module (``heads``: each head's groups), kept apart whole."""
+
+    name: str
+    width: int
+    heads: tuple[tuple[str, ...], ...] = ()
+
+    def gammas(self, k: int) -> dict[str, float]:
+        """Per-group γ that :func:`plan` turns into k units (heads) apart."""
+        return {g: k / self.width for g in (sum(self.heads, ()) or (self.name,))}
+
+    def partition(self, k: int, widths: dict[str, int]) -> dict[str, Sizes]:
+        """Sizes of the groups with k units (heads) apart: which heads does not change the cost."""
+        if not self.heads:
+            return {self.name: (k, self.width - k, k)}
+        return {g: (widths[g], 0, widths[g]) if h < k else (0, widths[g], 0)
+                for h, head in enumerate(self.heads) for g in head}
+
+
+def choices(spec: PermutationSpec) -> list[Choice]:
+    """Every :class:`Choice` of ``spec``: its groups, with each attention module's heads as one choice."""
+    heads = {g: h for h in spec.heads for head in h.heads for g in head}
+    out, seen = [], set()
+    for g, grp in spec.groups.items():
+        h = heads.get(g)
+        if h is None:
+            out.append(Choice(g, grp.width))
+        elif h.module not in seen:
+            seen.add(h.module)
+            out.append(Choice(h.module, len(h.heads), h.heads))
     return out

@@ -36,12 +36,13 @@ from torch.func import functional_call
 
 from . import __version__
 from .arch_specs import build_model, spec_for
+from .arch_specs.attention import HEAD_COUNTS
 from .errors import CheckpointError
 from .hub import load_checkpoint
+from .partial import Sizes, sections
 from .spec import Layer, PermutationSpec
 
 BLOCKS = ("whole", "a_side", "shared_from_b", "b_only")
-Sizes = tuple[int, int, int]
 Extent = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -62,6 +63,23 @@ def block_extents(out_sizes: Sizes, in_sizes: Sizes) -> dict[str, Extent]:
     return {b: e for b, e in extent.items() if e[0][1] > e[0][0] and e[1][1] > e[1][0]}
 
 
+def storage_order(out_sections: torch.Tensor, in_sections: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, Sizes, Sizes]:
+    """The orders in which a partitioned layer stores the rows and the columns of its wide weight, and the
+    (A-only, shared, B-only) sizes of both axes. Blocks need each section contiguous, so where an axis
+    interleaves sections (a fused ``qkv`` projection holds q, k and v of every head, each head merged or
+    kept apart) its positions are stored sorted by section (stably); a layer stored as one block keeps the
+    natural order."""
+    orders, sizes = [], []
+    for section in (out_sections, in_sections):
+        counts = torch.bincount(section, minlength=3).tolist()
+        orders.append(torch.argsort(section, stable=True))
+        sizes.append((counts[0], counts[1], counts[2]))
+    if "whole" in block_extents(sizes[0], sizes[1]):
+        orders = [torch.arange(len(out_sections)), torch.arange(len(in_sections))]
+    return orders[0], orders[1], sizes[0], sizes[1]
+
+
 def _like(template: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Module:
     """A Conv2d/Linear with the template's hyper-parameters and the given widths."""
     if isinstance(template, nn.Conv2d):
@@ -71,14 +89,26 @@ def _like(template: nn.Module, in_features: int, out_features: int, bias: bool) 
 
 
 class PartitionedLayer(nn.Module):
-    """A conv/linear layer stored and executed as its non-zero blocks (see the module docstring)."""
+    """A conv/linear layer stored and executed as its non-zero blocks (see the module docstring).
 
-    def __init__(self, template: nn.Module, out_sizes: Sizes, in_sizes: Sizes, in_repeat: int = 1):
+    ``out_sections`` / ``in_sections``: the section (0 A-only, 1 shared, 2 B-only) of every output row and
+    input column of the wide layer. Where an axis interleaves sections (heads of a fused ``qkv``), the blocks
+    hold its positions in section order: the input is gathered into that order first, the output scattered
+    back after (one copy each; :meth:`PartialMergedModel.plan_execution` may run the layer dense instead).
+    """
+
+    def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor):
         super().__init__()
-        self.out_sizes, self.in_sizes = tuple(out_sizes), tuple(in_sizes)
+        out_order, in_order, self.out_sizes, self.in_sizes = storage_order(out_sections, in_sections)
         self.unit_dim = 1 if isinstance(template, nn.Conv2d) else -1  # a Linear acts on the last dim
-        self.extent = block_extents(self.out_sizes, tuple(s * in_repeat for s in in_sizes))
-        self.width_in = sum(in_sizes) * in_repeat
+        self.extent = block_extents(self.out_sizes, self.in_sizes)
+        self.width_in = len(in_sections)
+        # orders as non-persistent buffers: they follow the model's device, and the state holds the blocks only
+        sorted_out = torch.equal(out_order, torch.arange(len(out_order)))
+        self.register_buffer("out_order", None if sorted_out else out_order, persistent=False)
+        self.register_buffer("out_inverse", None if sorted_out else torch.argsort(out_order), persistent=False)
+        sorted_in = torch.equal(in_order, torch.arange(len(in_order)))
+        self.register_buffer("in_order", None if sorted_in else in_order, persistent=False)
         bias = template.bias is not None
         for block, ((r0, r1), (c0, c1)) in self.extent.items():
             self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
@@ -92,10 +122,17 @@ class PartitionedLayer(nn.Module):
         return [(b, getattr(self, b)) for b in BLOCKS if hasattr(self, b)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "dense" and not torch.is_grad_enabled() and not hasattr(self, "whole"):
+            return self._dense().forward(x)  # (its hooks machinery is not needed: it is never hooked)
+        if self.in_order is not None:
+            x = x.index_select(self.unit_dim, self.in_order)
+        out = self._blocks(x)
+        return out if self.out_inverse is None else out.index_select(self.unit_dim, self.out_inverse)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks on an input in section order; the output in section order."""
         if hasattr(self, "whole"):
             return self.whole(x)
-        if self.execution == "dense" and not torch.is_grad_enabled():
-            return self._dense().forward(x)  # (its hooks machinery is not needed: it is never hooked)
         d, width = self.unit_dim, x.shape[self.unit_dim]
         cols = self.extent["a_side"][1][1]
         out = self.a_side(x.narrow(d, 0, cols))
@@ -123,13 +160,16 @@ class PartitionedLayer(nn.Module):
         template = self.blocks()[0][1]
         w = template.weight
         out = _like(template, self.width_in, sum(self.out_sizes), template.bias is not None).to(w.device, w.dtype)
+        rows = torch.arange(sum(self.out_sizes)) if self.out_order is None else self.out_order.cpu()
+        cols = torch.arange(self.width_in) if self.in_order is None else self.in_order.cpu()
         with torch.no_grad():
             out.weight.zero_()
             for block, module in self.blocks():
                 (r0, r1), (c0, c1) = self.extent[block]
-                out.weight[r0:r1, c0:c1] = module.weight
+                r, c = rows[r0:r1].to(w.device), cols[c0:c1].to(w.device)
+                out.weight[r[:, None], c[None, :]] = module.weight
                 if module.bias is not None:
-                    out.bias[r0:r1] = module.bias
+                    out.bias[r] = module.bias
         return out
 
 
@@ -201,15 +241,6 @@ def _per_unit_like(module: nn.Module, width: int) -> nn.Module:
     return out
 
 
-def sizes_for(spec: PermutationSpec, layer: Layer, partition: dict[str, Sizes], model: nn.Module
-              ) -> tuple[Sizes, Sizes]:
-    """(out sizes, in sizes) of a layer; the fixed input and output count as all-shared."""
-    weight = model.get_submodule(layer.name).weight
-    out = tuple(partition[layer.out_group]) if layer.out_group else (0, weight.shape[0], 0)
-    inp = tuple(partition[layer.in_group]) if layer.in_group else (0, weight.shape[1], 0)
-    return out, inp
-
-
 class PartialMergedModel(
     nn.Module,
     PyTorchModelHubMixin,
@@ -259,18 +290,26 @@ class PartialMergedModel(
             if ka and self.spec.partial is not None:
                 raise CheckpointError(f"group {g} is widened, but {self.architecture} cannot be partially merged "
                                       f"({self.spec.partial})")
+        for h in self.spec.heads:
+            for head in h.heads:
+                apart = {partition[g][0] == self.spec.groups[g].width for g in head}
+                if len(apart) != 1 or not (apart.pop() or all(partition[g][0] == 0 for g in head)):
+                    raise CheckpointError(f"a head of {h.module} (groups {list(head)}) is partly kept apart: "
+                                          f"sizes {[tuple(partition[g]) for g in head]}; heads merge or stay apart whole")
         return {g: tuple(int(s) for s in v) for g, v in partition.items()}
 
     def _partition(self, net: nn.Module) -> None:
         """Replace the base model's layers, norms and per-unit tensors by their partitioned versions."""
         for layer in self.spec.layers:
-            out, inp = sizes_for(self.spec, layer, self.partition, net)
+            out, inp = sections(layer.out_axis, self.partition), sections(layer.in_axis, self.partition)
             template = net.get_submodule(layer.name)
             if layer.norm:
-                _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), sum(out)))
-            wide = _per_unit_like(template, sum(out)) if layer.depthwise else PartitionedLayer(template, out, inp,
-                                                                                             layer.in_repeat)
+                _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), len(out)))
+            wide = _per_unit_like(template, len(out)) if layer.depthwise else PartitionedLayer(template, out, inp)
             _replace(net, layer.name, wide)
+        for h in self.spec.heads:  # a head kept apart is two heads of the merged attention
+            module = net.get_submodule(h.module)
+            HEAD_COUNTS[type(module)].set(module, sum(1 + (self.partition[head[0]][0] > 0) for head in h.heads))
         for norm in self.spec.norms:
             sizes = self.partition[norm.group]
             if sizes[0]:  # a fully merged group keeps the plain norm

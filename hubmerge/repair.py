@@ -26,7 +26,7 @@ from .activations import Activations, Program
 from .data import Batches, batches, progress_bar
 from .distributed import total
 from .errors import UsageError
-from .partial import GroupPlan
+from .partial import GroupPlan, layout
 from .partitioned import PartialMergedModel, PartitionedLayer
 from .spec import Layer
 from .statistics import Moments, Statistics, unit_dim
@@ -50,10 +50,7 @@ class Correction:
     mean: torch.Tensor
     std: torch.Tensor
     mask: torch.Tensor
-
-
-def _lay(plan: GroupPlan, ta: torch.Tensor, tb: torch.Tensor, alpha: float) -> torch.Tensor:
-    return torch.cat([ta[plan.a_only], (1 - alpha) * ta[plan.shared_a] + alpha * tb[plan.shared_b], tb[plan.b_only]])
+    order: torch.Tensor | None = None  # the output position of each stored row, where rows are stored reordered
 
 
 def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, unmerged: bool = False
@@ -76,19 +73,21 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: S
                                   (1 - alpha) * a.std + alpha * b.std[index], mask))
         return out
     for i, layer in enumerate(spec.layers):
-        if layer.out_group is None:  # the logits are the output, not a unit to renormalise
+        if all(seg.group is None for seg in layer.out_axis):  # the logits are the output, not units to renormalise
             continue
         part = model.layer(layer.name)
-        rows = ([(sub, *part.extent[block][0]) for block, sub in part.blocks()] if isinstance(part, PartitionedLayer)
-                else [(part, 0, part.out_channels)])  # a depthwise conv is stored plainly
+        if isinstance(part, PartitionedLayer):  # sub-layers' rows are in storage order
+            order = None if part.out_order is None else part.out_order.cpu()
+            rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
+        else:  # a depthwise conv is stored plainly
+            order, rows = None, [(part, 0, part.out_channels)]
         if layer.norm is None and rows[0][0].bias is None:
             raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
-        plan = plans[layer.out_group]
         a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
-        ka, m, kb = plan.sizes
-        mask = torch.cat([torch.full((ka,), unmerged), torch.ones(m, dtype=torch.bool), torch.full((kb,), unmerged)])
-        out.append(Correction(i, layer.name, layer.norm, rows, _lay(plan, a.mean, b.mean, alpha),
-                              _lay(plan, a.std, b.std, alpha), mask))
+        at = layout(layer.out_axis, plans)
+        mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed
+        out.append(Correction(i, layer.name, layer.norm, rows, at.combine(a.mean, b.mean, alpha),
+                              at.combine(a.std, b.std, alpha), mask, order))
     return out
 
 
@@ -112,6 +111,8 @@ def fold(net: nn.Module, c: Correction, scale: torch.Tensor, shift: torch.Tensor
         bn.running_mean.copy_(((bn.running_mean.double() - shift) / scale).to(bn.running_mean.dtype))
         bn.weight.mul_(scale.to(bn.weight.dtype))
         return
+    if c.order is not None:
+        scale, shift = scale[c.order], shift[c.order]
     for sub, r0, r1 in c.rows:
         s, t = scale[r0:r1], shift[r0:r1]
         sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
@@ -126,7 +127,7 @@ def _same(p: GroupPlan, q: GroupPlan) -> bool:
 def shared_prefix(layers: list[Layer], plans: dict[str, GroupPlan], other: dict[str, GroupPlan]) -> int:
     """How many leading layers (in forward order) read and write only groups planned alike in both."""
     for i, layer in enumerate(layers):
-        if any(g is not None and not _same(plans[g], other[g]) for g in (layer.in_group, layer.out_group)):
+        if any(not _same(plans[g], other[g]) for g in layer.groups):
             return i
     return len(layers)
 

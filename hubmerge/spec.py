@@ -9,13 +9,14 @@ one segment per head. Everything else (matching's unit vectors, permutations, RE
 view of that table. Specs are derived from the model's traced computation (:mod:`hubmerge.trace`), never
 written by hand.
 
-``outputs`` are the conv/linear modules REPAIR corrects. ``layers``, ``norms`` and ``vectors`` are the
-view the partitioned build uses: conv/linear modules whose axes are each one group (or fixed) and depthwise
-convs, with the BatchNorm that follows; norms (LayerNorm, GroupNorm(1), GRN, layer-scale modules), which
-become partitioned norms where their group widens; per-unit tensors elsewhere (a block's layer-scale vector).
-Where a model has parameters outside that view (a grouped conv, a concatenation, attention heads) or an op
-that mixes units and that no partitioned norm reproduces, ``partial`` says why widening groups is not
-available yet; full merges (γ=0) work for every derived spec.
+``outputs`` are the conv/linear modules REPAIR corrects. ``layers``, ``norms``, ``vectors`` and ``heads``
+are the view the partitioned build uses: conv/linear modules whose axes hold whole groups (or fixed
+positions) and depthwise convs, with the BatchNorm that follows; norms (LayerNorm, GroupNorm(1), GRN,
+layer-scale modules), which become partitioned norms where their group widens; per-unit tensors elsewhere
+(a block's layer-scale vector); attention heads, merged or kept apart whole. Where a model has parameters
+outside that view (a grouped conv, a concatenation) or an op that mixes units and that neither a
+partitioned norm nor whole heads reproduce, ``partial`` says why widening groups is not available yet;
+full merges (γ=0) work for every derived spec.
 """
 
 from __future__ import annotations
@@ -70,20 +71,44 @@ class Group:
 
 @dataclass(frozen=True)
 class Layer:
-    """A conv or linear module whose output and input axes each hold one group (None = fixed).
+    """A conv or linear module whose output and input axes hold whole segments of groups (or fixed positions).
 
-    ``in_repeat`` is the flatten stride: a Linear that reads a flattened C×H×W map holds each input unit
-    ``H·W`` times, contiguously. ``norm`` is the BatchNorm applied to this layer's output, if any.
-    ``depthwise``: a depthwise conv, which filters each unit of its group on its own (input group = output
-    group); its weight is per unit, like a norm's, and widens without zero blocks.
+    ``out_axis`` and ``in_axis`` are the module weight's axes from the spec's table, with fixed positions as
+    segments of group None (an image's channels, the logits): most layers map one group to one group; a
+    fused ``qkv`` projection writes one segment per head and per q/k/v, an attention's output projection
+    reads one per head, and a Linear that reads a flattened C×H×W map holds each input unit ``H·W`` times
+    (``repeat``). ``norm`` is the BatchNorm applied to this layer's output, if any. ``depthwise``: a
+    depthwise conv, which filters each unit of its group on its own (input group = output group); its
+    weight is per unit, like a norm's, and widens without zero blocks.
     """
 
     name: str
-    out_group: str | None
-    in_group: str | None
+    out_axis: Axis
+    in_axis: Axis
     norm: str | None = None
-    in_repeat: int = 1
     depthwise: bool = False
+
+    @property
+    def groups(self) -> set[str]:
+        """Every group the layer reads or writes."""
+        return {s.group for s in self.out_axis + self.in_axis if s.group is not None}
+
+    @property
+    def out_group(self) -> str | None:
+        """The group of an output axis that holds one group (None: fixed, the logits)."""
+        return _only(self.out_axis)
+
+    @property
+    def in_group(self) -> str | None:
+        """The group of an input axis that holds one group (None: fixed, the image channels)."""
+        return _only(self.in_axis)
+
+
+def _only(axis: Axis) -> str | None:
+    groups = {s.group for s in axis}
+    if len(groups) != 1:
+        raise ValueError(f"an axis of segments of {sorted(map(str, groups))} holds more than one group")
+    return groups.pop()
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,18 @@ class Vector:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """The heads of one attention module, in order, each as the groups of its q/k dims and of its v dims.
+
+    Within a head, q and k share one permutation and v another; widening part of a head would change its
+    scores, so a head is merged or kept apart whole: kept apart, A's head and B's head are two heads of
+    the merged attention, which then has more heads (``num_heads`` of the module grows)."""
+
+    module: str
+    heads: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """Groups, the per-axis table of every state tensor, and the derived layer view (forward order)."""
 
@@ -130,10 +167,11 @@ class PermutationSpec:
     outputs: tuple[Output, ...] = ()
     norms: tuple[Norm, ...] = ()
     vectors: tuple[Vector, ...] = ()
+    heads: tuple[Heads, ...] = ()
 
-    def layers_reading(self, group: str) -> list[Layer]:
-        """Layers whose input axis belongs to ``group``."""
-        return [layer for layer in self.layers if layer.in_group == group]
+    def head_of(self) -> dict[str, tuple[str, ...]]:
+        """group → the groups of the attention head it belongs to (for groups that belong to one)."""
+        return {g: head for h in self.heads for head in h.heads for g in head}
 
     def occurrences(self, name: str, dim: int, group: str) -> list[torch.Tensor]:
         """Position indices of ``group`` along ``dim`` of tensor ``name``: one (width, repeat) matrix per
@@ -141,7 +179,7 @@ class PermutationSpec:
         out, start = [], 0
         for seg in self.axes[name][dim] or ():
             if seg.group == group:
-                out.append(_positions(seg, start))
+                out.append(positions(seg, start))
             start += seg.size
         return out
 
@@ -159,7 +197,7 @@ class PermutationSpec:
         parts, start = [], 0
         for seg in axis:
             if seg.group in perms:
-                rows = _positions(seg, start)
+                rows = positions(seg, start)
                 parts.append(rows[perms[seg.group].to(rows.device)][seg.units()].reshape(-1))
             else:
                 parts.append(torch.arange(start, start + seg.size))
@@ -167,7 +205,7 @@ class PermutationSpec:
         return torch.cat(parts)
 
 
-def _positions(seg: Segment, start: int) -> torch.Tensor:
+def positions(seg: Segment, start: int = 0) -> torch.Tensor:
     """(width, repeat) positions of one segment's units (the segment begins at ``start``), row u for unit u."""
     inverse = torch.empty(seg.width, dtype=torch.long)
     inverse[seg.units()] = torch.arange(seg.width)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedModelError
-from .spec import Axis, Group, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector
+from .spec import Axis, Group, Heads, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector
 
 Factor = np.ndarray  # int64, same ndim as its tensor, each dim of size 1 or the tensor's size
 
@@ -79,6 +79,8 @@ class Trace:
     norm_views: dict[str, tuple[int, np.ndarray]]
     labels: dict[int, frozenset]  # class → labels of ops that treat it unequally
     members: dict[int, tuple]  # class → sorted (param, dim, count) where it appears
+    attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]  # (module, per head (q/k, v) classes)
+    calls: dict[str, int]  # module → times it was called
 
 
 class _Ids:
@@ -227,6 +229,8 @@ class _Tracer:
         self.calls: dict[str, int] = defaultdict(int)
         self.views: dict[str, tuple[int, np.ndarray]] = {}  # module → (input dim, ids) of units it mixes
         self.view_out: dict[str, np.ndarray] = {}  # module → ids on that dim of its output
+        # (module, per head (q/k ids, v ids)) of every scaled_dot_product_attention without a bias
+        self.attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
 
     # --- bookkeeping -------------------------------------------------------------------------------
     def where(self) -> str:
@@ -755,6 +759,10 @@ class _Tracer:
             self.mix(fq[0], "attention")
         for f in fv:
             self.label_batch(_align(f, v.dim()), op)
+        if len(fq) == len(fv) == 1 and q.dim() == v.dim() == 4 and mask is None:
+            # (batch, heads, tokens, head dim): per head, the ids of its q/k dims and of its v dims
+            heads = [(_align(fq[0], 4)[0, h, 0], _align(fv[0], 4)[0, h, 0]) for h in range(q.shape[1])]
+            self.attention.append((self.where(), heads))
         self.set(out, fv)
 
     def op_einsum(self, args, kwargs, out) -> None:
@@ -861,7 +869,8 @@ def _finish(tracer: _Tracer) -> Trace:
                 points[(module, d)] = cls[f.reshape(-1)]
     return Trace(param_classes, points, {m: tracer.point_kind[m] for m, _ in points}, tracer.layers, tracer.norms,
                  dict(mixing), dict(mixers), views, {c: frozenset(v) for c, v in labels.items()},
-                 {c: tuple(sorted(v)) for c, v in members.items()})
+                 {c: tuple(sorted(v)) for c, v in members.items()},
+                 [(m, [(cls[qk], cls[v]) for qk, v in heads]) for m, heads in tracer.attention], dict(tracer.calls))
 
 
 def interchangeable(tr: Trace) -> dict[int, tuple]:
@@ -956,14 +965,46 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
         g, u = group_arr[np.minimum(cls, n - 1)], unit_arr[np.minimum(cls, n - 1)]
         if (cls < n).all() and g[0] >= 0 and (g == g[0]).all() and (u == np.arange(len(u))).all():
             in_order[module] = (dim, names[g[0]])
-    view = _layer_view(model, tr, axes, in_order)
-    explained = {norm.name for norm in view.norms}
+    heads = _heads(tr, group_arr, unit_arr, names, groups)
+    view = _layer_view(model, tr, axes, in_order, {g for h in heads for head in h.heads for g in head})
+    explained = {norm.name for norm in view.norms} | {h.module for h in heads}
     mixed = next(((unit_of[c][0], kind, module) for c in sorted(tr.mixers) if c in unit_of
                   for kind, module in tr.mixers[c] if module not in explained), None)
     reason = view.reason
     if mixed is not None:  # widening would change what this op computes for the units it mixes
         reason = "{1} in {2} mixes the units of group {0}".format(*mixed)
-    return PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors)
+    return PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors,
+                           heads)
+
+
+def _heads(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str], groups: dict[str, Group]
+           ) -> tuple[Heads, ...]:
+    """Attention modules (called once) whose every head holds its q/k dims and its v dims each as one whole
+    group of its own, in unit order: those heads can be merged or kept apart whole. A head whose dims are
+    tied elsewhere (a q/k norm's parameters shared by all heads, rotary tables) is not one."""
+    out, used = [], set()
+    for module, per_head in tr.attention:
+        if tr.calls.get(module) != 1:
+            continue
+        found = []
+        for qk, v in per_head:
+            head = []
+            for cls in (qk, v):
+                cls = np.where(cls < len(group_of), cls, 0)
+                g = group_of[cls]
+                if (cls == 0).any() or g[0] < 0 or (g != g[0]).any() or not np.array_equal(unit_of[cls], np.arange(len(cls))):
+                    break
+                name = names[g[0]]
+                if groups[name].width != len(cls) or name in used or name in head:
+                    break
+                head.append(name)
+            if len(head) != 2:
+                break
+            found.append(tuple(head))
+        if len(found) == len(per_head):
+            used.update(g for head in found for g in head)
+            out.append(Heads(module, tuple(found)))
+    return tuple(out)
 
 
 def _outputs(tr: Trace, axes: dict) -> tuple[Output, ...]:
@@ -1032,11 +1073,25 @@ class _View:
     reason: str | None
 
 
-def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, str]]) -> _View:
-    """Conv/linear layers with one group per axis, depthwise convs, and their BatchNorms; norms (``views``:
-    modules that mix the units of one group along a dim, whose parameters must be per-unit vectors of that
-    group); per-unit vectors; and why partial merging is not available when some parameter falls outside
-    that view."""
+def _laid_out(axis: Axis | None, width: int, heads: set[str]) -> Axis | None:
+    """The axis as complete segments (fixed positions as one segment of group None) where the partitioned
+    build can lay it out: one group in unit order, fixed positions, or attention heads' groups in unit
+    order (which widen whole); None otherwise (a concatenation, a slice, a shuffled order)."""
+    single = _single(axis)
+    if single is not None:
+        return (Segment(None, width),) if single[0] is None else axis
+    if all(s.order is None and (s.group is None or s.group in heads) for s in axis):
+        return axis
+    return None
+
+
+def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, str]], heads: set[str]
+                ) -> _View:
+    """Conv/linear layers whose axes the partitioned build lays out (:func:`_laid_out`), depthwise convs, and
+    their BatchNorms; norms (``views``: modules that mix the units of one group along a dim, whose parameters
+    must be per-unit vectors of that group); per-unit vectors; and why partial merging is not available when
+    some parameter falls outside that view. ``heads``: the groups of attention heads, merged or kept apart
+    whole."""
     modules = dict(model.named_modules())
     norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
     layers, covered, reason = [], set(), None
@@ -1049,14 +1104,16 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
         module = modules.get(name)
         weight = f"{name}.weight"
         w_axes = axes.get(weight, (None, None))
-        out = _single(w_axes[0])
-        inp = _single(w_axes[1] if len(w_axes) > 1 else None)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or out is None or inp is None or out[1] != 1:
-            reason = reason or f"{name} ({type(module).__name__}) does not map one group to one group"
+        shape = module.weight.shape if isinstance(module, (nn.Conv2d, nn.Linear)) else (0, 0)
+        out = _laid_out(w_axes[0], shape[0], heads)
+        inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1], heads)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or out is None or inp is None or any(s.repeat != 1 for s in out):
+            reason = reason or f"{name} ({type(module).__name__}) does not map whole groups to whole groups"
             continue
         depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
-        if depthwise and out[0] is not None:  # resized as a copy, so a subclass keeps its own forward
-            inp = (out[0], 1)
+        single_out = len(out) == 1 and out[0].group is not None
+        if depthwise and single_out:  # resized as a copy, so a subclass keeps its own forward
+            inp = out
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
             reason = reason or f"{name} is a grouped conv"
             continue
@@ -1064,10 +1121,10 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
             reason = reason or f"{name} is a {type(module).__name__}, whose forward partitioned blocks would lose"
             continue
         norm = norm_after.get(name)
-        if norm is not None and (not isinstance(modules.get(norm), PARTIAL_NORMS) or out[0] is None):
+        if norm is not None and (not isinstance(modules.get(norm), PARTIAL_NORMS) or not single_out):
             reason = reason or f"{norm} ({type(modules.get(norm)).__name__}) after {name}"
             continue
-        layers.append(Layer(name, out[0], inp[0], norm, inp[1], depthwise and out[0] is not None))
+        layers.append(Layer(name, out, inp, norm, depthwise and single_out))
         covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
         if norm is not None:
             covered.update(f"{norm}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))

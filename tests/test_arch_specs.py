@@ -27,7 +27,7 @@ def test_random_permutation_of_every_group_leaves_outputs_unchanged(case):
 
 def test_flatten_stride_is_in_the_spec():
     spec = spec_for(make("cifar_vgg_stride", 0))
-    assert spec.layers[-1].in_repeat == 4  # 64x64 input -> 2x2 map before the classifier
+    assert [s.repeat for s in spec.layers[-1].in_axis] == [4]  # 64x64 input -> 2x2 map before the classifier
 
 
 def test_residual_stream_ties_layers_into_one_group():
@@ -74,7 +74,7 @@ def test_a_python_model_without_model_args_is_rebuilt_only_when_that_is_exact():
 def test_families_without_partial_support_say_why():
     model = timm.create_model("resnet50", num_classes=3, layers=(1, 1, 1, 1), channels=(8, 8, 16, 16),
                               cardinality=4, base_width=16)
-    assert "grouped" in spec_for(model).partial or "one group" in spec_for(model).partial
+    assert "grouped" in spec_for(model).partial or "whole groups" in spec_for(model).partial
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
 

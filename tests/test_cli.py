@@ -116,7 +116,8 @@ def test_archs_derive_traces_every_family_and_agrees_with_the_table():
     rows = {r["family"]: r for r in json.loads(result.stdout)}
     assert all(r["derived"] == r["support"] for r in rows.values())
     assert rows["convnext"]["derived"] == "partial" and rows["convnext"]["why_not_partial"] is None
-    assert "attention in blocks.0.attn" in rows["vit"]["why_not_partial"]
+    assert rows["vit"]["derived"] == "partial"  # heads kept apart whole
+    assert "does not map whole groups" in rows["densenet"]["why_not_partial"]
 
 
 def test_eval_command(local):
