@@ -108,10 +108,11 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
             if f"{layer.norm}.num_batches_tracked" in state_a:
                 out[f"{layer.norm}.num_batches_tracked"] = state_a[f"{layer.norm}.num_batches_tracked"]
     norms = {n.name: n.group for n in spec.norms}
-    per_unit = [(k, norms[k.rpartition(".")[0]], 0) for k in state_a if k.rpartition(".")[0] in norms]
-    for key, group, dim in per_unit + [(v.key, v.group, v.dim) for v in spec.vectors]:
-        if key in state_a:
-            out[key] = _norm_units(plans[group], state_a[key], state_b[key], alpha, dim)
+    for key in state_a:
+        if key.rpartition(".")[0] in norms:
+            out[key] = _norm_units(plans[norms[key.rpartition(".")[0]]], state_a[key], state_b[key], alpha)
+    for v in spec.vectors:
+        out[v.key] = layout(v.axis, plans).combine(state_a[v.key], state_b[v.key], alpha, v.dim)
     for key, t in state_a.items():  # anything outside the spec (buffers with no units) comes from A
         if key not in covered and key not in out:
             out[key] = t

@@ -112,8 +112,11 @@ def per_unit_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
     out = {g: 0 for g in spec.groups}
     for n in spec.norms:  # every parameter of a norm is a vector over the units
         out[n.group] += len(list(net.get_submodule(n.name).parameters()))
-    for v in spec.vectors:
-        out[v.group] += state[v.key].numel() // state[v.key].shape[v.dim]
+    params = dict(net.named_parameters())
+    for v in spec.vectors:  # per unit: its entries along the other dims (a buffer, BN statistics, costs none)
+        for seg in v.axis if v.key in params else ():
+            if seg.group is not None:
+                out[seg.group] += state[v.key].numel() // state[v.key].shape[v.dim]
     return out
 
 

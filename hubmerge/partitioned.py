@@ -315,7 +315,7 @@ class PartialMergedModel(
             if sizes[0]:  # a fully merged group keeps the plain norm
                 _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), sizes, norm.dim, self.alpha))
         for vector in self.spec.vectors:
-            _widen_tensor(net, vector.key, vector.dim, sum(self.partition[vector.group]))
+            _widen_tensor(net, vector.key, vector.dim, len(sections(vector.axis, self.partition)))
 
     def partitioned_layers(self) -> tuple[Layer, ...]:
         """The layers stored as partitioned blocks; none where the family only takes full merges, whose

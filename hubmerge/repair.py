@@ -81,8 +81,8 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: S
             rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
         else:  # a depthwise conv is stored plainly
             order, rows = None, [(part, 0, part.out_channels)]
-        if layer.norm is None and rows[0][0].bias is None:
-            raise UsageError(f"REPAIR cannot fold into {layer.name}: no bias and no following norm")
+        if layer.name not in stats.layers_a:  # no bias and no BatchNorm after it: left as it is (see _outputs)
+            continue
         a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
         at = layout(layer.out_axis, plans)
         mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed

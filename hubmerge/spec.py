@@ -135,11 +135,12 @@ class Norm:
 
 @dataclass(frozen=True)
 class Vector:
-    """A state tensor outside conv/linear layers and norms with one dim holding one group (a layer-scale
-    vector, a class token, a positional table along channels): it widens like a norm's parameters."""
+    """A state tensor outside conv/linear layers and norms with one dim holding units (a layer-scale vector, a
+    class token, a positional table along channels, a BatchNorm's tensors on a concatenation): it widens like
+    a norm's parameters, along ``dim``, which holds ``axis``."""
 
     key: str
-    group: str
+    axis: Axis
     dim: int
 
 

@@ -81,6 +81,7 @@ class Trace:
     members: dict[int, tuple]  # class → sorted (param, dim, count) where it appears
     attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]  # (module, per head (q/k, v) classes)
     calls: dict[str, int]  # module → times it was called
+    cut: set[int]  # classes on a dim some op indexed at constant positions
 
 
 class _Ids:
@@ -92,6 +93,7 @@ class _Ids:
         self.tie_b: list[np.ndarray] = []
         self.label_ids: list[np.ndarray] = []
         self.label_vals: list[object] = []
+        self.cuts: list[np.ndarray] = []  # ids on a dim indexed by constant positions (a slice, a split)
         self.mixing: list[tuple[np.ndarray, str, str]] = []  # (ids, op kind, module)
         self.ops = itertools.count()
 
@@ -183,6 +185,24 @@ def _dims(arg, ndim: int) -> tuple[int, ...]:
     if isinstance(arg, int):
         arg = (arg,)
     return tuple(sorted(d % ndim for d in arg))
+
+
+def _cut_dims(index, ndim: int) -> set[int]:
+    """Dims that ``x[index]`` indexes at constant positions (anything but ``:``); every dim where the index
+    is not a plain tuple of ints, slices, None and Ellipsis."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index):
+        return set(range(ndim))
+    consumed = [i for i in index if i is not None and i is not Ellipsis]
+    dims, d = set(), 0
+    for i in index:
+        if i is Ellipsis:
+            d += ndim - len(consumed)
+        elif i is not None:
+            if not (isinstance(i, slice) and i == slice(None)):
+                dims.add(d)
+            d += 1
+    return dims
 
 
 def _name(func) -> str:
@@ -457,14 +477,18 @@ class _Tracer:
         self.set(out, factors)
 
     def select(self, x: torch.Tensor, index, out: torch.Tensor, label: object) -> None:
-        """Index ``x`` like ``x[index]``; units taken apart from the rest of their dim get ``label``."""
+        """Index ``x`` like ``x[index]``; units taken apart from the rest of their dim get ``label``, and units on
+        a dim the index cuts at constant positions (even all of them, ``x[:, :C]``) are recorded as cut."""
         factors = []
+        cut = _cut_dims(index, x.dim())
         for f in self.get(x):
             full = np.broadcast_to(_align(f, x.dim()), tuple(x.shape))
             part = full[index]
             taken = np.unique(part)
             if len(taken) < len(np.unique(full)):
                 self.ids.label(taken, label)
+            if set(_support(f)) & cut:
+                self.ids.cuts.append(f.reshape(-1))
             factors.append(np.ascontiguousarray(part))
         self.set(out, factors)
 
@@ -870,7 +894,8 @@ def _finish(tracer: _Tracer) -> Trace:
     return Trace(param_classes, points, {m: tracer.point_kind[m] for m, _ in points}, tracer.layers, tracer.norms,
                  dict(mixing), dict(mixers), views, {c: frozenset(v) for c, v in labels.items()},
                  {c: tuple(sorted(v)) for c, v in members.items()},
-                 [(m, [(cls[qk], cls[v]) for qk, v in heads]) for m, heads in tracer.attention], dict(tracer.calls))
+                 [(m, [(cls[qk], cls[v]) for qk, v in heads]) for m, heads in tracer.attention], dict(tracer.calls),
+                 {int(c) for ids in tracer.ids.cuts for c in np.unique(cls[ids]) if c})
 
 
 def interchangeable(tr: Trace) -> dict[int, tuple]:
@@ -966,7 +991,11 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
         if (cls < n).all() and g[0] >= 0 and (g == g[0]).all() and (u == np.arange(len(u))).all():
             in_order[module] = (dim, names[g[0]])
     heads = _heads(tr, group_arr, unit_arr, names, groups)
-    view = _layer_view(model, tr, axes, in_order, {g for h in heads for head in h.heads for g in head})
+    whole = {g for h in heads for head in h.heads for g in head}
+    # channels taken apart by position (a slice, a split) anywhere outside attention heads: the merged model
+    # would cut its widened tensors at the endpoint's positions, so concatenated axes are not laid out
+    sliced = any(c in unit_of and unit_of[c][0] not in whole for c in tr.cut)
+    view = _layer_view(model, tr, axes, in_order, whole, not sliced)
     explained = {norm.name for norm in view.norms} | {h.module for h in heads}
     mixed = next(((unit_of[c][0], kind, module) for c in sorted(tr.mixers) if c in unit_of
                   for kind, module in tr.mixers[c] if module not in explained), None)
@@ -1073,25 +1102,27 @@ class _View:
     reason: str | None
 
 
-def _laid_out(axis: Axis | None, width: int, heads: set[str]) -> Axis | None:
+def _laid_out(axis: Axis | None, width: int, whole: set[str], joined: bool) -> Axis | None:
     """The axis as complete segments (fixed positions as one segment of group None) where the partitioned
-    build can lay it out: one group in unit order, fixed positions, or attention heads' groups in unit
-    order (which widen whole); None otherwise (a concatenation, a slice, a shuffled order)."""
+    build can lay it out: one group in unit order, fixed positions, attention heads' groups (``whole``, which
+    widen whole) in unit order, or, with ``joined``, any groups in unit order (what a concatenation holds:
+    ``torch.cat`` of widened pieces is the per-segment layout); None otherwise (a slice, a shuffled order)."""
     single = _single(axis)
     if single is not None:
         return (Segment(None, width),) if single[0] is None else axis
-    if all(s.order is None and (s.group is None or s.group in heads) for s in axis):
+    if all(s.order is None and (s.group is None or s.group in whole or joined) for s in axis):
         return axis
     return None
 
 
-def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, str]], heads: set[str]
-                ) -> _View:
+def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, str]], heads: set[str],
+                joined: bool) -> _View:
     """Conv/linear layers whose axes the partitioned build lays out (:func:`_laid_out`), depthwise convs, and
     their BatchNorms; norms (``views``: modules that mix the units of one group along a dim, whose parameters
     must be per-unit vectors of that group); per-unit vectors; and why partial merging is not available when
     some parameter falls outside that view. ``heads``: the groups of attention heads, merged or kept apart
-    whole."""
+    whole; ``joined``: inputs and per-unit tensors may hold several groups (concatenations), which is sound
+    where no op takes channels apart by position (a slice, a split) outside attention heads."""
     modules = dict(model.named_modules())
     norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
     layers, covered, reason = [], set(), None
@@ -1105,10 +1136,13 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
         weight = f"{name}.weight"
         w_axes = axes.get(weight, (None, None))
         shape = module.weight.shape if isinstance(module, (nn.Conv2d, nn.Linear)) else (0, 0)
-        out = _laid_out(w_axes[0], shape[0], heads)
-        inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1], heads)
+        out = _laid_out(w_axes[0], shape[0], heads, False)
+        inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1], heads, joined)
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or out is None or inp is None or any(s.repeat != 1 for s in out):
-            reason = reason or f"{name} ({type(module).__name__}) does not map whole groups to whole groups"
+            cut = not joined and inp is None and _laid_out(w_axes[1], shape[1], heads, True) is not None
+            reason = reason or (f"{name} ({type(module).__name__}) does not map whole groups to whole groups"
+                                + (" (it reads a concatenation, and an op cuts channels at constant positions)"
+                                   if cut else ""))
             continue
         depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
         single_out = len(out) == 1 and out[0].group is not None
@@ -1137,9 +1171,10 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
             covered.update(f"{name}.{p}" for p in params)
     vectors = []
     for key, key_axes in axes.items():
-        held = [(d, _single(a)) for d, a in enumerate(key_axes) if a is not None]
-        if key not in covered and len(held) == 1 and held[0][1] is not None and held[0][1][1] == 1:
-            vectors.append(Vector(key, held[0][1][0], held[0][0]))
+        held = [(d, _laid_out(a, 0, heads, joined)) for d, a in enumerate(key_axes) if a is not None]
+        if (key not in covered and len(held) == 1 and held[0][1] is not None and all(s.repeat == 1 for s in held[0][1])
+                and any(s.group for s in held[0][1])):
+            vectors.append(Vector(key, held[0][1], held[0][0]))
             covered.add(key)
     left = [n for n in axes if n not in covered]
     if left:

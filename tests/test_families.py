@@ -5,8 +5,8 @@ For each family: random permutations of every group leave the logits unchanged; 
 and ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
 independently computed permute-and-average merge. Families declared ``partial`` also give the logit-averaged
 ensemble at γ=1 and A's function at γ=0.5 with α=0, count their parameters as the cost model says, and run a
-``budget=0.1`` merge that saves, reloads strictly and computes the same outputs; families declared ``full``
-refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family is skipped).
+``budget=0.1`` merge (benefit-allocated; uniformly for the one family where the table says why) that saves,
+reloads strictly and computes the same outputs; families declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family is skipped).
 """
 
 import pytest
@@ -84,7 +84,7 @@ def test_family(name, tmp_path):
         costs = CostModel(spec, a, FAMILIES[name].input_size)
         assert costs.endpoint.params == sum(p.numel() for p in a.parameters())
         assert costs(at_a.partition).total.params == sum(p.numel() for p in at_a.parameters())
-        budget = hubmerge.merge(a, b, calib, budget=0.1).model
+        budget = hubmerge.merge(a, b, calib, budget=0.1, allocator=FAMILIES[name].budget_allocator).model
         budget.save_pretrained(tmp_path)
         again = hubmerge.PartialMergedModel.from_pretrained(tmp_path).double()
         assert torch.equal(again(x), budget(x))
@@ -146,3 +146,27 @@ def test_a_widened_layer_norm_needs_its_partitioned_views():
             replaced += 1
     assert replaced
     assert relative(ensemble(x), Ensemble(a, b)(x)) > 1e-3
+
+
+class _Concat(nn.Module):
+    """Two convs concatenated, then a head; ``cut``: the concatenation is cut at that channel position first
+    (GhostNet cuts ``[:, :out_chs]``, all of it in some configurations)."""
+
+    def __init__(self, cut: int | None):
+        super().__init__()
+        self.cut = cut
+        self.left, self.right = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(cut or 8, 2)
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], 1)
+        return self.head((y if self.cut is None else y[:, :self.cut]).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cut", [6, 8])
+def test_a_concatenation_widens_unless_channels_are_cut_by_position(cut):
+    """Widened pieces concatenate in the per-piece layout; a cut at the endpoint's channel position would
+    take the wrong channels of the widened tensor, even a cut that keeps every channel, so a model with one
+    keeps its concatenations merged."""
+    assert spec_for(_Concat(cut=None), (3, 4, 4)).partial is None
+    assert "does not map whole groups" in spec_for(_Concat(cut=cut), (3, 4, 4)).partial
