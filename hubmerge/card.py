@@ -22,6 +22,7 @@ from . import __version__
 if TYPE_CHECKING:
     from .api import MergeReport
     from .partitioned import PartialMergedModel
+    from .spec import PermutationSpec
 
 PLOT = "barrier_vs_params.png"
 CITATIONS = """\
@@ -131,14 +132,22 @@ def _metrics(report: MergeReport) -> str:
     return "\n".join(rows) + "\n" + size + f"\n\n![barrier vs parameters]({PLOT})"
 
 
-def _allocation(partition: dict, allocation: list[dict]) -> str:
+def _allocation(spec: PermutationSpec, partition: dict, allocation: list[dict]) -> str:
+    """One row per group, and per attention module one row counting its heads (merged or kept apart whole)."""
     rows = ["| group | k_A | shared | k_B | γ | params added | benefit |", "|---|---|---|---|---|---|---|"]
     by_group = {r["group"]: r for r in allocation}
-    for g, (ka, m, kb) in partition.items():
-        r = by_group.get(g, {})
+    heads = spec.head_of()
+
+    def row(name: str, label: str, ka: int, m: int, kb: int) -> str:
+        r = by_group.get(name, {})
         benefit = r.get("benefit")
-        rows.append(f"| {g} | {ka} | {m} | {kb} | {ka / (ka + m):.2f} | {r.get('params_added', '')} | "
-                    f"{'' if benefit is None else f'{benefit:.4g}'} |")
+        return (f"| {label} | {ka} | {m} | {kb} | {ka / (ka + m):.2f} | {r.get('params_added', '')} | "
+                f"{'' if benefit is None else f'{benefit:.4g}'} |")
+
+    rows += [row(g, g, *sizes) for g, sizes in partition.items() if g not in heads]
+    for h in spec.heads:
+        apart = sum(partition[head[0]][0] > 0 for head in h.heads)
+        rows.append(row(h.module, f"{h.module} (heads)", apart, len(h.heads) - apart, apart))
     return "\n".join(rows)
 
 
@@ -206,7 +215,7 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     text = TEMPLATE.format(
         card_data=data.to_yaml(), title=title, a=a, b=b, version=__version__, settings="\n".join(rows),
         endpoints=f"A = {prov_a}, B = {prov_b}", metrics=metrics,
-        allocation=_allocation(model.partition, report.allocation if report is not None else []),
+        allocation=_allocation(model.spec, model.partition, report.allocation if report is not None else []),
         recipe="" if recipe is None else ("\n## Recipe (reproduce with `hubmerge run --config recipe.yaml`)\n\n"
                                           f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False).strip()}\n```\n"),
         repo_id=repo_id, citations=CITATIONS,

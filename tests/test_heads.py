@@ -89,3 +89,11 @@ def test_gamma_may_name_an_attention_module(deit):
     model = hubmerge.merge(a, b, calib, gamma={"blocks.1.attn": 1.0}, repair=None).model
     assert [model.net.get_submodule(h.module).num_heads for h in model.spec.heads] == [2, 4]
     assert all(ka == 0 for g, (ka, _, _) in model.partition.items() if not g.startswith("blocks.1.attn"))
+
+
+def test_the_card_counts_an_attention_in_heads(deit):
+    a, b, calib = deit
+    model = hubmerge.merge(a, b, calib, gamma=0.5, repair=None).model
+    text = str(model.generate_model_card())
+    assert "| blocks.0.attn (heads) | 1 | 1 | 1 | 0.50 |" in text
+    assert "| blocks.0.attn.qkv |" not in text  # its head groups are counted in the heads row
