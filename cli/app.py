@@ -339,7 +339,7 @@ def inspect(
         info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads]} for h in spec.heads]
         if merged:
             for row, h in zip(info["attention"], spec.heads):
-                row["heads_apart"] = sum(net.partition[head[0]][0] > 0 for head in h.heads)
+                row["heads_apart"] = h.apart(net.partition)
             costs = CostModel(spec, net.net, tuple(net.input_size or net.pretrained_cfg["input_size"]))
             report = costs(net.partition)
             for row in info["groups"]:
@@ -363,9 +363,9 @@ def inspect(
     for row in info["attention"]:
         apart = f"; {row['heads_apart']} kept apart, so the merge runs {len(row['heads']) + row['heads_apart']}" \
             if merged else ""
-        typer.echo(f"  attention {row['module']}: {len(row['heads'])} heads (q/k and v groups "
-                   f"{', '.join('/'.join(head) for head in row['heads'][:2])}{', …' if len(row['heads']) > 2 else ''})"
-                   f", each merged or kept apart whole{apart}")
+        shown = ", ".join("/".join(head) for head in row["heads"][:2]) + (", …" if len(row["heads"]) > 2 else "")
+        typer.echo(f"  attention {row['module']}: {len(row['heads'])} heads (q/k and v groups {shown}), each merged "
+                   f"or kept apart whole{apart}")
     if merged:
         inc = info["increase"]
         typer.echo(f"increase over one endpoint: +{100 * inc['params']:.1f}% parameters, +{100 * inc['flops']:.1f}% FLOPs")

@@ -5,7 +5,8 @@ then the stages of a full merge with REPAIR (statistics of both endpoints, align
 evaluation of the report's six models on the evaluation set) and of a ``benefit`` allocation at budget 0.1,
 each in seconds and as a multiple of T_fwd. Goals: statistics + alignment + build + REPAIR ≤ 4 T_fwd (the
 statistics pass runs both endpoints, so it alone is about 2), and a benefit allocation ≤ 1.5 × groups ×
-T_fwd (groups as the allocator counts them: an attention's heads are one). Rounds are interleaved over the pairs (``--repeats``), since this machine is shared and noisy.
+T_fwd (groups as the allocator counts them: an attention's heads are one). Rounds are interleaved over the
+pairs (``--repeats``), since this machine is shared and noisy.
 
 Pairs (Fashion-MNIST at 32×32, trained from two seeds, cached in ``--cache``): ``resnet18`` with channels
 16–128; ``vit`` (ViT-Tiny layout: patch 4, depth 4, width 64, 2 heads, kept apart whole);

@@ -169,8 +169,7 @@ class _Search:
         now = self.p.costs(self.partition(self.k)).groups
 
         def added(name: str, unit: str) -> int:
-            c = self.choices[name]
-            return sum(getattr(now[g], unit) - getattr(base[g], unit) for g in (sum(c.heads, ()) or (name,)))
+            return sum(getattr(now[g], unit) - getattr(base[g], unit) for g in self.choices[name].groups)
 
         rows = [{
             "group": g, "gamma": self.k[g] / n, "units_added": self.k[g],
@@ -198,9 +197,8 @@ def _adaptive(s: _Search) -> Allocation:
     p = s.p
 
     def sizes(eps: float) -> dict[str, int]:
-        plans = p.plans(1.0, method="adaptive", epsilon=eps)
-        return {name: sum(plans[head[0]].sizes[0] > 0 for head in c.heads) if c.heads else plans[name].sizes[0]
-                for name, c in s.choices.items()}
+        partition = p.partition(p.plans(1.0, method="adaptive", epsilon=eps))
+        return {name: c.apart(partition) for name, c in s.choices.items()}
 
     lo, hi, trace = -1.0, 1.0 + 1e-9, []
     if s.fits(sizes(hi)):

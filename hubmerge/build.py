@@ -77,15 +77,6 @@ def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict,
     return out
 
 
-def _norm_units(plan: GroupPlan, a: torch.Tensor, b: torch.Tensor, alpha: float, dim: int = 0) -> torch.Tensor:
-    """A per-unit tensor (a norm parameter, a layer scale) in the layout [A-only | shared | B-only] along ``dim``."""
-    def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t.index_select(dim, index.to(t.device))
-
-    return torch.cat([take(a, plan.a_only), (1 - alpha) * take(a, plan.shared_a) + alpha * take(b, plan.shared_b),
-                      take(b, plan.b_only)], dim)
-
-
 def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: dict, state_b: dict,
                  alpha: float, cross: str) -> dict[str, torch.Tensor]:
     """The partitioned state dict of the merged network (keys as in ``PartialMergedModel.net``)."""
@@ -99,20 +90,19 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
             for key, t in _layer_blocks(layer, plans, state_a, state_b, alpha, cross).items():
                 out[f"{layer.name}.{key}"] = t
         covered.update({f"{layer.name}.weight", f"{layer.name}.bias"})
+        rows = layout(layer.out_axis, plans) if per_unit else None
         for module, p in per_unit:
             key = f"{module}.{p}"
             if key in state_a:
-                out[key] = _norm_units(plans[layer.out_group], state_a[key], state_b[key], alpha)
+                out[key] = rows.combine(state_a[key], state_b[key], alpha)
         if layer.norm:
             covered.update(k for k in state_a if k.startswith(f"{layer.norm}."))
             if f"{layer.norm}.num_batches_tracked" in state_a:
                 out[f"{layer.norm}.num_batches_tracked"] = state_a[f"{layer.norm}.num_batches_tracked"]
-    norms = {n.name: n.group for n in spec.norms}
-    for key in state_a:
-        if key.rpartition(".")[0] in norms:
-            out[key] = _norm_units(plans[norms[key.rpartition(".")[0]]], state_a[key], state_b[key], alpha)
-    for v in spec.vectors:
-        out[v.key] = layout(v.axis, plans).combine(state_a[v.key], state_b[v.key], alpha, v.dim)
+    norms = {n.name for n in spec.norms}
+    per_unit = [(key, spec.axes[key][0], 0) for key in state_a if key.rpartition(".")[0] in norms]
+    for key, axis, dim in per_unit + [(v.key, v.axis, v.dim) for v in spec.vectors]:
+        out[key] = layout(axis, plans).combine(state_a[key], state_b[key], alpha, dim)
     for key, t in state_a.items():  # anything outside the spec (buffers with no units) comes from A
         if key not in covered and key not in out:
             out[key] = t

@@ -146,7 +146,7 @@ def _allocation(spec: PermutationSpec, partition: dict, allocation: list[dict]) 
 
     rows += [row(g, g, *sizes) for g, sizes in partition.items() if g not in heads]
     for h in spec.heads:
-        apart = sum(partition[head[0]][0] > 0 for head in h.heads)
+        apart = h.apart(partition)
         rows.append(row(h.module, f"{h.module} (heads)", apart, len(h.heads) - apart, apart))
     return "\n".join(rows)
 

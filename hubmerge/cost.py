@@ -1,8 +1,9 @@
 """Cost model: non-zero parameters and FLOPs of a partitioned model (method §4), the units of the budget.
 
 Per layer and group of its output rows, non-zero weights = (k_A·(k_A′+m′) + m·w′ + k_B·(m′+k_B′)) × kernel
-size (primes: the sections of the input axis, summed over its segments, times the flatten stride), plus one bias per output unit and two affine norm parameters per unit; norms,
-layer scales and other per-unit tensors outside the layers add their parameters per unit of their group. FLOPs
+size (primes: the sections of the input axis, summed over its segments, times the flatten stride), plus one
+bias per output unit and two affine norm parameters per unit; norms, layer scales and other per-unit
+tensors outside the layers add their parameters per unit of their group. FLOPs
 count 2 per multiply-accumulate of conv/linear layers at the given input resolution (norms, activations
 and pooling are left out, which the relative increase barely notices).
 """

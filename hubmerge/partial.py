@@ -167,7 +167,7 @@ def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[s
     """Expand a scalar γ to every group; check a dict names only known groups or attention modules (whose γ
     goes to the groups of all their heads: round(γ·heads) kept apart)."""
     if isinstance(gamma, dict):
-        modules = {h.module: sum(h.heads, ()) for h in spec.heads}
+        modules = {h.module: h.groups for h in spec.heads}
         unknown = sorted(set(gamma) - set(spec.groups) - set(modules))
         if unknown:
             raise UsageError(f"gamma names unknown groups {unknown}; groups are {list(spec.groups)}"
@@ -207,7 +207,7 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
     heads = spec.head_of()
     out = {g: planned(g, gammas[g], method, i) for i, g in enumerate(spec.groups) if g not in heads}
     for h in spec.heads:
-        out.update(_plan_heads(h, {g: planned(g, 0.0, "forced", 0) for head in h.heads for g in head},
+        out.update(_plan_heads(h, {g: planned(g, 0.0, "forced", 0) for g in h.groups},
                                scores, gammas, epsilon if method == "adaptive" else None))
     return {g: out[g] for g in spec.groups}
 
@@ -232,27 +232,35 @@ def _plan_heads(heads: Heads, merged: dict[str, GroupPlan], scores: dict[str, to
 @dataclass(frozen=True)
 class Choice:
     """What a budget widens, in forward order: one group of ``width`` units, or the ``width`` heads of one
-    attention module (``heads``: each head's groups), kept apart whole."""
+    attention module (``heads``), kept apart whole."""
 
     name: str
     width: int
-    heads: tuple[tuple[str, ...], ...] = ()
+    heads: Heads | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return (self.name,) if self.heads is None else self.heads.groups
 
     def gammas(self, k: int) -> dict[str, float]:
         """Per-group γ that :func:`plan` turns into k units (heads) apart."""
-        return {g: k / self.width for g in (sum(self.heads, ()) or (self.name,))}
+        return {g: k / self.width for g in self.groups}
 
     def partition(self, k: int, widths: dict[str, int]) -> dict[str, Sizes]:
         """Sizes of the groups with k units (heads) apart: which heads does not change the cost."""
-        if not self.heads:
+        if self.heads is None:
             return {self.name: (k, self.width - k, k)}
         return {g: (widths[g], 0, widths[g]) if h < k else (0, widths[g], 0)
-                for h, head in enumerate(self.heads) for g in head}
+                for h, head in enumerate(self.heads.heads) for g in head}
+
+    def apart(self, partition: dict[str, Sizes]) -> int:
+        """How many units (heads) of this choice ``partition`` keeps apart."""
+        return partition[self.name][0] if self.heads is None else self.heads.apart(partition)
 
 
 def choices(spec: PermutationSpec) -> list[Choice]:
     """Every :class:`Choice` of ``spec``: its groups, with each attention module's heads as one choice."""
-    heads = {g: h for h in spec.heads for head in h.heads for g in head}
+    heads = spec.head_of()
     out, seen = [], set()
     for g, grp in spec.groups.items():
         h = heads.get(g)
@@ -260,5 +268,5 @@ def choices(spec: PermutationSpec) -> list[Choice]:
             out.append(Choice(g, grp.width))
         elif h.module not in seen:
             seen.add(h.module)
-            out.append(Choice(h.module, len(h.heads), h.heads))
+            out.append(Choice(h.module, len(h.heads), h))
     return out

@@ -294,8 +294,9 @@ class PartialMergedModel(
             for head in h.heads:
                 apart = {partition[g][0] == self.spec.groups[g].width for g in head}
                 if len(apart) != 1 or not (apart.pop() or all(partition[g][0] == 0 for g in head)):
+                    sizes = [tuple(partition[g]) for g in head]
                     raise CheckpointError(f"a head of {h.module} (groups {list(head)}) is partly kept apart: "
-                                          f"sizes {[tuple(partition[g]) for g in head]}; heads merge or stay apart whole")
+                                          f"sizes {sizes}; heads merge or stay apart whole")
         return {g: tuple(int(s) for s in v) for g, v in partition.items()}
 
     def _partition(self, net: nn.Module) -> None:
@@ -309,7 +310,7 @@ class PartialMergedModel(
             _replace(net, layer.name, wide)
         for h in self.spec.heads:  # a head kept apart is two heads of the merged attention
             module = net.get_submodule(h.module)
-            HEAD_COUNTS[type(module)].set(module, sum(1 + (self.partition[head[0]][0] > 0) for head in h.heads))
+            HEAD_COUNTS[type(module)].set(module, len(h.heads) + h.apart(self.partition))
         for norm in self.spec.norms:
             sizes = self.partition[norm.group]
             if sizes[0]:  # a fully merged group keeps the plain norm

@@ -73,7 +73,8 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: S
                                   (1 - alpha) * a.std + alpha * b.std[index], mask))
         return out
     for i, layer in enumerate(spec.layers):
-        if all(seg.group is None for seg in layer.out_axis):  # the logits are the output, not units to renormalise
+        # only outputs with units and a bias or BatchNorm to fold into (the logits are the output, not units)
+        if layer.name not in stats.layers_a:
             continue
         part = model.layer(layer.name)
         if isinstance(part, PartitionedLayer):  # sub-layers' rows are in storage order
@@ -81,8 +82,6 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: S
             rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
         else:  # a depthwise conv is stored plainly
             order, rows = None, [(part, 0, part.out_channels)]
-        if layer.name not in stats.layers_a:  # no bias and no BatchNorm after it: left as it is (see _outputs)
-            continue
         a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
         at = layout(layer.out_axis, plans)
         mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed

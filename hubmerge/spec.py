@@ -155,6 +155,15 @@ class Heads:
     module: str
     heads: tuple[tuple[str, ...], ...]
 
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups of every head, head by head."""
+        return sum(self.heads, ())
+
+    def apart(self, partition: dict[str, tuple[int, int, int]]) -> int:
+        """How many heads ``partition`` keeps apart (each of A and B then runs its own)."""
+        return sum(partition[head[0]][0] > 0 for head in self.heads)
+
 
 @dataclass(frozen=True)
 class PermutationSpec:
@@ -170,9 +179,9 @@ class PermutationSpec:
     vectors: tuple[Vector, ...] = ()
     heads: tuple[Heads, ...] = ()
 
-    def head_of(self) -> dict[str, tuple[str, ...]]:
-        """group → the groups of the attention head it belongs to (for groups that belong to one)."""
-        return {g: head for h in self.heads for head in h.heads for g in head}
+    def head_of(self) -> dict[str, Heads]:
+        """group → the attention whose heads it belongs to (for groups that belong to one)."""
+        return {g: h for h in self.heads for g in h.groups}
 
     def occurrences(self, name: str, dim: int, group: str) -> list[torch.Tensor]:
         """Position indices of ``group`` along ``dim`` of tensor ``name``: one (width, repeat) matrix per

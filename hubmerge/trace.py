@@ -991,7 +991,7 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
         if (cls < n).all() and g[0] >= 0 and (g == g[0]).all() and (u == np.arange(len(u))).all():
             in_order[module] = (dim, names[g[0]])
     heads = _heads(tr, group_arr, unit_arr, names, groups)
-    whole = {g for h in heads for head in h.heads for g in head}
+    whole = {g for h in heads for g in h.groups}
     # channels taken apart by position (a slice, a split) anywhere outside attention heads: the merged model
     # would cut its widened tensors at the endpoint's positions, so concatenated axes are not laid out
     sliced = any(c in unit_of and unit_of[c][0] not in whole for c in tr.cut)
@@ -1021,7 +1021,8 @@ def _heads(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str
             for cls in (qk, v):
                 cls = np.where(cls < len(group_of), cls, 0)
                 g = group_of[cls]
-                if (cls == 0).any() or g[0] < 0 or (g != g[0]).any() or not np.array_equal(unit_of[cls], np.arange(len(cls))):
+                in_order = np.array_equal(unit_of[cls], np.arange(len(cls)))
+                if (cls == 0).any() or g[0] < 0 or (g != g[0]).any() or not in_order:
                     break
                 name = names[g[0]]
                 if groups[name].width != len(cls) or name in used or name in head:
@@ -1138,7 +1139,8 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
         shape = module.weight.shape if isinstance(module, (nn.Conv2d, nn.Linear)) else (0, 0)
         out = _laid_out(w_axes[0], shape[0], heads, False)
         inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1], heads, joined)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or out is None or inp is None or any(s.repeat != 1 for s in out):
+        plain = isinstance(module, (nn.Conv2d, nn.Linear))
+        if not plain or out is None or inp is None or any(s.repeat != 1 for s in out):
             cut = not joined and inp is None and _laid_out(w_axes[1], shape[1], heads, True) is not None
             reason = reason or (f"{name} ({type(module).__name__}) does not map whole groups to whole groups"
                                 + (" (it reads a concatenation, and an op cuts channels at constant positions)"

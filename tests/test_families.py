@@ -6,7 +6,8 @@ and ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain tim
 independently computed permute-and-average merge. Families declared ``partial`` also give the logit-averaged
 ensemble at γ=1 and A's function at γ=0.5 with α=0, count their parameters as the cost model says, and run a
 ``budget=0.1`` merge (benefit-allocated; uniformly for the one family where the table says why) that saves,
-reloads strictly and computes the same outputs; families declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family is skipped).
+reloads strictly and computes the same outputs; families declared ``full`` refuse γ>0 and budgets with the
+reason, and that refusal is what the test checks (no family is skipped).
 """
 
 import pytest
