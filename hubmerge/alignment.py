@@ -29,11 +29,12 @@ def lap(scores: torch.Tensor) -> torch.Tensor:
 
 
 def activation_scores(spec: PermutationSpec, stats: Statistics, state_a: dict[str, torch.Tensor],
-                      state_b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-group correlation matrices from the statistics pass. A group that no module outputs (attention's
+                      state_b: dict[str, torch.Tensor], estimator: str = "pooled") -> dict[str, torch.Tensor]:
+    """Per-group correlation matrices from the statistics pass (by ``estimator``, see
+    :meth:`~hubmerge.statistics.PairMoments.correlation`). A group that no module outputs (attention's
     q and k when the projection is computed inside the attention module) is scored by the cosine similarity
     of its units' weights, every other group aligned by its correlations; the log says which."""
-    scores = {g: stats.correlation(grp) for g, grp in spec.groups.items() if grp.observe}
+    scores = {g: stats.correlation(grp, estimator) for g, grp in spec.groups.items() if grp.observe}
     unseen = [g for g, grp in spec.groups.items() if not grp.observe]
     if unseen:
         log.warning("groups observed at no module output, aligned by their weights: %s", ", ".join(unseen))
@@ -119,12 +120,14 @@ def weight_scores(
 def align(
     spec: PermutationSpec, method: str, *, stats: Statistics | None = None,
     state_a: dict[str, torch.Tensor] | None = None, state_b: dict[str, torch.Tensor] | None = None, seed: int = 0,
+    correlation: str = "pooled",
 ) -> dict[str, torch.Tensor]:
-    """Similarity scores per group by the chosen method (``activation`` needs ``stats``)."""
+    """Similarity scores per group by the chosen method (``activation`` needs ``stats``, and estimates
+    correlations as ``correlation`` says)."""
     if method == "activation":
         if stats is None:
             raise UsageError("activation alignment needs calibration statistics")
-        return activation_scores(spec, stats, state_a, state_b)
+        return activation_scores(spec, stats, state_a, state_b, correlation)
     if method == "weight":
         perms = weight_matching(spec, state_a, state_b, seed=seed)
         return weight_scores(spec, state_a, state_b, perms)

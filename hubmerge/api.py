@@ -112,7 +112,11 @@ class Prepared:
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, calibration: Any, options: MergeOptions,
                  endpoints: dict | None = None, preprocess: Preprocess | None = None):
-        self.options = options
+        repair = repair_stage.resolve(options.repair, model_a)
+        if repair != options.repair:
+            log.info("repair=%r is %r for this model", options.repair, repair)
+            options = MergeOptions.combine(options, {"repair": repair})
+        self.options = options  # what every stage reads: with ``repair`` resolved for these endpoints
         self.timings: dict[str, float] = {}
         self.architecture, self.model_args = check_compatible(model_a, model_b)
         self.model_a = model_a.eval().to(options.device)
@@ -137,7 +141,7 @@ class Prepared:
         with self.timed("alignment"):
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=model_a.state_dict(), state_b=model_b.state_dict(),
-                                          seed=options.seed)
+                                          seed=options.seed, correlation=options.correlation)
         self.costs = CostModel(self.spec, self.model_a, self.input_size)
         self._plans: dict = {}
 
@@ -253,7 +257,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
         metrics=metrics, barrier=bar, param_increase=increase["params"], flop_increase=increase["flops"],
         endpoint_params=prepared.costs.endpoint.params, endpoint_flops=prepared.costs.endpoint.flops,
         partition={g: list(s) for g, s in prepared.partition(plans).items()},
-        options=opts.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation, trace=trace,
+        options=prepared.options.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation,
+        trace=trace,
         timings=prepared.timings,
     )
     return MergeResult(model, report)
@@ -270,7 +275,7 @@ def interpolation_curve(model_a: nn.Module, model_b: nn.Module, calibration: Any
     curve = []
     for alpha in alphas:
         row = {"alpha": alpha}
-        for key, method in (("merge", None), ("repair", opts.repair)):
+        for key, method in (("merge", None), ("repair", prepared.options.repair)):
             if key == "repair" and method is None:
                 continue
             met = evaluate(prepared.build(plans, repair=method, alpha=alpha), data, opts.device)

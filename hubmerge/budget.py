@@ -33,7 +33,7 @@ from .distributed import total
 from .errors import UsageError
 from .evaluate import Ensemble, logits
 from .partial import choices
-from .repair import Sweep, shared_prefix
+from .repair import CORRECTS, RESETS, Sweep, shared_prefix
 
 log = logging.getLogger("hubmerge")
 
@@ -83,8 +83,8 @@ class _Search:
     Candidates are scored through REPAIR sweeps (:class:`~hubmerge.repair.Sweep`): a candidate branches off a
     reference merge's sweep at its first layer planned differently, copying the reference's corrections in
     front and continuing from its calibration activations there, so it costs a suffix pass. With
-    ``repair="reset"`` nothing can be shared (RESET re-estimates every BatchNorm from the input in train
-    mode): each candidate is reset and scored from the input.
+    ``repair="reset"`` or ``"reset_repair"`` nothing can be shared (RESET re-estimates every BatchNorm from the
+    input in train mode): each candidate is reset and scored (and repaired) from the input.
     """
 
     def __init__(self, prepared):
@@ -139,9 +139,11 @@ class _Search:
                 model, plans, correct = repaired.model, repaired.plans, False
             else:
                 plans = self.p.plans(self.gammas(k))
-                model, correct = self.p.build(plans, repair="reset" if o.repair == "reset" else None), o.repair == "repair"
+                model = self.p.build(plans, repair="reset" if o.repair in RESETS else None)
+                correct = o.repair in CORRECTS
             return Sweep.start(model, plans, self.p.stats, self.p.calibration, correct=correct,
-                               unmerged=o.repair_unmerged, device=o.device, memory=o.activation_bytes)
+                               unmerged=o.repair_unmerged, normed=o.repair not in RESETS, device=o.device,
+                               memory=o.activation_bytes)
 
     def in_forward_order(self, reference: Sweep, ks: list[dict[str, int]]) -> list[int]:
         """Indices of candidates ``ks`` by their first layer planned differently from ``reference`` (sweeps only
@@ -151,11 +153,11 @@ class _Search:
 
     def candidate(self, reference: Sweep, k: dict[str, int]) -> Sweep:
         """The sweep of the merge with ``k`` units apart, branched off ``reference`` (see the class docstring)."""
-        if self.p.options.repair == "reset":
+        if self.p.options.repair in RESETS:
             return self.start(k)
         with self._timed():
             plans = self.p.plans(self.gammas(k))
-            return reference.branch(self.p.build(plans, repair=None), plans, correct=self.p.options.repair == "repair")
+            return reference.branch(self.p.build(plans, repair=None), plans, correct=self.p.options.repair in CORRECTS)
 
     def score(self, scorer: Scorer, sweep: Sweep) -> float:
         """Finish a sweep (its remaining REPAIR corrections) and score the repaired merge's logits."""

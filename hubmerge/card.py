@@ -123,6 +123,9 @@ def _metrics(report: MergeReport) -> str:
     rows = ["| model | accuracy | loss |", "|---|---|---|"]
     for name, m in report.metrics.items():
         rows.append(f"| {name} | {100 * m.accuracy:.2f}% | {m.loss:.4f} |")
+    if "full_merge_repair" in report.metrics:
+        rows.append(f"\n`full_merge_repair`: the full merge corrected as this merge was (`repair="
+                    f"{report.options.get('repair')!r}`).")
     endpoint_params, endpoint_flops = report.endpoint_params, report.endpoint_flops
     size = (f"\nThis merge: {endpoint_params * (1 + report.param_increase):,.0f} non-zero parameters "
             f"(+{100 * report.param_increase:.1f}% over one endpoint's {endpoint_params:,}), "
@@ -152,7 +155,8 @@ def _allocation(spec: PermutationSpec, partition: dict, allocation: list[dict]) 
 
 
 def plot(report: MergeReport, path: Path) -> None:
-    """Accuracy barrier against parameter increase: full merge, + REPAIR, this merge, ensemble."""
+    """Accuracy barrier against parameter increase: full merge, + its correction (the merge's ``repair``
+    variant), this merge, ensemble."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +167,7 @@ def plot(report: MergeReport, path: Path) -> None:
     points = [("full merge", 0.0, m["full_merge"]), ("this merge", report.param_increase, m["merged"]),
               ("ensemble", 1.0, m["ensemble"])]
     if "full_merge_repair" in m:
-        points.insert(1, ("full merge + REPAIR", 0.0, m["full_merge_repair"]))
+        points.insert(1, (f"full merge + {report.options.get('repair', 'REPAIR')}", 0.0, m["full_merge_repair"]))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, x, met in points:
         ax.scatter(100 * x, 100 * (ref - met.accuracy), label=name, s=50)

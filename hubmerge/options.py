@@ -21,18 +21,26 @@ class MergeOptions(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="interpolation factor; 0 = model A, 1 = model B")
     align: Literal["activation", "weight"] = Field(
         "activation", description="match units by activation correlation (needs data) or by weights")
-    repair: Optional[Literal["repair", "reset"]] = Field(
-        "repair", description="renormalise merged units (repair), re-estimate BatchNorm statistics (reset), or none")
-    # measured (examples/repair_unmerged.py, Fashion-MNIST VGG11): lower barrier at every γ and rule tried
+    # measured on the panel of examples/panel.py (README "Defaults"): with BatchNorm, RESET has the better mean
+    # rank by accuracy barrier; without, REPAIR is the only variant
+    repair: Optional[Literal["auto", "repair", "reset", "reset_repair"]] = Field(
+        "auto", description="renormalise merged units (repair), re-estimate BatchNorm statistics (reset), both "
+                            "(reset_repair: reset, then repair the layers no BatchNorm reads), auto "
+                            "(reset_repair with BatchNorm, else repair), or none")
+    # measured on the panel: better mean rank than shared-only REPAIR for both kinds of model
     repair_unmerged: bool = Field(True, description="also renormalise unmerged units toward their endpoint")
+    # measured on the panel: the batch estimator changes no assignment of the conv pairs, and ties elsewhere
+    correlation: Literal["pooled", "batch"] = Field(
+        "pooled", description="correlation estimate: pooled std of all samples, or per-batch std + 1e-4 "
+                              "(REPAIR's and the thesis's code)")
     gamma: Union[float, dict[str, float]] = Field(
         0.0, description="share of units kept apart when no budget: one number, or per group or attention "
                          "module (round(γ·heads) heads kept apart whole) in --config")
     partial: Literal["forced", "adaptive", "topk", "random"] = Field(
         "forced", description="how pairs are chosen to stay apart")
     epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")
-    # measured on Fashion-MNIST VGG11 (examples/gamma_sweep.py): after REPAIR, fill has the lower barrier
-    # at most γ; interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property
+    # measured on the panel (examples/panel.py): fill has the better mean rank for both kinds of model;
+    # interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property
     cross: Literal["interpolate", "fill"] = Field(
         "fill", description="cross blocks of shared rows (interpolate: alpha=0 gives A exactly)")
     budget: Optional[float] = Field(None, description="relative size increase over one endpoint, 0..1")

@@ -5,6 +5,8 @@ calibration data and fold an affine correction into the layer (into its norm whe
 its weight and bias), so the statistics become the endpoints' interpolated ones
 (μ* = (1−α)μ_A + αμ_B, σ* = (1−α)σ_A + ασ_B). Shared units always; unmerged units toward their own
 endpoint's statistics when ``unmerged=True``. ``reset``: re-estimate BatchNorm running statistics.
+``reset_repair``: both, RESET for the layers a BatchNorm reads and REPAIR for the others (a VGG's classifier,
+a model's layers without BatchNorm).
 
 Each correction changes what later layers see, so layers are measured in order; instead of a pass from the
 input per layer, a :class:`Sweep` carries the calibration activations forward through the model's graph
@@ -31,7 +33,10 @@ from .partitioned import PartialMergedModel, PartitionedLayer
 from .spec import Layer
 from .statistics import Moments, Statistics, unit_dim
 
-REPAIRS = ("repair", "reset")
+REPAIRS = ("repair", "reset", "reset_repair")
+RESETS = ("reset", "reset_repair")  # the variants that re-estimate BatchNorm statistics first
+CORRECTS = ("repair", "reset_repair")  # the variants that fold corrections into layers
+AUTO = "auto"
 DEAD = 1e-8  # a unit with σ below this is dead (constant on the calibration data)
 Rows = list[tuple[nn.Module, int, int]]
 
@@ -53,17 +58,20 @@ class Correction:
     order: torch.Tensor | None = None  # the output position of each stored row, where rows are stored reordered
 
 
-def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, unmerged: bool = False
-                ) -> list[Correction]:
+def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, unmerged: bool = False,
+                normed: bool = True) -> list[Correction]:
     """Every correction REPAIR makes in ``model``, in forward order. A partitioned merge corrects each layer's
     output units (``[A-only | shared | B-only]``; unmerged ones toward their own endpoint when ``unmerged``);
     a full merge held in the plain architecture (families without partial merging) corrects every output of
     :attr:`~hubmerge.spec.PermutationSpec.outputs`, where position p holds A's unit p and the B unit matched
-    to it."""
+    to it. Without ``normed``, layers a BatchNorm reads are left out (``reset_repair``: RESET has set their
+    BatchNorms to the merge's own statistics, and a correction folded in there would undo that)."""
     spec, alpha, out = model.spec, model.alpha, []
     if spec.partial is not None:
         matched = {g: p.shared_b for g, p in plans.items()}
         for i, o in enumerate(spec.outputs):
+            if o.norm and not normed:
+                continue
             a, b = stats.layers_a[o.name], stats.layers_b[o.name]
             index = spec.gather(f"{o.name}.weight", 0, matched)
             index = torch.arange(len(a.mean)) if index is None else index
@@ -74,7 +82,7 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: S
         return out
     for i, layer in enumerate(spec.layers):
         # only outputs with units and a bias or BatchNorm to fold into (the logits are the output, not units)
-        if layer.name not in stats.layers_a:
+        if layer.name not in stats.layers_a or (layer.norm and not normed):
             continue
         part = model.layer(layer.name)
         if isinstance(part, PartitionedLayer):  # sub-layers' rows are in storage order
@@ -152,20 +160,21 @@ class Sweep:
     """
 
     def __init__(self, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None,
-                 acts: Activations, todo: list[Correction], unmerged: bool):
+                 acts: Activations, todo: list[Correction], unmerged: bool, normed: bool):
         self.model, self.plans, self.stats, self.acts = model, plans, stats, acts
-        self.todo, self.unmerged = list(todo), unmerged
+        self.todo, self.unmerged, self.normed = list(todo), unmerged, normed
 
     @classmethod
     def start(cls, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None, data: Batches,
-              *, correct: bool = True, unmerged: bool = False, device: torch.device | str = "cpu",
-              memory: float = float("inf")) -> Sweep:
+              *, correct: bool = True, unmerged: bool = False, normed: bool = True,
+              device: torch.device | str = "cpu", memory: float = float("inf")) -> Sweep:
         """A sweep from the input, keeping at most ``memory`` bytes of activations in memory (the rest in a
-        temporary folder); with ``correct`` it makes every REPAIR correction of ``model``."""
+        temporary folder); with ``correct`` it makes every REPAIR correction of ``model`` (as
+        :func:`corrections` says for ``unmerged`` and ``normed``)."""
         model.eval().to(device)
-        todo = corrections(model, plans, stats, unmerged) if correct else []
+        todo = corrections(model, plans, stats, unmerged, normed) if correct else []
         acts = Activations(Program(model.net), model.net, data, device, memory)
-        return cls(model, plans, stats, acts, todo, unmerged)
+        return cls(model, plans, stats, acts, todo, unmerged, normed)
 
     def run(self, until: int | None = None, progress: str | bool = False) -> PartialMergedModel:
         """Make the corrections of the layers in front of layer ``until`` of the spec (all of them: None),
@@ -197,8 +206,9 @@ class Sweep:
         for layer in self.model.spec.layers[:first]:
             _copy_layer(model, self.model, layer)
         model.eval().to(next(self.model.parameters()).device)
-        todo = [c for c in corrections(model, plans, self.stats, self.unmerged) if c.index >= first] if correct else []
-        return Sweep(model, plans, self.stats, self.acts.fork(Program(model.net), model.net), todo, self.unmerged)
+        todo = corrections(model, plans, self.stats, self.unmerged, self.normed) if correct else []
+        return Sweep(model, plans, self.stats, self.acts.fork(Program(model.net), model.net),
+                     [c for c in todo if c.index >= first], self.unmerged, self.normed)
 
     def finish(self) -> torch.Tensor:
         """Make the remaining corrections and return the repaired model's outputs on the calibration data."""
@@ -207,12 +217,25 @@ class Sweep:
 
 
 def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, data: Batches, *,
-           unmerged: bool = False, device: torch.device | str = "cpu", memory: float = float("inf")
-           ) -> PartialMergedModel:
-    """Correct every hidden layer's pre-activation statistics in place, front to back, in one sweep that
-    keeps at most ``memory`` bytes of activations in memory."""
-    return Sweep.start(model, plans, stats, data, unmerged=unmerged, device=device, memory=memory).run(
-        progress="REPAIR")
+           unmerged: bool = False, normed: bool = True, device: torch.device | str = "cpu",
+           memory: float = float("inf")) -> PartialMergedModel:
+    """Correct every hidden layer's pre-activation statistics in place (``normed=False``: only those no BatchNorm
+    reads), front to back, in one sweep that keeps at most ``memory`` bytes of activations in memory."""
+    return Sweep.start(model, plans, stats, data, unmerged=unmerged, normed=normed, device=device,
+                       memory=memory).run(progress="REPAIR")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def resolve(method: str | None, model: nn.Module) -> str | None:
+    """The REPAIR variant ``method`` means for ``model``: ``auto`` is ``reset_repair`` for a model with
+    BatchNorm and ``repair`` for one without (what the panel of examples/panel.py measured best per kind of
+    model); any other method is itself."""
+    if method != AUTO:
+        return method
+    return "reset_repair" if has_batchnorm(model) else "repair"
 
 
 @torch.no_grad()
@@ -220,7 +243,8 @@ def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "c
     """REPAIR's RESET: recompute every BatchNorm's running statistics on ``data`` (cumulative average)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
-        raise UsageError("repair='reset' re-estimates BatchNorm statistics, but the model has none; use 'repair'")
+        raise UsageError("repair='reset' and 'reset_repair' re-estimate BatchNorm statistics, but the model has "
+                         "none; use 'repair'")
     model.eval().to(device)
     momenta = [n.momentum for n in norms]
     for n in norms:
@@ -250,10 +274,13 @@ def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupP
     if method is None:
         return model
     if method not in REPAIRS:
-        raise UsageError(f"unknown repair {method!r}; choose one of {REPAIRS} or None")
+        raise UsageError(f"unknown repair {method!r}; choose one of {REPAIRS}, {AUTO!r} (resolved for the model "
+                         "by resolve()) or None")
     if data is None:
         raise UsageError(f"repair={method!r} needs calibration data")
-    if method == "reset":
+    if method in RESETS:
         reset_norms(model, data, device)
-        return model
-    return repair(model, plans, stats, data, unmerged=unmerged, device=device, memory=memory)
+    if method in CORRECTS:
+        repair(model, plans, stats, data, unmerged=unmerged, normed=method not in RESETS, device=device,
+               memory=memory)
+    return model

@@ -14,6 +14,7 @@ from torch import nn
 
 from .data import Batches, batches
 from .distributed import require_everywhere, total, world
+from .errors import UsageError
 from .spec import Group, PermutationSpec
 
 
@@ -59,28 +60,49 @@ class Moments:
         return var.sqrt()
 
 
+ESTIMATORS = ("pooled", "batch")
+BATCH_EPSILON = 1e-4  # the REPAIR and partial-merging code's denominator epsilon (``batch`` estimator)
+
+
 @dataclass
 class PairMoments:
-    """Moments of A and B at one observation point plus the cross moment Σx_A x_Bᵀ."""
+    """Moments of A and B at one observation point plus the cross moment Σx_A x_Bᵀ, and the sums of each
+    batch's per-unit std (for the ``batch`` estimator)."""
 
     a: Moments = field(default_factory=Moments)
     b: Moments = field(default_factory=Moments)
     cross: torch.Tensor | None = None
+    batch_std_a: torch.Tensor | None = None
+    batch_std_b: torch.Tensor | None = None
+    batches: int = 0
 
     def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
-        """Add matching samples × units matrices of A and B."""
+        """Add one batch's matching samples × units matrices of A and B."""
         self.a.add(xa)
         self.b.add(xb)
         c = xa.T @ xb
+        ddof = 1 if len(xa) > 1 else 0  # the code's torch.std is the unbiased one
+        sa, sb = xa.std(0, correction=ddof), xb.std(0, correction=ddof)
         self.cross = c if self.cross is None else self.cross + c
+        self.batch_std_a = sa if self.batch_std_a is None else self.batch_std_a + sa
+        self.batch_std_b = sb if self.batch_std_b is None else self.batch_std_b + sb
+        self.batches += 1
 
     def __add__(self, other: PairMoments) -> PairMoments:
-        return PairMoments(self.a + other.a, self.b + other.b, self.cross + other.cross)
+        return PairMoments(self.a + other.a, self.b + other.b, self.cross + other.cross,
+                           self.batch_std_a + other.batch_std_a, self.batch_std_b + other.batch_std_b,
+                           self.batches + other.batches)
 
-    def correlation(self) -> torch.Tensor:
-        """C[i, j] = corr(x_A,i, x_B,j); a dead unit correlates 0 with everything."""
+    def correlation(self, estimator: str = "pooled") -> torch.Tensor:
+        """C[i, j] = corr(x_A,i, x_B,j). ``pooled``: the covariance over the stds of all samples, a dead unit
+        correlating 0 with everything; ``batch``: over the mean of each batch's std plus 1e-4, as the code of
+        REPAIR (Jordan et al.) and of partial merging (Koch) estimate it."""
         n = self.a.count
         cov = self.cross / n - torch.outer(self.a.mean, self.b.mean)
+        if estimator == "batch":
+            return cov / (torch.outer(self.batch_std_a, self.batch_std_b) / self.batches**2 + BATCH_EPSILON)
+        if estimator != "pooled":
+            raise UsageError(f"unknown correlation estimator {estimator!r}; choose one of {ESTIMATORS}")
         denom = torch.outer(self.a.std, self.b.std)
         # no epsilon in the denominator: it would bias low-variance units' correlations away from 1
         return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
@@ -109,13 +131,13 @@ class Statistics:
             self.samples + other.samples,
         )
 
-    def correlation(self, group: Group) -> torch.Tensor:
-        """Correlation matrix of a group, averaged over its observation points and the places it occupies
-        at each (method §2: residual streams are judged at every point they are observed, not only the
-        last)."""
+    def correlation(self, group: Group, estimator: str = "pooled") -> torch.Tensor:
+        """Correlation matrix of a group (by :meth:`PairMoments.correlation`'s ``estimator``), averaged over its
+        observation points and the places it occupies at each (method §2: residual streams are judged at every
+        point they are observed, not only the last)."""
         mats = []
         for point in group.observe:
-            full = self.points[(point.module, point.dim)].correlation()
+            full = self.points[(point.module, point.dim)].correlation(estimator)
             for where in point.positions:
                 index = torch.tensor(where)
                 mats.append(full[index][:, index])
@@ -190,15 +212,17 @@ def _summed(stats: Statistics) -> Statistics:
         return stats
     moments = [m for pm in stats.points.values() for m in (pm.a, pm.b)] + [*stats.layers_a.values(),
                                                                             *stats.layers_b.values()]
-    counts = torch.tensor([float(m.count) for m in moments] + [float(stats.samples)], dtype=torch.float64)
+    pairs = list(stats.points.values())
+    counts = [m.count for m in moments] + [stats.samples] + [pm.batches for pm in pairs]
+    counts = torch.tensor(counts, dtype=torch.float64)
     summed = iter(total(counts, *[t for m in moments for t in (m.sum, m.sumsq)],
-                        *[pm.cross for pm in stats.points.values()]))
+                        *[t for pm in pairs for t in (pm.cross, pm.batch_std_a, pm.batch_std_b)]))
     counts = next(summed).long().tolist()
     for m, count in zip(moments, counts):
         m.count, m.sum, m.sumsq = count, next(summed), next(summed)
-    for pm in stats.points.values():
-        pm.cross = next(summed)
-    stats.samples = counts[-1]
+    stats.samples = counts[len(moments)]
+    for pm, count in zip(pairs, counts[len(moments) + 1:]):
+        pm.cross, pm.batch_std_a, pm.batch_std_b, pm.batches = next(summed), next(summed), next(summed), count
     return stats
 
 

@@ -96,7 +96,8 @@ def test_bad_options_are_usage_errors_before_any_work():
 
 def test_interpolation_curve_runs_from_a_to_b():
     a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
-    curve = hubmerge.interpolation_curve(a, b, data, data, alphas=(0.0, 0.5, 1.0), cross="interpolate")
+    curve = hubmerge.interpolation_curve(a, b, data, data, alphas=(0.0, 0.5, 1.0), cross="interpolate",
+                                         repair="repair")
     ea, eb = hubmerge.evaluate.evaluate(a, data), hubmerge.evaluate.evaluate(b, data)
     assert [row["alpha"] for row in curve] == [0.0, 0.5, 1.0]
     assert curve[0]["merge"]["loss"] == pytest.approx(ea.loss, abs=1e-9)

@@ -38,7 +38,8 @@ def test_budget_zero_is_the_full_merge_and_one_the_ensemble(allocator):
     a, b, data = make("mlp_bn", 1), make("mlp_bn", 2), labelled("mlp_bn")
     zero = hubmerge.merge(a, b, data, budget=0.0, allocator=allocator, greedy_step=0.5)
     assert all(ka == kb == 0 for ka, _, kb in zero.model.partition.values())
-    one = hubmerge.merge(a, b, data, budget=1.0, allocator=allocator, greedy_step=0.5, alpha=0.5)
+    # REPAIR keeps the ensemble exact; RESET (the BatchNorm default) re-estimates its statistics on the calibration data
+    one = hubmerge.merge(a, b, data, budget=1.0, allocator=allocator, greedy_step=0.5, alpha=0.5, repair="repair")
     assert all(m == 0 for _, m, _ in one.model.partition.values())
     x = inputs("mlp_bn")
     assert (one.model(x) - hubmerge.Ensemble(a, b)(x)).abs().max() < 1e-10

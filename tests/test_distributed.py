@@ -18,9 +18,11 @@ from hubmerge.data import batches
 
 from conftest import base, labelled, make
 
-SETTINGS = {  # the benefit search with REPAIR sweeps; greedy with RESET (BatchNorm statistics summed)
-    "benefit": ("timm_resnet18", dict(budget=0.3, allocator="benefit")),
-    "greedy-reset": ("mlp_bn", dict(budget=0.3, allocator="greedy", greedy_step=0.5, repair="reset")),
+SETTINGS = {  # the benefit search with REPAIR sweeps; greedy with RESET (BatchNorm statistics summed) and the
+    # per-batch correlation estimator (batch stds summed)
+    "benefit": ("timm_resnet18", dict(budget=0.3, allocator="benefit", repair="repair")),
+    "greedy-reset": ("mlp_bn", dict(budget=0.3, allocator="greedy", greedy_step=0.5, repair="reset",
+                                    correlation="batch")),
 }
 
 

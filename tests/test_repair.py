@@ -18,7 +18,7 @@ helpers_prepared = prepared
 @pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18", "cifar_vgg_stride"])
 def test_repair_of_a_merge_with_itself_changes_nothing(case):
     a = make(case, 1)
-    p = Prepared(a, make(case, 1), labelled(case), MergeOptions.parse())
+    p = Prepared(a, make(case, 1), labelled(case), MergeOptions.parse(repair="repair"))
     plans = p.plans(0.0)
     plain, repaired = p.build(plans, repair=None), p.build(plans)
     for k, v in plain.state_dict().items():
@@ -41,7 +41,7 @@ def effective_moments(model, plain, layer, data):
 
 @pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18"])
 def test_repair_sets_merged_statistics_to_the_interpolated_targets(case):
-    p = prepared(case)
+    p = prepared(case, repair="repair")
     plans = p.plans(0.3)
     model, plain = p.build(plans), p.build(plans, repair=None)
     for layer in p.spec.layers[:-1]:
@@ -87,6 +87,37 @@ def test_reset_without_batchnorm_is_a_clear_error():
         p.build(p.plans(0.0))
 
 
+def test_reset_repair_is_reset_where_every_layer_feeds_a_batchnorm():
+    p = prepared("mlp_bn", repair="reset_repair")
+    plans = p.plans(0.3)
+    both, reset = p.build(plans).state_dict(), p.build(plans, repair="reset").state_dict()
+    assert all(torch.equal(v, reset[k]) for k, v in both.items())
+
+
+def test_reset_repair_resets_batchnorms_and_repairs_the_layers_none_reads():
+    """timm's VGG: every conv feeds a BatchNorm (reset), the pre-logits MLP does not (repaired)."""
+    p = prepared("timm_vgg11_bn", repair="reset_repair")
+    plans = p.plans(0.05)
+    both, reset = p.build(plans), p.build(plans, repair="reset")
+    free = [layer for layer in p.spec.layers[:-1] if layer.norm is None]
+    assert [layer.name for layer in free] == ["pre_logits.fc1", "pre_logits.fc2"]
+    for layer in p.spec.layers:
+        if layer.norm:  # as RESET left it
+            for name in (layer.name, layer.norm):
+                want = reset.net.get_submodule(name).state_dict()
+                assert all(torch.equal(v, want[k]) for k, v in both.net.get_submodule(name).state_dict().items())
+    targets = {c.name: c for c in corrections(both, plans, p.stats, unmerged=True, normed=False)}
+    assert set(targets) == {layer.name for layer in free}
+    for layer in free:
+        got, c = layer_moments(both.net, [layer.name], p.calibration)[layer.name], targets[layer.name]
+        before = layer_moments(reset.net, [layer.name], p.calibration)[layer.name]
+        live = c.mask & (got.std > 1e-6)
+        assert live.float().mean() > 0.9
+        assert torch.allclose(got.mean[c.mask], c.mean[c.mask], atol=1e-8), layer.name
+        assert torch.allclose(got.std[live], c.std[live], rtol=1e-8), layer.name
+        assert not torch.allclose(before.mean[c.mask], c.mean[c.mask], atol=1e-3)  # RESET alone misses them
+
+
 def layer_by_layer(model, plans, stats, data, unmerged):
     """REPAIR as the method states it: each layer measured by a pass from the input, after the corrections
     of the layers in front of it (what hubmerge did before its one-pass sweep)."""
@@ -99,7 +130,7 @@ def family_prepared(family):
     from test_families import batch, make
 
     calib = [(batch(family, 8, seed=s), None) for s in (1, 2)]
-    return Prepared(make(family, 1), make(family, 2), calib, MergeOptions.parse(repair_unmerged=True))
+    return Prepared(make(family, 1), make(family, 2), calib, MergeOptions.parse(repair="repair", repair_unmerged=True))
 
 
 @pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18", "cifar_vgg_stride", "vit", "convnext",
@@ -110,7 +141,7 @@ def test_one_pass_repair_equals_layer_by_layer_repair(case):
     MobileViT and NFNet have corrected layers inside modules that torch.fx keeps whole, which the sweep runs
     again after each correction (timm's VGG, whose ConvMlp is such a module in a partitioned merge, takes the
     same path; it is left out for its 40 s)."""
-    p = helpers_prepared(case, repair_unmerged=True) if case in CASES else family_prepared(case)
+    p = helpers_prepared(case, repair="repair", repair_unmerged=True) if case in CASES else family_prepared(case)
     plans = p.plans(0.3 if p.spec.partial is None else 0.0)
     plain = p.build(plans, repair=None)
     swept, stepped = p.build(plans), layer_by_layer(p.build(plans, repair=None), plans, p.stats, p.calibration, True)
@@ -137,7 +168,7 @@ def test_a_branch_is_the_merge_repaired_from_the_input(case):
     """The budget search branches candidates off a reference merge's sweep at their first changed layer,
     copying the corrections in front and continuing from the reference's activations; the result must be
     the merge REPAIR gives from the input, bit for bit, and the branch's logits its own."""
-    p = helpers_prepared(case, repair_unmerged=True)
+    p = helpers_prepared(case, repair="repair", repair_unmerged=True)
     groups = list(p.spec.groups)
     base_plans = p.plans(0.2)
     reference = Sweep.start(p.build(base_plans, repair=None), base_plans, p.stats, p.calibration, unmerged=True)
@@ -160,7 +191,7 @@ def test_a_branch_is_the_merge_repaired_from_the_input(case):
 def test_activations_spilled_to_disk_give_the_same_merge(case):
     """With no memory for activations every chunk waits in the temporary folder between steps; REPAIR and the
     budget search (whose branches fork spilled chunks) give the same merge bit for bit."""
-    p = helpers_prepared(case)
+    p = helpers_prepared(case, repair="repair")
     plans = p.plans(0.3)
     sweep = Sweep.start(p.build(plans, repair=None), plans, p.stats, p.calibration, unmerged=True, memory=0)
     assert sweep.acts.chunks.spilled == len(sweep.acts.chunks) > 1
@@ -170,8 +201,8 @@ def test_activations_spilled_to_disk_give_the_same_merge(case):
     del sweep
     assert not folder.exists()  # the temporary folder goes with its activations
     a, b, data = make(case, 1), make(case, 2), labelled(case)
-    spilled = hubmerge.merge(a, b, data, budget=0.3, activation_memory=1e-9).model.state_dict()
-    kept = hubmerge.merge(a, b, data, budget=0.3).model.state_dict()
+    spilled = hubmerge.merge(a, b, data, budget=0.3, repair="repair", activation_memory=1e-9).model.state_dict()
+    kept = hubmerge.merge(a, b, data, budget=0.3, repair="repair").model.state_dict()
     assert spilled.keys() == kept.keys() and all(torch.equal(v, kept[k]) for k, v in spilled.items())
 
 
@@ -184,7 +215,7 @@ def test_repair_of_a_full_merge_corrects_every_output(family):
 
     a, b = make(family, 1), make(family, 2)
     calib = [(batch(family, 8, seed=s), None) for s in (1, 2)]
-    p = Prepared(a, b, calib, MergeOptions.parse())
+    p = Prepared(a, b, calib, MergeOptions.parse(repair="repair"))
     plans = p.plans(0.0)
     plain, model = p.build(plans, repair=None), p.build(plans)
     assert torch.isfinite(model(batch(family))).all()
@@ -203,7 +234,7 @@ def test_repair_of_a_full_merge_corrects_every_output(family):
         checked += 1
     assert checked > 0
     if family != "mobilenetv3":  # its SE units see 16 samples: ties among dead units make a self-merge inexact
-        same = Prepared(a, make(family, 1), calib, MergeOptions.parse())
+        same = Prepared(a, make(family, 1), calib, MergeOptions.parse(repair="repair"))
         x = batch(family)
         assert (same.build(same.plans(0.0))(x) - a(x)).abs().max() < 1e-9
     first = p.spec.outputs[0]

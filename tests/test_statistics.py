@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hubmerge.arch_specs import spec_for
-from hubmerge.errors import DataError
+from hubmerge.errors import DataError, UsageError
 from hubmerge.statistics import collect
 
 from conftest import inputs, make
@@ -50,3 +50,30 @@ def test_empty_calibration_is_an_error():
     a, b = make("mlp", 0), make("mlp", 1)
     with pytest.raises(DataError, match="empty"):
         collect(a, b, spec_for(a), [])
+
+
+def test_batch_estimator_is_the_repair_codes():
+    """``correlation="batch"``: covariance over the mean of each batch's (unbiased) std plus 1e-4, as the code
+    of REPAIR and of partial merging computes it (there, means and outer products are averaged per batch too,
+    which equal batches make the pooled ones)."""
+    a, b = make("mlp", 0), make("mlp", 1)
+    spec = spec_for(a)
+    xs = [inputs("mlp", 20, seed=s) for s in range(3)]
+    stats = collect(a, b, spec, xs)
+    feats = {"a": [], "b": []}
+    hooks = [m.blocks[0].act.register_forward_hook(lambda _m, _i, o, k=k: feats[k].append(o.double()))
+             for k, m in (("a", a), ("b", b))]
+    for x in xs:
+        a(x), b(x)
+    for h in hooks:
+        h.remove()
+    fa, fb = torch.cat(feats["a"]), torch.cat(feats["b"])
+    std_a = torch.stack([f.std(0) for f in feats["a"]]).mean(0)
+    std_b = torch.stack([f.std(0) for f in feats["b"]]).mean(0)
+    cov = fa.T @ fb / len(fa) - torch.outer(fa.mean(0), fb.mean(0))
+    ref = cov / (torch.outer(std_a, std_b) + 1e-4)
+    group = spec.groups["blocks.0.fc"]
+    assert torch.allclose(stats.correlation(group, "batch"), ref, atol=1e-12)
+    assert not torch.allclose(stats.correlation(group, "batch"), stats.correlation(group), atol=1e-3)
+    with pytest.raises(UsageError, match="pooled"):
+        stats.correlation(group, "median")

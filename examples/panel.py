@@ -1,0 +1,220 @@
+"""Issue "defaults": the merge settings compared on a panel of endpoint pairs, not on one.
+
+Pairs (Fashion-MNIST, trained here reproducibly and cached): VGG11 ×0.25 with BatchNorm (two seeds); ResNet20
+with BatchNorm from two seeds, on disjoint class halves (A sees classes 0-4, B 5-9, both with 10-way heads)
+and on a biased split (A sees 80% of classes 0-4 and 20% of 5-9, B the rest); an MLP (3 × 256) with and
+without BatchNorm; a small ConvNeXt (LayerNorm streams, layer scale 1) and a small ViT (LayerNorm, heads).
+
+Settings: the REPAIR variant (``repair``, ``reset``, and ``reset_repair`` where it differs from ``reset``:
+some layer no BatchNorm reads), ``repair_unmerged``, the ``cross`` rule and the correlation estimator, at the
+full merge and at budgets 0.05 / 0.1 / 0.22 with the benefit allocator. Settings without meaning for a pair
+are left out (RESET without BatchNorm); at the full merge ``cross`` and ``repair_unmerged`` change nothing,
+so those settings share one measurement. Prints, per pair, the accuracy / loss barrier on held-out data of
+every setting, then each setting's mean rank per kind of model (with and without BatchNorm) over pairs and
+budgets. Results are kept in ``--results`` (JSON), so an interrupted run continues where it stopped.
+
+    python examples/panel.py
+    python examples/panel.py --pairs mlp mlp-bn --budgets 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+import hubmerge
+from hubmerge import demo
+from hubmerge.arch_specs import spec_for
+from hubmerge.evaluate import Ensemble, barrier, evaluate
+from hubmerge.hub import load_endpoint
+from hubmerge.repair import has_batchnorm
+
+VGG = dict(width_multiplier=0.25, in_chans=1, img_size=32, num_classes=10)
+RESNET = dict(width_multiplier=1, in_chans=1, num_classes=10)
+MLP = dict(depth=3, width=256, in_chans=1, img_size=28, num_classes=10)
+
+
+@dataclass(frozen=True)
+class Pair:
+    architecture: str
+    model_args: dict
+    split: str = "seeds"  # seeds: both on all data; classes: disjoint class halves; biased: 80/20 class mix
+
+    @property
+    def img_size(self) -> int:
+        return self.model_args.get("img_size", 32)
+
+
+PAIRS = {
+    "vgg-seeds": Pair("hubmerge_vgg11", VGG),
+    "resnet-seeds": Pair("hubmerge_resnet20", RESNET),
+    "resnet-classes": Pair("hubmerge_resnet20", RESNET, "classes"),
+    "resnet-biased": Pair("hubmerge_resnet20", RESNET, "biased"),
+    "mlp-bn": Pair("hubmerge_mlp", {**MLP, "bn": True}),
+    "mlp": Pair("hubmerge_mlp", {**MLP, "bn": False}),
+    # the pairs of examples/budget.py: layer scales start at 1, so the block MLPs matter after 3 epochs
+    "convnext-seeds": Pair("convnext_atto", dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], ls_init_value=1.0,
+                                                 in_chans=1, num_classes=10)),
+    "vit-seeds": Pair("vit_tiny_patch16_224", dict(patch_size=4, img_size=32, depth=4, embed_dim=64, num_heads=2,
+                                                   in_chans=1, num_classes=10)),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    options: dict = field(default_factory=dict)
+
+    def full_merge_key(self) -> str:
+        """What the full merge depends on: at γ=0 no unit is unmerged and no cross block exists."""
+        return json.dumps({k: v for k, v in self.options.items() if k in ("repair", "correlation")}, sort_keys=True)
+
+
+def settings(has_bn: bool, reset_differs: bool) -> list[Setting]:
+    """The settings that mean something for a pair: the REPAIR variants × ``repair_unmerged`` × ``cross``, and
+    the thesis code's correlation estimator with each REPAIR variant at the other defaults."""
+    repairs = ["repair"] + (["reset"] if has_bn else []) + (["reset_repair"] if reset_differs else [])
+    out = []
+    for repair in repairs:
+        for cross in ("fill", "interpolate"):
+            for unmerged in ((True, False) if repair != "reset" else (True,)):  # RESET re-estimates every unit
+                name = f"{repair}, {cross}" + ("" if unmerged or repair == "reset" else ", shared only")
+                out.append(Setting(name, dict(repair=repair, cross=cross, repair_unmerged=unmerged)))
+        out.append(Setting(f"{repair}, fill, batch corr", dict(repair=repair, correlation="batch")))
+    return out
+
+
+def split(train: torch.utils.data.TensorDataset, kind: str, seed: int = 0):
+    """The two training sets of a pair (None: both train on all of ``train``)."""
+    if kind == "seeds":
+        return None
+    x, y = train.tensors
+    low = y < 5
+    if kind == "classes":
+        return demo.TensorDataset(x[low], y[low]), demo.TensorDataset(x[~low], y[~low])
+    # biased: each sample goes to A with probability 0.8 for classes 0-4 and 0.2 for 5-9, else to B
+    to_a = torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < torch.where(low, 0.8, 0.2)
+    return demo.TensorDataset(x[to_a], y[to_a]), demo.TensorDataset(x[~to_a], y[~to_a])
+
+
+def reset_differs(model: torch.nn.Module, input_size: tuple[int, ...]) -> bool:
+    """Whether ``reset_repair`` corrects some layer that ``reset`` leaves alone (a hidden layer no BatchNorm
+    reads); otherwise the two are the same merge."""
+    spec = spec_for(model, input_size)
+    outputs = spec.outputs if spec.partial is None else spec.layers
+    return has_batchnorm(model) and any(o.norm is None for o in outputs[:-1])
+
+
+def measure(a, b, calib, evaluation, ma, mb, options: dict) -> dict:
+    t0 = time.perf_counter()
+    result = hubmerge.merge(a, b, calib, **options)
+    seconds = time.perf_counter() - t0
+    met = evaluate(result.model, evaluation)
+    bar = barrier(ma, mb, met)
+    return dict(accuracy=met.accuracy, loss=met.loss, barrier_accuracy=bar.accuracy, barrier_loss=bar.loss,
+                increase=result.report.param_increase, seconds=seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.22])
+    ap.add_argument("--train-samples", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--calib-samples", type=int, default=500)
+    ap.add_argument("--eval-samples", type=int, default=5000)
+    ap.add_argument("--cache", type=Path, default=Path("examples/out/endpoints"))
+    ap.add_argument("--results", type=Path, default=Path("examples/out/panel.json"))
+    args = ap.parse_args()
+
+    run = {k: getattr(args, k) for k in ("train_samples", "epochs", "calib_samples", "eval_samples")}
+    done = json.loads(args.results.read_text()) if args.results.is_file() else {"run": run}
+    if done.get("run") != run:  # cells measured on other data must not mix with these
+        raise SystemExit(f"{args.results} holds results measured with {done.get('run')}, not {run}: "
+                         "pass another --results")
+    data = {}
+    for name in args.pairs:
+        pair = PAIRS[name]
+        if pair.img_size not in data:
+            train = demo.subset(demo.load("fashion-mnist", "train", pair.img_size), args.train_samples)
+            test = demo.subset(demo.load("fashion-mnist", "test", pair.img_size), args.eval_samples, seed=2)
+            data[pair.img_size] = train, test
+        train, evaluation = data[pair.img_size]
+        calib = demo.subset(train, args.calib_samples, seed=1)
+        tag = f"-fashion-mnist{'' if pair.split == 'seeds' else '-' + pair.split}-{demo.args_tag(pair.model_args)}"
+        fa, fb = demo.endpoints(pair.architecture, pair.model_args, train, args.cache, epochs=args.epochs, tag=tag,
+                                train_sets=split(train, pair.split))
+        a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
+        ma, mb = evaluate(a, evaluation), evaluate(b, evaluation)
+        cells = done.setdefault(name, {})
+        cells["endpoints"] = dict(a=ma.accuracy, b=mb.accuracy, bn=has_batchnorm(a))
+        cells["ensemble"] = asdict(barrier(ma, mb, evaluate(Ensemble(a, b), evaluation)))
+        ens = cells["ensemble"]
+        print(f"\n== {name}: {pair.architecture} ({pair.split}), A {100 * ma.accuracy:.2f}%, "
+              f"B {100 * mb.accuracy:.2f}%, ensemble barrier {100 * ens['accuracy']:.2f} pp / {ens['loss']:.3f}\n",
+              flush=True)
+        chosen = settings(has_batchnorm(a), reset_differs(a, tuple(calib.tensors[0].shape[1:])))
+        for setting in chosen:
+            for budget in [None, *args.budgets]:
+                key = f"{setting.full_merge_key()} full" if budget is None else f"{setting.name} @ {budget}"
+                if key not in cells:
+                    opts = dict(setting.options, gamma=0.0) if budget is None else dict(setting.options, budget=budget)
+                    cells[key] = measure(a, b, calib, evaluation, ma, mb, opts)
+                    args.results.parent.mkdir(parents=True, exist_ok=True)
+                    args.results.write_text(json.dumps(done, indent=1))
+        report(name, chosen, args.budgets, cells)
+    summary({n: done[n] for n in args.pairs}, args.budgets)
+
+
+def cell(cells: dict, setting: Setting, budget: float | None) -> dict:
+    return cells[f"{setting.full_merge_key()} full" if budget is None else f"{setting.name} @ {budget}"]
+
+
+def report(name: str, chosen: list[Setting], budgets: list[float], cells: dict) -> None:
+    """One pair's table (markdown): accuracy barrier (pp) / loss barrier per setting and budget (full = full
+    merge)."""
+    heads = ["full merge"] + [f"benefit {b:g}" for b in budgets]
+    print("| setting | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
+    for s in chosen:
+        row = [cell(cells, s, b) for b in [None, *budgets]]
+        print(f"| {s.name} | " + " | ".join(f"{100 * c['barrier_accuracy']:.2f} pp / {c['barrier_loss']:.3f}"
+                                           for c in row) + " |", flush=True)
+
+
+def summary(results: dict, budgets: list[float]) -> None:
+    """Mean rank of every setting (1 = lowest barrier) per kind of model, over its pairs and the budgets, by
+    accuracy and by loss barrier; ties share their mean rank."""
+    for kind, bn in (("with BatchNorm", True), ("without BatchNorm", False)):
+        pairs = {n: c for n, c in results.items() if c["endpoints"]["bn"] == bn}
+        if not pairs:
+            continue
+        ranks: dict[str, dict[str, list[float]]] = {}
+        for cells in pairs.values():
+            names = sorted({k.split(" @ ")[0] for k in cells if " @ " in k})
+            chosen = [s for s in settings(True, True) if s.name in names]
+            for budget in [None, *budgets]:
+                for measure_ in ("barrier_accuracy", "barrier_loss"):
+                    values = [cell(cells, s, budget)[measure_] for s in chosen]
+                    for s, r in zip(chosen, rankdata(values)):
+                        ranks.setdefault(s.name, {}).setdefault(measure_, []).append(float(r))
+                for s in chosen:
+                    ranks[s.name].setdefault("accuracy barriers", []).append(cell(cells, s, budget)["barrier_accuracy"])
+        print(f"\n== mean rank, models {kind} ({', '.join(pairs)}; full merge and budgets "
+              f"{', '.join(f'{b:g}' for b in budgets)})\n")
+        # the mean of loss barriers is left out: a pair trained on disjoint classes has losses 20x the others'
+        print("| setting | mean rank, accuracy barrier | mean rank, loss barrier | mean accuracy barrier | cells |\n"
+              "|---|---|---|---|---|")
+        for s, r in sorted(ranks.items(), key=lambda kv: np.mean(kv[1]["barrier_accuracy"])):
+            print(f"| {s} | {np.mean(r['barrier_accuracy']):.2f} | {np.mean(r['barrier_loss']):.2f} | "
+                  f"{100 * np.mean(r['accuracy barriers']):.2f} pp | {len(r['barrier_loss'])} |")
+
+
+if __name__ == "__main__":
+    main()
