@@ -36,6 +36,8 @@ from hubmerge.evaluate import Ensemble, barrier, evaluate
 from hubmerge.hub import load_endpoint
 from hubmerge.repair import has_batchnorm
 
+from budget import PAIRS as BUDGET_PAIRS  # examples/ is on the path of a script run from it
+
 VGG = dict(width_multiplier=0.25, in_chans=1, img_size=32, num_classes=10)
 RESNET = dict(width_multiplier=1, in_chans=1, num_classes=10)
 MLP = dict(depth=3, width=256, in_chans=1, img_size=28, num_classes=10)
@@ -59,11 +61,9 @@ PAIRS = {
     "resnet-biased": Pair("hubmerge_resnet20", RESNET, "biased"),
     "mlp-bn": Pair("hubmerge_mlp", {**MLP, "bn": True}),
     "mlp": Pair("hubmerge_mlp", {**MLP, "bn": False}),
-    # the pairs of examples/budget.py: layer scales start at 1, so the block MLPs matter after 3 epochs
-    "convnext-seeds": Pair("convnext_atto", dict(depths=[1, 1, 2, 1], dims=[16, 32, 48, 64], ls_init_value=1.0,
-                                                 in_chans=1, num_classes=10)),
-    "vit-seeds": Pair("vit_tiny_patch16_224", dict(patch_size=4, img_size=32, depth=4, embed_dim=64, num_heads=2,
-                                                   in_chans=1, num_classes=10)),
+    # the pairs of examples/budget.py (its ConvNeXt with layer scales starting at 1)
+    "convnext-seeds": Pair(*BUDGET_PAIRS["convnext-ls1-seeds"][:2]),
+    "vit-seeds": Pair(*BUDGET_PAIRS["vit-seeds"][:2]),
 }
 
 
@@ -72,9 +72,13 @@ class Setting:
     name: str
     options: dict = field(default_factory=dict)
 
-    def full_merge_key(self) -> str:
-        """What the full merge depends on: at γ=0 no unit is unmerged and no cross block exists."""
-        return json.dumps({k: v for k, v in self.options.items() if k in ("repair", "correlation")}, sort_keys=True)
+    def key(self, budget: float | None) -> str:
+        """The results entry of this setting at ``budget`` (None: the full merge, which depends only on the
+        REPAIR variant and the estimator: at γ=0 no unit is unmerged and no cross block exists)."""
+        if budget is not None:
+            return f"{self.name} @ {budget}"
+        return json.dumps({k: v for k, v in self.options.items() if k in ("repair", "correlation")},
+                          sort_keys=True) + " full"
 
 
 def settings(has_bn: bool, reset_differs: bool) -> list[Setting]:
@@ -108,7 +112,7 @@ def reset_differs(model: torch.nn.Module, input_size: tuple[int, ...]) -> bool:
     """Whether ``reset_repair`` corrects some layer that ``reset`` leaves alone (a hidden layer no BatchNorm
     reads); otherwise the two are the same merge."""
     spec = spec_for(model, input_size)
-    outputs = spec.outputs if spec.partial is None else spec.layers
+    outputs = spec.layers if spec.partial is None else spec.outputs  # as repair.corrections reads them
     return has_batchnorm(model) and any(o.norm is None for o in outputs[:-1])
 
 
@@ -163,7 +167,7 @@ def main() -> None:
         chosen = settings(has_batchnorm(a), reset_differs(a, tuple(calib.tensors[0].shape[1:])))
         for setting in chosen:
             for budget in [None, *args.budgets]:
-                key = f"{setting.full_merge_key()} full" if budget is None else f"{setting.name} @ {budget}"
+                key = setting.key(budget)
                 if key not in cells:
                     opts = dict(setting.options, gamma=0.0) if budget is None else dict(setting.options, budget=budget)
                     cells[key] = measure(a, b, calib, evaluation, ma, mb, opts)
@@ -174,7 +178,7 @@ def main() -> None:
 
 
 def cell(cells: dict, setting: Setting, budget: float | None) -> dict:
-    return cells[f"{setting.full_merge_key()} full" if budget is None else f"{setting.name} @ {budget}"]
+    return cells[setting.key(budget)]
 
 
 def report(name: str, chosen: list[Setting], budgets: list[float], cells: dict) -> None:

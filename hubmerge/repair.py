@@ -225,8 +225,12 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
                        memory=memory).run(progress="REPAIR")
 
 
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorms(model))
 
 
 def resolve(method: str | None, model: nn.Module) -> str | None:
@@ -241,7 +245,7 @@ def resolve(method: str | None, model: nn.Module) -> str | None:
 @torch.no_grad()
 def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "cpu") -> nn.Module:
     """REPAIR's RESET: recompute every BatchNorm's running statistics on ``data`` (cumulative average)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(model)
     if not norms:
         raise UsageError("repair='reset' and 'reset_repair' re-estimate BatchNorm statistics, but the model has "
                          "none; use 'repair'")
