@@ -188,6 +188,10 @@ def run(
     ctx: typer.Context,
     model_a: Optional[str] = typer.Argument(None, help="endpoint A: hub id[@revision] or local folder"),
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
+    more_models: Optional[list[str]] = typer.Argument(
+        None, help="further endpoints: an N-way full merge of all of them (MergeMany alignment to endpoint A)"),
+    weights: Optional[str] = typer.Option(None, help="N-way merge: the endpoints' weights, comma-separated "
+                                                     "(default equal; normalised to sum 1)"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),
     calib_split: str = typer.Option("train", help="split, optionally sliced: train[:2000]"),
     calib_samples: Optional[int] = typer.Option(2000, help="random calibration samples (seeded)"),
@@ -210,8 +214,8 @@ def run(
     debug: bool = typer.Option(False, help="show tracebacks"),
     **merge_options: Any,
 ) -> None:
-    """Merge two endpoints partially, write a loadable repo folder and/or push it. Every merge option
-    (``MergeOptions``) is an option here and a key in ``--config``, by the same name."""
+    """Merge two endpoints partially (or three and more fully), write a loadable repo folder and/or push it.
+    Every merge option (``MergeOptions``) is an option here and a key in ``--config``, by the same name."""
     try:
         from hubmerge.errors import UsageError
         from hubmerge.options import MergeOptions
@@ -227,7 +231,8 @@ def run(
         # usage errors before torch loads: the options, and an --out that must not be touched
         MergeOptions.parse(**options)
         out = Path(values["out"]) if values["out"] else None
-        inputs = tuple(v for v in (values["model_a"], values["model_b"], values["calib"], values["eval"]) if v)
+        more = tuple(values["more_models"] or ())
+        inputs = tuple(v for v in (values["model_a"], values["model_b"], *more, values["calib"], values["eval"]) if v)
         check_out(out, values["overwrite"], inputs)
         _setup(quiet or os.environ.get("RANK", "0") != "0", json_out)  # under torchrun, rank 0 logs
         from hubmerge.release import DataRef, run as run_merge
@@ -238,8 +243,10 @@ def run(
                                                 values["image_column"], values["label_column"])
         eval_ref = values["eval"] and DataRef(values["eval"], values["eval_split"], None, values["image_column"],
                                               values["label_column"])
+        recipe["more_models"] = list(more) or None
         result = run_merge(
-            values["model_a"], values["model_b"], calib=calib_ref or None, evaluation=eval_ref or None,
+            values["model_a"], values["model_b"], *more, weights=_numbers(values["weights"], "weights", float),
+            calib=calib_ref or None, evaluation=eval_ref or None,
             out=out, overwrite=values["overwrite"], push=values["push"],
             repo_id=values["repo_id"], private=values["private"], revision=values["revision"], recipe=recipe,
             preprocess=_preprocess(values), **{**options, "device": _device(options["device"])},
@@ -337,6 +344,7 @@ def inspect(
             info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
                                    "parameters": touched})
         info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads]} for h in spec.heads]
+        info["layers"] = [layer.name for layer in spec.layers]  # forward order: what zip_depth counts
         if merged:
             for row, h in zip(info["attention"], spec.heads):
                 row["heads_apart"] = h.apart(net.partition)
@@ -366,6 +374,9 @@ def inspect(
         shown = ", ".join("/".join(head) for head in row["heads"][:2]) + (", …" if len(row["heads"]) > 2 else "")
         typer.echo(f"  attention {row['module']}: {len(row['heads'])} heads (q/k and v groups {shown}), each merged "
                    f"or kept apart whole{apart}")
+    if info["layers"]:
+        typer.echo("layers in forward order (--zip-depth N zips the groups the first N write): "
+                   + ", ".join(f"{i} {name}" for i, name in enumerate(info["layers"])))
     if merged:
         inc = info["increase"]
         typer.echo(f"increase over one endpoint: +{100 * inc['params']:.1f}% parameters, +{100 * inc['flops']:.1f}% FLOPs")

@@ -20,6 +20,7 @@ budgets. Results are kept in ``--results`` (JSON), so an interrupted run continu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -126,36 +127,65 @@ def measure(a, b, calib, evaluation, ma, mb, options: dict) -> dict:
                 increase=result.report.param_increase, seconds=seconds)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.22])
+def parser(doc: str, results: str, pairs: list[str], choices: list[str]) -> argparse.ArgumentParser:
+    """The arguments every Fashion-MNIST experiment of examples/ takes: which pairs, the data sizes, where the
+    trained endpoints and the results are kept."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--pairs", nargs="+", default=pairs, choices=choices)
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=500)
     ap.add_argument("--eval-samples", type=int, default=5000)
     ap.add_argument("--cache", type=Path, default=Path("examples/out/endpoints"))
-    ap.add_argument("--results", type=Path, default=Path("examples/out/panel.json"))
-    args = ap.parse_args()
+    ap.add_argument("--results", type=Path, default=Path(f"examples/out/{results}"))
+    return ap
 
+
+def load_results(args: argparse.Namespace) -> dict:
+    """The results measured so far, keyed by the data settings: a run with other settings is refused rather
+    than mixed in."""
     run = {k: getattr(args, k) for k in ("train_samples", "epochs", "calib_samples", "eval_samples")}
     done = json.loads(args.results.read_text()) if args.results.is_file() else {"run": run}
     if done.get("run") != run:  # cells measured on other data must not mix with these
         raise SystemExit(f"{args.results} holds results measured with {done.get('run')}, not {run}: "
                          "pass another --results")
-    data = {}
+    return done
+
+
+def save_results(args: argparse.Namespace, done: dict) -> None:
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(done, indent=1))
+
+
+@functools.lru_cache(maxsize=None)
+def _data(img_size: int, train_samples: int, eval_samples: int):
+    train = demo.subset(demo.load("fashion-mnist", "train", img_size), train_samples)
+    return train, demo.subset(demo.load("fashion-mnist", "test", img_size), eval_samples, seed=2)
+
+
+def pair_data(pair: Pair, args: argparse.Namespace):
+    """(training set, evaluation set, calibration subset of the training set) of a pair's image size."""
+    train, evaluation = _data(pair.img_size, args.train_samples, args.eval_samples)
+    return train, evaluation, demo.subset(train, args.calib_samples, seed=1)
+
+
+def trained(pair: Pair, train, args: argparse.Namespace, seeds: tuple[int, int] = (0, 1)) -> list[torch.nn.Module]:
+    """The pair's two endpoints from ``seeds`` (trained on its split of ``train`` and cached, once)."""
+    tag = f"-fashion-mnist{'' if pair.split == 'seeds' else '-' + pair.split}-{demo.args_tag(pair.model_args)}"
+    folders = demo.endpoints(pair.architecture, pair.model_args, train, args.cache, seeds=seeds, epochs=args.epochs,
+                             tag=tag, train_sets=split(train, pair.split))
+    return [load_endpoint(str(f)).model for f in folders]
+
+
+def main() -> None:
+    ap = parser(__doc__, "panel.json", list(PAIRS), list(PAIRS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.22])
+    args = ap.parse_args()
+    done = load_results(args)
     for name in args.pairs:
         pair = PAIRS[name]
-        if pair.img_size not in data:
-            train = demo.subset(demo.load("fashion-mnist", "train", pair.img_size), args.train_samples)
-            test = demo.subset(demo.load("fashion-mnist", "test", pair.img_size), args.eval_samples, seed=2)
-            data[pair.img_size] = train, test
-        train, evaluation = data[pair.img_size]
-        calib = demo.subset(train, args.calib_samples, seed=1)
-        tag = f"-fashion-mnist{'' if pair.split == 'seeds' else '-' + pair.split}-{demo.args_tag(pair.model_args)}"
-        fa, fb = demo.endpoints(pair.architecture, pair.model_args, train, args.cache, epochs=args.epochs, tag=tag,
-                                train_sets=split(train, pair.split))
-        a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
+        train, evaluation, calib = pair_data(pair, args)
+        a, b = trained(pair, train, args)
         ma, mb = evaluate(a, evaluation), evaluate(b, evaluation)
         cells = done.setdefault(name, {})
         cells["endpoints"] = dict(a=ma.accuracy, b=mb.accuracy, bn=has_batchnorm(a))
@@ -171,8 +201,7 @@ def main() -> None:
                 if key not in cells:
                     opts = dict(setting.options, gamma=0.0) if budget is None else dict(setting.options, budget=budget)
                     cells[key] = measure(a, b, calib, evaluation, ma, mb, opts)
-                    args.results.parent.mkdir(parents=True, exist_ok=True)
-                    args.results.write_text(json.dumps(done, indent=1))
+                    save_results(args, done)
         report(name, chosen, args.budgets, cells)
     summary({n: done[n] for n in args.pairs}, args.budgets)
 

@@ -19,7 +19,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 _WHERE = {
-    "merge": "api", "interpolation_curve": "api", "MergeResult": "api", "MergeReport": "api", "Prepared": "api",
+    "merge": "api", "merge_many": "api", "interpolation_curve": "api", "MergeResult": "api", "MergeReport": "api",
+    "Prepared": "api",
     "MergeOptions": "options", "PartialMergedModel": "partitioned", "Ensemble": "evaluate",
     "HubmergeError": "errors", "UsageError": "errors", "UnsupportedModelError": "errors",
     "IncompatibleModelsError": "errors", "DataError": "errors", "CheckpointError": "errors", "RemoteError": "errors",
@@ -27,7 +28,7 @@ _WHERE = {
 __all__ = [*_WHERE, "__version__"]
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
-    from .api import MergeReport, MergeResult, Prepared, interpolation_curve, merge  # noqa: F401
+    from .api import MergeReport, MergeResult, Prepared, interpolation_curve, merge, merge_many  # noqa: F401
     from .errors import (  # noqa: F401
         CheckpointError, DataError, HubmergeError, IncompatibleModelsError, RemoteError, UnsupportedModelError,
         UsageError,

@@ -1,6 +1,7 @@
 """Alignment (method §3): a similarity matrix per group, A units × B units, higher = more alike.
 
-``activation``: correlation of activations on calibration data. ``weight``: data-free Git Re-Basin
+``activation``: correlation of activations on calibration data (also what ``zip`` pairs across models by).
+``weight``: data-free Git Re-Basin
 permutation coordinate descent, then the cosine similarity of each unit's weights with every other group
 aligned. Both give scores in [-1, 1], so the partial plan (buffers at +1 / −1, threshold ε) reads them the
 same way; a full linear assignment on the scores is the ordinary permutation alignment.
@@ -18,7 +19,7 @@ from .errors import UsageError
 from .spec import PermutationSpec
 from .statistics import Statistics
 
-ALIGNMENTS = ("activation", "weight")
+ALIGNMENTS = ("activation", "weight", "zip")
 log = logging.getLogger("hubmerge")
 
 
@@ -123,8 +124,9 @@ def align(
     correlation: str = "pooled",
 ) -> dict[str, torch.Tensor]:
     """Similarity scores per group by the chosen method (``activation`` needs ``stats``, and estimates
-    correlations as ``correlation`` says)."""
-    if method == "activation":
+    correlations as ``correlation`` says; ``zip`` pairs the units that are left after within-model pairs
+    (:mod:`~hubmerge.zipit`) by the activation scores)."""
+    if method in ("activation", "zip"):
         if stats is None:
             raise UsageError("activation alignment needs calibration statistics")
         return activation_scores(spec, stats, state_a, state_b, correlation)

@@ -17,17 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import alignment, build as build_stage, partial, repair as repair_stage
+from . import alignment, build as build_stage, many, partial, repair as repair_stage, zipit
 from .arch_specs import architecture_of, input_size_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
 from .distributed import require_everywhere
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
-from .evaluate import Barrier, Metrics, barrier, evaluate, evaluate_all
+from .evaluate import Barrier, Metrics, evaluate, evaluate_all, weighted_barrier
+from .matching import Matchings
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
-from .statistics import collect
+from .statistics import collect, collect_many
 
 log = logging.getLogger("hubmerge")
 
@@ -47,6 +48,8 @@ class MergeReport:
     endpoints: dict
     allocation: list[dict] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
+    within: dict[str, list[int]] = field(default_factory=dict)  # zip: per group, pairs within A and within B
+    weights: list[float] = field(default_factory=list)  # the endpoints' weights (1−α, α for two)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,20 +81,22 @@ def _check_weights(model: nn.Module, name: str) -> torch.dtype:
     return params[0].dtype
 
 
-def check_compatible(model_a: nn.Module, model_b: nn.Module) -> tuple[str, dict]:
+def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str] = ("A", "B")
+                     ) -> tuple[str, dict]:
     """Both endpoints must be the same architecture with the same shapes, floating dtype and finite weights;
-    returns (name, model_args)."""
-    dtype_a, dtype_b = _check_weights(model_a, "A"), _check_weights(model_b, "B")
+    returns (name, model_args). ``names``: how errors name the two."""
+    a, b = names
+    dtype_a, dtype_b = _check_weights(model_a, a), _check_weights(model_b, b)
     if dtype_a != dtype_b:
-        raise IncompatibleModelsError(f"the endpoints' dtypes differ (A {dtype_a}, B {dtype_b}); convert one, "
-                                      f"for example model_b.to({dtype_a})")
+        raise IncompatibleModelsError(f"the endpoints' dtypes differ ({a} {dtype_a}, {b} {dtype_b}); convert one, "
+                                      f"for example model.to({dtype_a})")
     arch_a, arch_b = architecture_of(model_a), architecture_of(model_b)
     if arch_a[0] != arch_b[0]:
-        raise IncompatibleModelsError(f"different architectures: A is {arch_a[0]}, B is {arch_b[0]}")
+        raise IncompatibleModelsError(f"different architectures: {a} is {arch_a[0]}, {b} is {arch_b[0]}")
     if arch_a[1] != arch_b[1]:
         diff = {k: (arch_a[1].get(k), arch_b[1].get(k)) for k in arch_a[1] if arch_a[1].get(k) != arch_b[1].get(k)}
         what = "class counts" if "num_classes" in diff else "shapes"
-        raise IncompatibleModelsError(f"the endpoints' {what} differ (A, B): {diff}; merge two models of one shape")
+        raise IncompatibleModelsError(f"the endpoints' {what} differ ({a}, {b}): {diff}; merge models of one shape")
     return arch_a
 
 
@@ -108,10 +113,13 @@ def _recorded_preprocess(model: nn.Module) -> Preprocess | None:
 
 
 class Prepared:
-    """An endpoint pair with its spec, calibration statistics, alignment scores and cost model."""
+    """An endpoint pair with its spec, calibration statistics, alignment scores and cost model; with
+    ``n_way`` (the further endpoints, possibly none) the N-way merge of all of them, weighted by ``weights``
+    (``matchings``)."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, calibration: Any, options: MergeOptions,
-                 endpoints: dict | None = None, preprocess: Preprocess | None = None):
+                 endpoints: dict | None = None, preprocess: Preprocess | None = None,
+                 n_way: tuple[nn.Module, ...] | None = None, weights: tuple[float, ...] | None = None):
         repair = repair_stage.resolve(options.repair, model_a)
         if repair != options.repair:
             log.info("repair=%r is %r for this model", options.repair, repair)
@@ -119,8 +127,12 @@ class Prepared:
         self.options = options  # what every stage reads: with ``repair`` resolved for these endpoints
         self.timings: dict[str, float] = {}
         self.architecture, self.model_args = check_compatible(model_a, model_b)
+        for i, other in enumerate(n_way or (), 3):
+            check_compatible(model_a, other, ("A", f"endpoint {i}"))
         self.model_a = model_a.eval().to(options.device)
         self.model_b = model_b.eval().to(options.device)
+        self.models = [self.model_a, self.model_b, *(m.eval().to(options.device) for m in n_way or ())]
+        self.weights = weights or (1 - options.alpha, options.alpha)
         self.endpoints = endpoints or {}
         if preprocess is None and getattr(model_a, "pretrained_cfg", None):
             preprocess = _recorded_preprocess(model_a)
@@ -133,15 +145,35 @@ class Prepared:
                             "give some, or use align='weight' with repair=None for a data-free merge")
         self.input_size = self._input_size()
         self.spec = spec_for(model_a, self.input_size)
-        self.stats = None
+        self.stats = self.many = None
         if self.calibration is not None:
             with self.timed("statistics"):
-                self.stats = collect(self.model_a, self.model_b, self.spec, self.calibration, options.device,
-                                     progress="statistics pass")
+                if n_way is None:
+                    self.stats = collect(self.model_a, self.model_b, self.spec, self.calibration, options.device,
+                                         progress="statistics pass", within=options.align == "zip")
+                else:
+                    self.many = collect_many(self.models, self.spec, self.calibration, options.device,
+                                             progress="statistics pass")
+                    self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=model_a.state_dict(), state_b=model_b.state_dict(),
                                           seed=options.seed, correlation=options.correlation)
+            self.matchings = None
+            # the endpoints merged and their REPAIR statistics: a zip merges virtual endpoints in its order
+            self.merging, self.merging_stats = (self.model_a, self.model_b), self.stats
+            if options.align == "zip":
+                zipped = zipit.trunk(self.spec, options.zip_depth)
+                if zipped != set(self.spec.groups):
+                    partial.check_widenable(self.spec, "a partial zip (zip_depth)")
+                zips = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta, options.correlation)
+                self.matchings = {g: z for g, z in zips.items() if g in zipped}
+                self.zip_plans = zipit.plans(self.spec, zipped)
+                self.merging = zipit.virtual(self.spec, self.matchings, self.model_a, self.model_b)
+                self.merging_stats = zipit.virtual_statistics(self.spec, self.matchings, self.stats)
+            elif n_way is not None:
+                self.matchings = many.align(self.spec, self.many, [m.state_dict() for m in self.models],
+                                            options.correlation)
         self.costs = CostModel(self.spec, self.model_a, self.input_size)
         self._plans: dict = {}
 
@@ -179,43 +211,69 @@ class Prepared:
 
     def plans(self, gamma: float | dict[str, float], method: str | None = None,
               epsilon: float | None = None) -> dict[str, partial.GroupPlan]:
-        """Plans for ``gamma`` with the options' partial method (or the one given)."""
+        """Plans for ``gamma`` with the options' partial method (or the one given); a zip's plans (of its
+        virtual endpoints: zipped groups merged, the others apart)."""
         o = self.options
+        if o.align == "zip":
+            return self.zip_plans
         return partial.plan(self.spec, self.scores, gamma, method or o.partial,
                             epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans)
 
-    def build(self, plans: dict[str, partial.GroupPlan], repair: str | None = "default",
-              alpha: float | None = None) -> PartialMergedModel:
+    def build(self, plans: dict[str, partial.GroupPlan] | Matchings, repair: str | None = "default",
+              alpha: float | None = None, endpoints: bool = False) -> PartialMergedModel:
         """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``,
-        at the options' α or the one given."""
+        at the options' α or the one given, of the endpoints this merge merges (a zip's virtual ones; with
+        ``endpoints``, the endpoints themselves, as the permutation merge a zip is compared with)."""
         o = self.options
         method = o.repair if repair == "default" else repair
+        alpha = o.alpha if alpha is None else alpha
+        n_way = self.many is not None
+        models, stats = (self.models, self.many or self.stats) if endpoints else (
+            [*self.merging, *self.models[2:]], self.many or self.merging_stats)
         model = build_stage.build(
-            self.spec, plans, self.model_a, self.model_b, architecture=self.architecture,
-            model_args=self.model_args, alpha=o.alpha if alpha is None else alpha, cross=o.cross,
-            endpoints=self.endpoints, settings=o.model_dump(mode="json"),
-            preprocess=self.preprocess.to_dict() if self.preprocess else None, input_size=list(self.input_size),
+            self.spec, plans, *models, architecture=self.architecture,
+            model_args=self.model_args, alpha=alpha, cross=o.cross, endpoints=self.endpoints,
+            settings=o.model_dump(mode="json"), preprocess=self.preprocess.to_dict() if self.preprocess else None,
+            input_size=list(self.input_size), weights=list(self.weights) if n_way else None,
         )
-        return repair_stage.apply(model, method, plans, self.stats, self.calibration,
+        return repair_stage.apply(model, method, plans, stats, self.calibration,
                                   unmerged=o.repair_unmerged, device=o.device, memory=o.activation_bytes)
 
-    def partition(self, plans: dict[str, partial.GroupPlan]) -> dict[str, tuple[int, int, int]]:
+    def full_merge_plans(self) -> dict[str, partial.GroupPlan] | Matchings:
+        """The plans of the endpoints' full merge, to build with ``endpoints=True``: by permutation (also for
+        a zip, as what it is compared with); an N-way merge's matchings (it is a full merge)."""
+        if self.many is not None:
+            return self.matchings
+        return partial.plan(self.spec, self.scores, 0.0, "forced", cache=self._plans)
+
+    def partition(self, plans: dict[str, partial.GroupPlan] | Matchings) -> dict[str, tuple[int, int, int]]:
         return {g: p.sizes for g, p in plans.items()}
 
 
+def _within(prepared: Prepared) -> dict[str, list[int]]:
+    """Per group, the zip's pairs within each model (none unless the merge is a zip)."""
+    if prepared.options.align != "zip":
+        return {}
+    return {g: list(z.within) for g, z in prepared.matchings.items()}
+
+
 def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any) -> tuple[dict, Barrier]:
+    """Metrics of the endpoints (``a``, ``b``, and ``c``, ``d``, … of an N-way merge), their ensemble, the
+    full merge with and without the correction, and this merge; and its barrier."""
     o = prepared.options
     data = prepared.batches(evaluation)
-    full = prepared.plans(0.0)
-    candidates = {"a": prepared.model_a, "b": prepared.model_b, "full_merge": prepared.build(full, repair=None)}
-    if o.repair is not None:
-        candidates["full_merge_repair"] = prepared.build(full)
+    names = [chr(ord("a") + i) for i in range(len(prepared.models))]
+    full = prepared.full_merge_plans()
+    candidates = {**dict(zip(names, prepared.models)), "full_merge": prepared.build(full, repair=None, endpoints=True)}
+    if o.repair is not None and prepared.many is None:  # an N-way merge corrected is this merge
+        candidates["full_merge_repair"] = prepared.build(full, endpoints=True)
     candidates["merged"] = model
-    # one pass for all six: the ensemble's logits come from the endpoints' (issue 13: evaluation shares work)
-    found = evaluate_all(candidates, data, o.device, {"ensemble": ("a", "b", o.alpha)}, progress="evaluating")
-    order = ["a", "b", "ensemble", "full_merge", "full_merge_repair", "merged"]
+    # one pass for all: the ensemble's logits come from the endpoints' (issue 13: evaluation shares work)
+    found = evaluate_all(candidates, data, o.device, {"ensemble": dict(zip(names, prepared.weights))},
+                         progress="evaluating")
+    order = [*names, "ensemble", "full_merge", "full_merge_repair", "merged"]
     metrics = {k: found[k] for k in order if k in found}
-    return metrics, barrier(metrics["a"], metrics["b"], metrics["merged"], o.alpha)
+    return metrics, weighted_barrier([metrics[k] for k in names], prepared.weights, metrics["merged"])
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, evaluation: Any = None,
@@ -247,6 +305,44 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     with prepared.timed("build"):
         plans = prepared.plans(gamma, method, epsilon)
         model = prepared.build(plans)
+    return _finish(prepared, plans, model, evaluation, t0, allocation, trace)
+
+
+def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = None,
+               weights: list[float] | None = None, endpoints: dict | None = None, preprocess: Preprocess | None = None,
+               options: MergeOptions | None = None, **overrides: Any) -> MergeResult:
+    """Merge N ≥ 2 endpoints of one architecture into one model of their size (an N-way full merge): every
+    endpoint's units are matched to endpoint 0's order (:mod:`hubmerge.many`: MergeMany on activations), then
+    averaged with ``weights`` (default equal; two endpoints without weights weigh ``1−alpha`` and ``alpha``,
+    and give exactly :func:`merge`'s full merge), and corrected as ``repair`` says. Report metrics are named
+    ``a``, ``b``, ``c``, … after the endpoints' order; the ensemble is their weighted logit average.
+
+    N-way merges are full merges by activation alignment so far: ``gamma``, ``budget`` and ``align`` other
+    than ``activation`` are refused."""
+    opts = MergeOptions.combine(options, overrides)
+    if len(models) < 2:
+        raise UsageError(f"merge_many needs at least two endpoints, got {len(models)}")
+    if opts.align != "activation" or opts.budget is not None or opts.gamma:
+        raise UsageError("N-way merges are full merges by activation alignment so far: leave gamma at 0, budget "
+                         "unset and align='activation' (partial and zipped N-way merges are not built yet)")
+    if len(models) > 2 and opts.alpha != MergeOptions.model_fields["alpha"].default:
+        raise UsageError("alpha weighs two endpoints; weigh three or more with weights=[...] (default equal)")
+    if weights is None:
+        weights = [1 / len(models)] * len(models) if len(models) > 2 else [1 - opts.alpha, opts.alpha]
+    if len(weights) != len(models) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError(f"weights must be {len(models)} non-negative numbers, not all 0, got {weights}")
+    weights = tuple(w / sum(weights) for w in weights) if abs(sum(weights) - 1) > 1e-12 else tuple(weights)
+    t0 = time.perf_counter()
+    prepared = Prepared(models[0], models[1], calibration, opts, endpoints, preprocess, n_way=tuple(models[2:]),
+                        weights=weights)
+    with prepared.timed("build"):
+        model = prepared.build(prepared.matchings)
+    return _finish(prepared, prepared.matchings, model, evaluation, t0, [], [])
+
+
+def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluation: Any, t0: float,
+            allocation: list[dict], trace: list[dict]) -> MergeResult:
+    """Evaluate a built merge (where evaluation data is given) and report it."""
     metrics, bar = {}, None
     if evaluation is not None:
         with prepared.timed("evaluation"):
@@ -258,7 +354,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
         endpoint_params=prepared.costs.endpoint.params, endpoint_flops=prepared.costs.endpoint.flops,
         partition={g: list(s) for g, s in prepared.partition(plans).items()},
         options=prepared.options.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation,
-        trace=trace,
+        trace=trace, within=_within(prepared), weights=list(prepared.weights),
         timings=prepared.timings,
     )
     return MergeResult(model, report)

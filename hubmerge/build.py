@@ -26,6 +26,7 @@ from .errors import UsageError
 from .partial import GroupPlan, Layout, layout
 from .partitioned import PartialMergedModel, block_extents, storage_order
 from .spec import Layer, PermutationSpec, permute_state
+from .matching import Matchings, is_matching, matched_state
 
 CROSS_RULES = ("interpolate", "fill")
 
@@ -118,20 +119,29 @@ def full_merge_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a
     return {k: (1 - alpha) * v + alpha * pb[k] if v.is_floating_point() else v for k, v in pa.items()}
 
 
-def build(spec: PermutationSpec, plans: dict[str, GroupPlan], model_a: nn.Module, model_b: nn.Module, *,
-          architecture: str, model_args: dict, alpha: float = 0.5, cross: str = "interpolate",
-          **config) -> PartialMergedModel:
-    """The partitioned merged model for ``plans`` (γ=0 everywhere gives the ordinary full merge)."""
+def build(spec: PermutationSpec, plans: dict[str, GroupPlan] | Matchings, model_a: nn.Module,
+          model_b: nn.Module, *more: nn.Module, architecture: str, model_args: dict, alpha: float = 0.5,
+          cross: str = "interpolate", weights: list[float] | None = None, **config) -> PartialMergedModel:
+    """The partitioned merged model for ``plans`` (γ=0 everywhere gives the ordinary full merge), or the
+    matched one for :class:`~hubmerge.matching.Matching` s (an N-way merge of ``model_a``, ``model_b`` and
+    ``more`` weighted by ``weights``: a full merge, laid out like a γ=0 merge; a zip is the partial plans of
+    its virtual endpoints, :func:`hubmerge.zipit.virtual`)."""
     if cross not in CROSS_RULES:
         raise UsageError(f"unknown cross-block rule {cross!r}; choose one of {CROSS_RULES}")
     if not 0.0 <= alpha <= 1.0:
         raise UsageError(f"alpha must be in [0, 1], got {alpha}")
-    if spec.partial is None:
+    if is_matching(plans):
+        state = matched_state(spec, plans, [model_a, model_b, *more], tuple(weights or (1 - alpha, alpha)))
+        if spec.partial is None:  # the partitioned layout of a full merge holds the plain state as it is (α=0: A's)
+            same = {g: GroupPlan.merged(grp.width) for g, grp in spec.groups.items()}
+            state = merged_state(spec, same, state, state, 0.0, "interpolate")
+    elif spec.partial is None:
         state = merged_state(spec, plans, model_a.state_dict(), model_b.state_dict(), alpha, cross)
     else:  # only full merges: the plain architecture holds them
         state = full_merge_state(spec, plans, model_a.state_dict(), model_b.state_dict(), alpha)
     partition = {g: list(p.sizes) for g, p in plans.items()}
     dtype = next(model_a.parameters()).dtype
-    model = PartialMergedModel(architecture, model_args, partition, alpha=alpha, cross=cross, **config)
+    model = PartialMergedModel(architecture, model_args, partition, alpha=alpha, cross=cross, weights=weights,
+                               **config)
     model.to(dtype).net.load_state_dict(state, strict=True)
     return model.to(next(model_a.parameters()).device)

@@ -25,14 +25,14 @@ if TYPE_CHECKING:
     from .spec import PermutationSpec
 
 PLOT = "barrier_vs_params.png"
-CITATIONS = """\
+REFERENCES = """\
 - Koch, *Partial Model Merging*, MSc thesis, 2023 (partial merging, buffers, benefit-factor budgets).
 - Ainsworth, Hayase, Srinivasa, *Git Re-Basin: Merging Models modulo Permutation Symmetries*, ICLR 2023
   (activation and weight matching).
 - Jordan, Sedghi, Saukh, Entezari, Neyshabur, *REPAIR: REnormalizing Permuted Activations for Interpolation
-  Repair*, ICLR 2023.
+  Repair*, ICLR 2023."""
 
-```bibtex
+BIBTEX = """```bibtex
 @inproceedings{ainsworth2023git,
   title={Git Re-Basin: Merging Models modulo Permutation Symmetries},
   author={Ainsworth, Samuel K. and Hayase, Jonathan and Srinivasa, Siddhartha}, booktitle={ICLR}, year={2023}}
@@ -42,16 +42,32 @@ CITATIONS = """\
   booktitle={ICLR}, year={2023}}
 ```"""
 
+HUBMERGE = "[hubmerge](https://pypi.org/project/hubmerge/)"
+
+PARTIAL = """A **partial merge** of {a} and {b} made with {hubmerge} {version}: units that align well are
+interpolated, units that do not are kept side by side, so the model sits between a full merge (one
+endpoint's size) and the ensemble (twice the size). It is stored and executed partitioned: only
+the non-zero blocks are in `model.safetensors`."""
+
+ZIPPED = """A **zipped merge** (ZipIt!) of {a} and {b} made with {hubmerge} {version}: units are merged
+in correlated pairs, across the two models and, for up to a share β (`zip_beta`) of each model's units,
+within one model.{depth}{within}"""
+
+NWAY = """An **N-way merge** of {names} made with {hubmerge} {version}: every endpoint's units are
+matched to the first one's order (MergeMany alignment on activations) and averaged with weights {weights},
+so the model has one endpoint's size."""
+
+ZIPIT = """
+- Stoica, Bolya, Bjorner, Ramesh, Hearn, Hoffman, *ZipIt! Merging Models from Different Tasks without
+  Training*, ICLR 2024 (zip: merging features within and across models)."""
+
 TEMPLATE = """---
 {card_data}
 ---
 
 # {title}
 
-A **partial merge** of {a} and {b} made with [hubmerge](https://pypi.org/project/hubmerge/) {version}: units
-that align well are interpolated, units that do not are kept side by side, so the model sits between a full
-merge (one endpoint's size) and the ensemble (twice the size). It is stored and executed partitioned: only
-the non-zero blocks are in `model.safetensors`.
+{what}
 
 ## Method and settings
 
@@ -117,6 +133,24 @@ def _endpoint(e: dict, fallback: str) -> tuple[str, str]:
     return name, f"{name} ({where})"
 
 
+def _depth(depth: int | None) -> str:
+    """What a zip's depth means for the model's size."""
+    if depth is None:
+        return " Every group is zipped, so the model has one endpoint's size."
+    return (f" It is a partial zip: only the groups the first {depth} layers write are zipped; the later layers "
+            "are each endpoint's own (one head per model, their logits averaged), stored partitioned.")
+
+
+def _within(report: MergeReport | None) -> str:
+    """How many units the zip merged within each model, from the report of the merge."""
+    if report is None or not report.within:
+        return ""
+    a, b = (sum(w[i] for w in report.within.values()) for i in (0, 1))
+    units = sum(report.partition[g][1] for g in report.within)
+    return (f" Of the {units:,} merged units, {a:,} are pairs of two units of A and {b:,} pairs of two units of "
+            "B; the rest pair a unit of A with one of B.")
+
+
 def _metrics(report: MergeReport) -> str:
     if not report.metrics:
         return "No evaluation data was given."
@@ -162,8 +196,8 @@ def plot(report: MergeReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m, a, b = report.metrics, report.metrics["a"], report.metrics["b"]
-    ref = (a.accuracy + b.accuracy) / 2
+    m = report.metrics
+    ref = sum(w * m[chr(ord("a") + i)].accuracy for i, w in enumerate(report.weights))
     points = [("full merge", 0.0, m["full_merge"]), ("this merge", report.param_increase, m["merged"]),
               ("ensemble", 1.0, m["ensemble"])]
     if "full_merge_repair" in m:
@@ -186,8 +220,9 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     recipe. ``datasets``: calibration and evaluation references, ``evaluation`` the latter (its results go
     to ``model-index`` when it is a Hub dataset)."""
     ends = model.endpoints or {}
-    (a, prov_a), (b, prov_b) = _endpoint(ends.get("a", {}), "endpoint A"), _endpoint(ends.get("b", {}), "endpoint B")
-    hub_models = [h for h in (_hub_id(ends.get(k, {}).get("id")) for k in ("a", "b")) if h]
+    keys = [chr(ord("a") + i) for i in range(len(model.weights))]  # a, b (and c, … of an N-way merge)
+    named = [_endpoint(ends.get(k, {}), f"endpoint {k.upper()}") for k in keys]
+    hub_models = [h for h in (_hub_id(ends.get(k, {}).get("id")) for k in keys) if h]
     hub_data = [h for h in map(_hub_id, datasets) if h]
     license_ = licenses[0] if len(set(licenses)) == 1 and licenses[0] else None
     eval_hub = _hub_id(evaluation)
@@ -198,7 +233,16 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
                               metric_type="accuracy", metric_value=merged.accuracy),
                    EvalResult(task_type="image-classification", dataset_type=eval_hub, dataset_name=eval_hub,
                               metric_type="loss", metric_value=merged.loss)]
-    title = "Partial merge of {} and {}".format(*(ends.get(k, {}).get("id") or f"endpoint {k.upper()}" for k in "ab"))
+    settings = report.options if report is not None else model.settings
+    zipped, n_way = settings.get("align") == "zip", len(keys) > 2
+    ids = [ends.get(k, {}).get("id") or f"endpoint {k.upper()}" for k in keys]
+    kind = f"{len(keys)}-way merge" if n_way else "Zipped merge" if zipped else "Partial merge"
+    title = f"{kind} of {', '.join(ids[:-1])} and {ids[-1]}"
+    names = ", ".join(n for n, _ in named[:-1]) + f" and {named[-1][0]}"
+    what = (NWAY if n_way else ZIPPED if zipped else PARTIAL).format(
+        a=named[0][0], b=named[1][0], names=names, hubmerge=HUBMERGE, version=__version__, within=_within(report),
+        depth=_depth(settings.get("zip_depth")),
+        weights=", ".join(f"{w:.3g}" for w in model.weights))
     data = ModelCardData(
         base_model=hub_models or None, base_model_relation="merge" if hub_models else None,
         library_name="hubmerge", pipeline_tag="image-classification",
@@ -206,7 +250,6 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
         datasets=hub_data or None, license=license_, model_name=repo_id.split("/")[-1],
         eval_results=results,
     )
-    settings = report.options if report is not None else model.settings
     rows = [f"| {k} | `{v}` |" for k, v in settings.items()]
     rows += [f"| architecture | `{model.architecture}` `{model.model_args}` |",
              f"| preprocessing | `{model.preprocess}` |", f"| hubmerge version | `{__version__}` |"]
@@ -217,12 +260,12 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     else:
         metrics = _metrics(report)
     text = TEMPLATE.format(
-        card_data=data.to_yaml(), title=title, a=a, b=b, version=__version__, settings="\n".join(rows),
-        endpoints=f"A = {prov_a}, B = {prov_b}", metrics=metrics,
+        card_data=data.to_yaml(), title=title, what=what, settings="\n".join(rows),
+        endpoints=", ".join(f"{k.upper()} = {prov}" for k, (_, prov) in zip(keys, named)), metrics=metrics,
         allocation=_allocation(model.spec, model.partition, report.allocation if report is not None else []),
         recipe="" if recipe is None else ("\n## Recipe (reproduce with `hubmerge run --config recipe.yaml`)\n\n"
                                           f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False).strip()}\n```\n"),
-        repo_id=repo_id, citations=CITATIONS,
+        repo_id=repo_id, citations=REFERENCES + (ZIPIT if zipped else "") + "\n\n" + BIBTEX,
     )
     return ModelCard(text)
 

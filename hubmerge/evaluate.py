@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -72,18 +73,19 @@ def _check_labels(y: torch.Tensor | None, classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_all(models: dict[str, nn.Module], data: Batches, device: torch.device | str = "cpu",
-                 ensembles: dict[str, tuple[str, str, float]] | None = None, progress: str | bool = False
+                 ensembles: dict[str, dict[str, float]] | None = None, progress: str | bool = False
                  ) -> dict[str, Metrics]:
     """Accuracy and cross-entropy of several models in one pass over labelled batches (the data is read and
-    preprocessed once). ``ensembles[name] = (a, b, α)`` scores the logit average (1−α)·a + α·b from the
-    logits of models ``a`` and ``b``, as :class:`Ensemble` computes it, without running them again."""
+    preprocessed once). ``ensembles[name] = {a: 1−α, b: α}`` scores the weighted logit average of models
+    (for two, (1−α)·a + α·b as :class:`Ensemble` computes it) from their logits, without running them again."""
     ensembles = ensembles or {}
     for m in models.values():
         m.eval().to(device)
     tally = {name: _Tally() for name in [*models, *ensembles]}
     for x, y in batches(data, device, progress):
         outs = {name: m(x) for name, m in models.items()}
-        outs.update({name: (1 - alpha) * outs[a] + alpha * outs[b] for name, (a, b, alpha) in ensembles.items()})
+        outs.update({name: reduce(torch.add, [w * outs[k] for k, w in parts.items()])
+                     for name, parts in ensembles.items()})
         y = _check_labels(y, next(iter(outs.values())).shape[1])
         for name, out in outs.items():
             tally[name].add(out, y)
@@ -107,7 +109,12 @@ def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu"
 
 def barrier(a: Metrics, b: Metrics, merged: Metrics, alpha: float = 0.5) -> Barrier:
     """Accuracy and loss barrier of ``merged`` against the α-interpolated endpoints."""
+    return weighted_barrier([a, b], (1 - alpha, alpha), merged)
+
+
+def weighted_barrier(endpoints: list[Metrics], weights: tuple[float, ...], merged: Metrics) -> Barrier:
+    """Accuracy and loss barrier of ``merged`` against the endpoints' weighted mean (an N-way merge's)."""
     return Barrier(
-        accuracy=(1 - alpha) * a.accuracy + alpha * b.accuracy - merged.accuracy,
-        loss=merged.loss - ((1 - alpha) * a.loss + alpha * b.loss),
+        accuracy=sum(w * m.accuracy for w, m in zip(weights, endpoints)) - merged.accuracy,
+        loss=merged.loss - sum(w * m.loss for w, m in zip(weights, endpoints)),
     )

@@ -46,6 +46,12 @@ class GroupPlan:
         return torch.cat([self.shared_b, self.b_only])
 
     @classmethod
+    def merged(cls, width: int) -> GroupPlan:
+        """Every unit merged with the unit of the same index (two endpoints already in one order)."""
+        every = torch.arange(width)
+        return cls(every[:0], every, every, every[:0])
+
+    @classmethod
     def apart(cls, width: int) -> GroupPlan:
         """Every unit kept apart (an attention head that is not merged)."""
         every = torch.arange(width)

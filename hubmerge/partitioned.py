@@ -251,21 +251,23 @@ class PartialMergedModel(
     """A partially merged model: the base architecture with every layer partitioned per group.
 
     ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
-    ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``, ``input_size``) is enough to rebuild the
-    empty model, so :meth:`from_pretrained` needs nothing but the repo; loading is strict and safetensors-only.
-    ``preprocess`` (``input_size``, ``mean``, ``std``, as the endpoints were fed) overrides the
-    architecture's defaults in ``pretrained_cfg``. ``input_size`` (C, H, W) is the size the merge was
-    calibrated and its spec traced at, which for a model built with ``img_size`` differs from timm's
-    default cfg.
+    ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``, ``input_size``, and for an N-way merge
+    the endpoints' ``weights``) is enough to rebuild the empty model, so :meth:`from_pretrained` needs nothing
+    but the repo; loading is strict and safetensors-only. ``preprocess`` (``input_size``, ``mean``, ``std``,
+    as the endpoints were fed) overrides the architecture's defaults in ``pretrained_cfg``. ``input_size``
+    (C, H, W) is the size the merge was calibrated and its spec traced at, which for a model built with
+    ``img_size`` differs from timm's default cfg.
     """
 
     def __init__(self, architecture: str, model_args: dict, partition: dict[str, list[int]],
                  alpha: float = 0.5, cross: str = "interpolate", endpoints: dict | None = None,
                  settings: dict | None = None, preprocess: dict | None = None, input_size: list[int] | None = None,
-                 hubmerge_version: str = __version__):
+                 weights: list[float] | None = None, hubmerge_version: str = __version__):
         super().__init__()
         self.architecture, self.model_args = architecture, dict(model_args)
         self.alpha, self.cross = alpha, cross
+        # an N-way merge's model weights; two endpoints weigh 1−α and α
+        self.weights = tuple(weights) if weights else (1 - alpha, alpha)
         self.endpoints, self.settings, self.preprocess = endpoints or {}, settings or {}, preprocess
         self.input_size = list(input_size) if input_size else None
         self.hubmerge_version = hubmerge_version

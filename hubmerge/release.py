@@ -1,4 +1,4 @@
-"""The hub pipeline: pull two endpoints, calibrate from ``datasets``, merge, write a repo folder, push once.
+"""The hub pipeline: pull the endpoints, calibrate from ``datasets``, merge, write a repo folder, push once.
 
 ``hubmerge run`` is a thin shell over :func:`run`; a release pipeline can call it from Python with the same
 names. Everything that can be checked without downloads (options, token, output folder, data presence) is
@@ -20,7 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import card
-from .api import MergeReport, merge
+from .api import MergeReport, merge, merge_many
 from .data import HFImages, Preprocess, check_request, load_dataset_ref
 from .distributed import is_main, session
 from .errors import UsageError
@@ -57,8 +57,8 @@ class DataRef:
     label_column: str | None = None
 
 
-def _recipe(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out: Path | None,
-            opts: MergeOptions) -> dict:
+def _recipe(refs: tuple[str, ...], weights: tuple[float, ...] | None, calib: DataRef | None,
+            evaluation: DataRef | None, out: Path | None, opts: MergeOptions) -> dict:
     """The recipe of a merge made from Python, in ``hubmerge run --config`` names (what the CLI records)."""
     data: dict[str, Any] = {}
     if calib is not None:
@@ -67,16 +67,21 @@ def _recipe(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, o
         data.update(eval=evaluation.ref, eval_split=evaluation.split)
     if calib or evaluation:
         data.update(image_column=(calib or evaluation).image_column, label_column=(calib or evaluation).label_column)
-    return {"model_a": a, "model_b": b, **data, "out": str(out) if out else None, **opts.model_dump(mode="json")}
+    a, b, *more = refs
+    return {"model_a": a, "model_b": b, "more_models": more or None, "weights": list(weights) if weights else None,
+            **data, "out": str(out) if out else None, **opts.model_dump(mode="json")}
 
 
 def _resolvable(recipe: dict) -> dict:
     """The recipe with local folders as absolute paths, so it reruns from any working folder."""
     def resolve(key: str, value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolve(key, v) for v in value]
         local = isinstance(value, str) and (key == "out" or Path(value).expanduser().exists())
         return str(Path(value).expanduser().resolve()) if local else value
 
-    return {k: resolve(k, v) if k in ("model_a", "model_b", "calib", "eval", "out") else v for k, v in recipe.items()}
+    keys = ("model_a", "model_b", "more_models", "calib", "eval", "out")
+    return {k: resolve(k, v) if k in keys else v for k, v in recipe.items()}
 
 
 def _token(push: bool, token: str | None) -> str | None:
@@ -93,19 +98,22 @@ def _dataset(ref: DataRef | None, preprocess: Preprocess, seed: int) -> HFImages
     return HFImages(ds, preprocess, ref.image_column, ref.label_column)
 
 
-def _default_repo(api: HfApi, a: str, b: str, token: str) -> str:
+def _default_repo(api: HfApi, refs: tuple[str, ...], token: str) -> str:
     with remote_errors("who am I (for the default repo name)"):
         user = api.whoami(token=token)["name"]
-    name = "-".join(Path(split_revision(x)[0]).name for x in (a, b))
+    name = "-".join(Path(split_revision(x)[0]).name for x in refs)
     return f"{user}/{name}-hubmerge"
 
 
-def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | None = None,
+def run(a: str, b: str, *more: str, weights: tuple[float, ...] | None = None, calib: DataRef | None = None,
+        evaluation: DataRef | None = None,
         out: Path | None = None, overwrite: bool = False, push: bool = False, repo_id: str | None = None,
         private: bool = False, revision: str | None = None, token: str | None = None,
         model_class: type | None = None, recipe: dict | None = None, preprocess: dict | None = None,
         options: MergeOptions | None = None, **overrides: Any) -> RunResult:
-    """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result.
+    """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result;
+    with ``more`` endpoints, the N-way full merge of all of them (:func:`~hubmerge.api.merge_many`, weighted by
+    ``weights``, default equal).
 
     ``options``: a :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win).
     ``recipe`` is the effective recipe to embed in the card (the CLI passes its merged command line and
@@ -127,18 +135,22 @@ def run(a: str, b: str, *, calib: DataRef | None = None, evaluation: DataRef | N
         if ref is not None:  # split syntax and sample counts, before any download
             check_request(ref.split, ref.samples)
     token = _token(push, token)
-    check_out(out, overwrite, (a, b, *(d.ref for d in (calib, evaluation) if d)))
+    if weights is not None and not more:
+        raise UsageError("--weights weigh the endpoints of an N-way merge (three or more); two endpoints weigh "
+                         "1-alpha and alpha: use --alpha")
+    check_out(out, overwrite, (a, b, *more, *(d.ref for d in (calib, evaluation) if d)))
     if calib is None and opts.needs_data:
         raise UsageError("this merge needs calibration data (--calib): activation matching, REPAIR and budget "
                          "allocation measure activations; use --align weight --repair none for a data-free merge")
     with session(opts.device) as device:
-        return _run(a, b, calib, evaluation, out, push, repo_id, private, revision, token, model_class,
-                    recipe, preprocess, opts.model_copy(update={"device": device}))
+        return _run((a, b, *more), weights, calib, evaluation, out, push, repo_id, private, revision, token,
+                    model_class, recipe, preprocess, opts.model_copy(update={"device": device}))
 
 
-def _run(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out: Path | None, push: bool,
-         repo_id: str | None, private: bool, revision: str | None, token: str | None, model_class: type | None,
-         recipe: dict | None, preprocess: dict | None, opts: MergeOptions) -> RunResult:
+def _run(refs: tuple[str, ...], weights: tuple[float, ...] | None, calib: DataRef | None,
+         evaluation: DataRef | None, out: Path | None, push: bool, repo_id: str | None, private: bool,
+         revision: str | None, token: str | None, model_class: type | None, recipe: dict | None,
+         preprocess: dict | None, opts: MergeOptions) -> RunResult:
     """:func:`run` after its checks, in this process of a process group (or alone): every process merges,
     one writes and pushes."""
     main = is_main()
@@ -146,15 +158,17 @@ def _run(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out:
         recover(out)
     api = HfApi(token=token)
     if push and repo_id is None and main:
-        repo_id = _default_repo(api, a, b, token)
+        repo_id = _default_repo(api, refs, token)
     t0 = time.perf_counter()
-    ea = load_endpoint(a, token=token, device=opts.device, model_class=model_class)
-    eb = load_endpoint(b, token=token, device=opts.device, model_class=model_class)
+    loaded = [load_endpoint(r, token=token, device=opts.device, model_class=model_class) for r in refs]
     download_s = time.perf_counter() - t0
-    pre = Preprocess.from_model(ea.model, **(preprocess or {}))
-    result = merge(ea.model, eb.model, _dataset(calib, pre, opts.seed),
-                   evaluation=_dataset(evaluation, pre, opts.seed), preprocess=pre,
-                   endpoints={"a": ea.describe(), "b": eb.describe()}, **opts.model_dump())
+    pre = Preprocess.from_model(loaded[0].model, **(preprocess or {}))
+    data = dict(evaluation=_dataset(evaluation, pre, opts.seed), preprocess=pre,
+                endpoints={chr(ord("a") + i): e.describe() for i, e in enumerate(loaded)}, **opts.model_dump())
+    if len(loaded) > 2:
+        result = merge_many([e.model for e in loaded], _dataset(calib, pre, opts.seed), weights=weights, **data)
+    else:
+        result = merge(loaded[0].model, loaded[1].model, _dataset(calib, pre, opts.seed), **data)
     result.report.timings["download"] = download_s
     if not main:  # the other processes computed the same merge
         return RunResult(result.model, result.report, None, None, main=False)
@@ -163,15 +177,15 @@ def _run(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out:
         result.model.save_pretrained(staging)
         card.write(staging, result.model, result.report,
                    repo_id=repo_id or str(out.expanduser().resolve() if out else "path/to/folder"),
-                   recipe=_resolvable(recipe or _recipe(a, b, calib, evaluation, out, opts)),
+                   recipe=_resolvable(recipe or _recipe(refs, weights, calib, evaluation, out, opts)),
                    datasets=tuple(d.ref for d in (calib, evaluation) if d),
                    evaluation=evaluation.ref if evaluation else None,
-                   licenses=tuple(e.model.pretrained_cfg.get("license") for e in (ea, eb)))
+                   licenses=tuple(e.model.pretrained_cfg.get("license") for e in loaded))
         usual_permissions(staging)
         url = None
         if push:
             t1 = time.perf_counter()
-            url = _push(api, staging, repo_id, private=private, revision=revision, report=result.report, a=a, b=b)
+            url = _push(api, staging, repo_id, private=private, revision=revision, report=result.report, refs=refs)
             result.report.timings["upload"] = time.perf_counter() - t1
         if out is not None:
             move_into_place(staging, out)
@@ -182,11 +196,17 @@ def _run(a: str, b: str, calib: DataRef | None, evaluation: DataRef | None, out:
 
 
 def _push(api: HfApi, folder: Path, repo_id: str, *, private: bool, revision: str | None, report: MergeReport,
-          a: str, b: str) -> str:
+          refs: tuple[str, ...]) -> str:
     """Create the repo (and branch) and upload the staged folder in one commit."""
     o = report.options
-    how = f"budget {o['budget']} ({o['allocator']})" if o["budget"] is not None else f"gamma {o['gamma']}"
-    message = f"hubmerge: partial merge of {a} and {b}, {how}, +{100 * report.param_increase:.1f}% params"
+    if len(refs) > 2:
+        message = f"hubmerge: {len(refs)}-way full merge of {', '.join(refs)}"
+    elif o["align"] == "zip":
+        message = f"hubmerge: zipped merge of {refs[0]} and {refs[1]}, zip_beta {o['zip_beta']}"
+    else:
+        how = f"budget {o['budget']} ({o['allocator']})" if o["budget"] is not None else f"gamma {o['gamma']}"
+        message = (f"hubmerge: partial merge of {refs[0]} and {refs[1]}, {how}, "
+                   f"+{100 * report.param_increase:.1f}% params")
     with remote_errors(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:

@@ -28,10 +28,11 @@ from .activations import Activations, Program
 from .data import Batches, batches, progress_bar
 from .distributed import total
 from .errors import UsageError
-from .partial import GroupPlan, layout
+from .partial import GroupPlan, Layout, layout
 from .partitioned import PartialMergedModel, PartitionedLayer
-from .spec import Layer
+from .spec import Axis, Layer
 from .statistics import Moments, Statistics, unit_dim
+from .matching import MatchedLayout, Matchings, is_matching
 
 REPAIRS = ("repair", "reset", "reset_repair")
 RESETS = ("reset", "reset_repair")  # the variants that re-estimate BatchNorm statistics first
@@ -58,31 +59,40 @@ class Correction:
     order: torch.Tensor | None = None  # the output position of each stored row, where rows are stored reordered
 
 
-def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics, unmerged: bool = False,
-                normed: bool = True) -> list[Correction]:
+def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchings, stats: Statistics,
+                unmerged: bool = False, normed: bool = True) -> list[Correction]:
     """Every correction REPAIR makes in ``model``, in forward order. A partitioned merge corrects each layer's
     output units (``[A-only | shared | B-only]``; unmerged ones toward their own endpoint when ``unmerged``);
     a full merge held in the plain architecture (families without partial merging) corrects every output of
     :attr:`~hubmerge.spec.PermutationSpec.outputs`, where position p holds A's unit p and the B unit matched
-    to it. Without ``normed``, layers a BatchNorm reads are left out (``reset_repair``: RESET has set their
-    BatchNorms to the merge's own statistics, and a correction folded in there would undo that)."""
-    spec, alpha, out = model.spec, model.alpha, []
+    to it. A matched merge (:class:`~hubmerge.matching.Matching` plans: N-way) corrects every output toward
+    its members' weighted statistics (the merge matrix applied to the endpoints'). Without ``normed``, layers
+    a BatchNorm reads are left out (``reset_repair``: RESET has set their BatchNorms to the merge's own
+    statistics, and a correction folded in there would undo that)."""
+    spec, alpha, weights, out = model.spec, model.alpha, model.weights, []
+    matched = is_matching(plans)
+    layers = [stats.layers_of(m) for m in range(len(weights))]
     if spec.partial is not None:
-        matched = {g: p.shared_b for g, p in plans.items()}
+        matched_b = {} if matched else {g: p.shared_b for g, p in plans.items()}
         for i, o in enumerate(spec.outputs):
             if o.norm and not normed:
                 continue
-            a, b = stats.layers_a[o.name], stats.layers_b[o.name]
-            index = spec.gather(f"{o.name}.weight", 0, matched)
-            index = torch.arange(len(a.mean)) if index is None else index
-            mask = torch.cat([torch.full((seg.size,), seg.group is not None) for seg in spec.axes[f"{o.name}.weight"][0]])
+            axis = spec.axes[f"{o.name}.weight"][0]
+            if matched:
+                at, mean, std = _targets(axis, plans, [layer[o.name] for layer in layers], weights)
+                mask = ~at.fixed
+            else:
+                a, b = layers[0][o.name], layers[1][o.name]
+                index = spec.gather(f"{o.name}.weight", 0, matched_b)
+                index = torch.arange(len(a.mean)) if index is None else index
+                mean, std = (1 - alpha) * a.mean + alpha * b.mean[index], (1 - alpha) * a.std + alpha * b.std[index]
+                mask = torch.cat([torch.full((seg.size,), seg.group is not None) for seg in axis])
             module = model.net.get_submodule(o.name)
-            out.append(Correction(i, o.name, o.norm, [(module, 0, len(mask))], (1 - alpha) * a.mean + alpha * b.mean[index],
-                                  (1 - alpha) * a.std + alpha * b.std[index], mask))
+            out.append(Correction(i, o.name, o.norm, [(module, 0, len(mask))], mean, std, mask))
         return out
     for i, layer in enumerate(spec.layers):
         # only outputs with units and a bias or BatchNorm to fold into (the logits are the output, not units)
-        if layer.name not in stats.layers_a or (layer.norm and not normed):
+        if layer.name not in layers[0] or (layer.norm and not normed):
             continue
         part = model.layer(layer.name)
         if isinstance(part, PartitionedLayer):  # sub-layers' rows are in storage order
@@ -90,12 +100,21 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: S
             rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
         else:  # a depthwise conv is stored plainly
             order, rows = None, [(part, 0, part.out_channels)]
-        a, b = stats.layers_a[layer.name], stats.layers_b[layer.name]
-        at = layout(layer.out_axis, plans)
+        at, mean, std = _targets(layer.out_axis, plans, [moments[layer.name] for moments in layers], weights)
         mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed
-        out.append(Correction(i, layer.name, layer.norm, rows, at.combine(a.mean, b.mean, alpha),
-                              at.combine(a.std, b.std, alpha), mask, order))
+        out.append(Correction(i, layer.name, layer.norm, rows, mean, std, mask, order))
     return out
+
+
+def _targets(axis: Axis, plans: dict[str, GroupPlan] | Matchings, moments: list[Moments], weights: tuple[float, ...]
+             ) -> tuple[Layout | MatchedLayout, torch.Tensor, torch.Tensor]:
+    """The layout of an output axis and its units' target mean and std: the endpoints' statistics combined as
+    the merge combines their units (weights ``1−α``, ``α`` for two endpoints)."""
+    if is_matching(plans):
+        at = MatchedLayout.of(axis, plans)
+        return at, at.combine([m.mean for m in moments], weights), at.combine([m.std for m in moments], weights)
+    at, (a, b), alpha = layout(axis, plans), moments, weights[1]
+    return at, at.combine(a.mean, b.mean, alpha), at.combine(a.std, b.std, alpha)
 
 
 def affine(c: Correction, got: Moments) -> tuple[torch.Tensor, torch.Tensor]:

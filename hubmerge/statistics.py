@@ -1,7 +1,8 @@
 """Activation statistics from one streaming pass of both endpoints (method §2).
 
-Accumulators are float64 sums (Σx, Σx², Σx_A x_Bᵀ), so memory is O(width²) per observation point whatever
-the amount of data, and statistics of disjoint data add up exactly (``a + b``), as workers' would.
+Accumulators are float64 sums (Σx, Σx², Σx_A x_Bᵀ, and for zip alignment the within-model Σx_A x_Aᵀ and
+Σx_B x_Bᵀ), so memory is O(width²) per observation point whatever the amount of data, and statistics of
+disjoint data add up exactly (``a + b``), as workers' would.
 """
 
 from __future__ import annotations
@@ -64,10 +65,18 @@ ESTIMATORS = ("pooled", "batch")
 BATCH_EPSILON = 1e-4  # the REPAIR and partial-merging code's denominator epsilon (``batch`` estimator)
 
 
+def _plus(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    return y if x is None else x if y is None else x + y
+
+
+PAIRS = {"ab": ("a", "b", "cross"), "aa": ("a", "a", "within_a"), "bb": ("b", "b", "within_b")}
+
+
 @dataclass
 class PairMoments:
-    """Moments of A and B at one observation point plus the cross moment Σx_A x_Bᵀ, and the sums of each
-    batch's per-unit std (for the ``batch`` estimator)."""
+    """Moments of A and B at one observation point plus the cross moment Σx_A x_Bᵀ, the sums of each
+    batch's per-unit std (for the ``batch`` estimator) and, where zip alignment asks for them
+    (``within``), the within-model moments Σx_A x_Aᵀ and Σx_B x_Bᵀ."""
 
     a: Moments = field(default_factory=Moments)
     b: Moments = field(default_factory=Moments)
@@ -75,35 +84,51 @@ class PairMoments:
     batch_std_a: torch.Tensor | None = None
     batch_std_b: torch.Tensor | None = None
     batches: int = 0
+    within: bool = False
+    within_a: torch.Tensor | None = None
+    within_b: torch.Tensor | None = None
 
     def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
         """Add one batch's matching samples × units matrices of A and B."""
         self.a.add(xa)
         self.b.add(xb)
-        c = xa.T @ xb
         ddof = 1 if len(xa) > 1 else 0  # the code's torch.std is the unbiased one
-        sa, sb = xa.std(0, correction=ddof), xb.std(0, correction=ddof)
-        self.cross = c if self.cross is None else self.cross + c
-        self.batch_std_a = sa if self.batch_std_a is None else self.batch_std_a + sa
-        self.batch_std_b = sb if self.batch_std_b is None else self.batch_std_b + sb
+        self.cross = _plus(self.cross, xa.T @ xb)
+        self.batch_std_a = _plus(self.batch_std_a, xa.std(0, correction=ddof))
+        self.batch_std_b = _plus(self.batch_std_b, xb.std(0, correction=ddof))
+        if self.within:
+            self.within_a = _plus(self.within_a, xa.T @ xa)
+            self.within_b = _plus(self.within_b, xb.T @ xb)
         self.batches += 1
 
     def __add__(self, other: PairMoments) -> PairMoments:
         return PairMoments(self.a + other.a, self.b + other.b, self.cross + other.cross,
                            self.batch_std_a + other.batch_std_a, self.batch_std_b + other.batch_std_b,
-                           self.batches + other.batches)
+                           self.batches + other.batches, self.within, _plus(self.within_a, other.within_a),
+                           _plus(self.within_b, other.within_b))
 
-    def correlation(self, estimator: str = "pooled") -> torch.Tensor:
-        """C[i, j] = corr(x_A,i, x_B,j). ``pooled``: the covariance over the stds of all samples, a dead unit
-        correlating 0 with everything; ``batch``: over the mean of each batch's std plus 1e-4, as the code of
-        REPAIR (Jordan et al.) and of partial merging (Koch) estimate it."""
-        n = self.a.count
-        cov = self.cross / n - torch.outer(self.a.mean, self.b.mean)
+    def covariance(self, pair: str = "ab") -> torch.Tensor:
+        """cov(x_A,i, x_B,j) over all samples (``pair`` as for :meth:`correlation`)."""
+        first, second, key = PAIRS[pair]
+        if getattr(self, key) is None:
+            raise UsageError(f"within-model correlations ({pair}) need statistics collected with within=True")
+        m1, m2 = getattr(self, first), getattr(self, second)
+        return getattr(self, key) / m1.count - torch.outer(m1.mean, m2.mean)
+
+    def correlation(self, estimator: str = "pooled", pair: str = "ab") -> torch.Tensor:
+        """C[i, j] = corr(x_A,i, x_B,j) (``pair="ab"``; ``"aa"`` and ``"bb"``: within A or B, which needs
+        ``within``). ``pooled``: the covariance over the stds of all samples, a dead unit correlating 0 with
+        everything; ``batch``: over the mean of each batch's std plus 1e-4, as the code of REPAIR (Jordan et
+        al.) and of partial merging (Koch) estimate it."""
+        first, second, _ = PAIRS[pair]
+        m1, m2 = getattr(self, first), getattr(self, second)
+        cov = self.covariance(pair)
         if estimator == "batch":
-            return cov / (torch.outer(self.batch_std_a, self.batch_std_b) / self.batches**2 + BATCH_EPSILON)
+            s1, s2 = getattr(self, f"batch_std_{first}"), getattr(self, f"batch_std_{second}")
+            return cov / (torch.outer(s1, s2) / self.batches**2 + BATCH_EPSILON)
         if estimator != "pooled":
             raise UsageError(f"unknown correlation estimator {estimator!r}; choose one of {ESTIMATORS}")
-        denom = torch.outer(self.a.std, self.b.std)
+        denom = torch.outer(m1.std, m2.std)
         # no epsilon in the denominator: it would bias low-variance units' correlations away from 1
         return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
 
@@ -131,13 +156,17 @@ class Statistics:
             self.samples + other.samples,
         )
 
-    def correlation(self, group: Group, estimator: str = "pooled") -> torch.Tensor:
-        """Correlation matrix of a group (by :meth:`PairMoments.correlation`'s ``estimator``), averaged over its
-        observation points and the places it occupies at each (method §2: residual streams are judged at every
-        point they are observed, not only the last)."""
+    def layers_of(self, model: int) -> dict[str, Moments]:
+        """Model ``model``'s (0 = A, 1 = B) per-unit moments of each REPAIR output."""
+        return (self.layers_a, self.layers_b)[model]
+
+    def correlation(self, group: Group, estimator: str = "pooled", pair: str = "ab") -> torch.Tensor:
+        """Correlation matrix of a group (by :meth:`PairMoments.correlation`'s ``estimator``: A × B, or within
+        one model by ``pair``), averaged over its observation points and the places it occupies at each
+        (method §2: residual streams are judged at every point they are observed, not only the last)."""
         mats = []
         for point in group.observe:
-            full = self.points[(point.module, point.dim)].correlation(estimator)
+            full = self.points[(point.module, point.dim)].correlation(estimator, pair)
             for where in point.positions:
                 index = torch.tensor(where)
                 mats.append(full[index][:, index])
@@ -162,67 +191,95 @@ def collect(
     data: Batches,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    within: bool = False,
 ) -> Statistics:
-    """Stream ``data`` through both endpoints once and accumulate every statistic the merge needs.
+    """Stream ``data`` through both endpoints once and accumulate every statistic the merge needs (with
+    ``within``, also the within-model moments that zip alignment matches redundant units by)."""
+    return collect_many([model_a, model_b], spec, data, device, progress, within).pairs[(0, 1)]
 
-    Features are reduced inside the hooks (A's observed features are kept for one batch only, until B's
-    arrive), so in-place activations downstream cannot alter them and memory stays bounded.
+
+@dataclass
+class ManyStatistics:
+    """Statistics of N endpoints from one pass: ``pairs[(k, l)]`` (k < l) the pair statistics of models k
+    and l (its ``layers_a`` / ``layers_b`` are ``layers[k]`` / ``layers[l]``), ``layers[m]`` model m's
+    per-unit moments of each REPAIR output."""
+
+    pairs: dict[tuple[int, int], Statistics]
+    layers: list[dict[str, Moments]]
+    samples: int = 0
+
+    def layers_of(self, model: int) -> dict[str, Moments]:
+        return self.layers[model]
+
+
+@torch.no_grad()
+def collect_many(models: list[nn.Module], spec: PermutationSpec, data: Batches, device: torch.device | str = "cpu",
+                 progress: bool = False, within: bool = False) -> ManyStatistics:
+    """Stream ``data`` through every endpoint once and accumulate the statistics of every pair of them.
+
+    Features are reduced after each batch (each model's observed features are kept for that batch only), so
+    in-place activations downstream cannot alter them and memory stays bounded.
     """
-    stats = Statistics(
-        {(p.module, p.dim): PairMoments() for g in spec.groups.values() for p in g.observe},
-        {o.name: Moments() for o in spec.outputs},
-        {o.name: Moments() for o in spec.outputs},
-    )
-    stash: dict[str, torch.Tensor] = {}
+    points = list(dict.fromkeys((p.module, p.dim) for g in spec.groups.values() for p in g.observe))
+    layers = [{o.name: Moments() for o in spec.outputs} for _ in models]
+    stats = ManyStatistics({(k, m): Statistics({p: PairMoments(within=within) for p in points}, layers[k], layers[m])
+                            for k in range(len(models)) for m in range(k + 1, len(models))}, layers)
+    stash: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in models]
     handles = []
 
-    def keep(point):
-        return lambda out: stash.__setitem__(point, _flat(out, point[1]))
-
-    def pair(point):
-        return lambda out: stats.points[point].add(stash.pop(point), _flat(out, point[1]))
+    def keep(m, point):
+        return lambda out: stash[m].__setitem__(point, _flat(out, point[1]))
 
     def moments(target, dim):
         return lambda out: target.add(out, dim)
 
-    for point in stats.points:
-        handles.append(_hook(model_a, point[0], keep(point)))
-        handles.append(_hook(model_b, point[0], pair(point)))
-    for name in stats.layers_a:
-        dim = unit_dim(model_a.get_submodule(name))
-        handles.append(_hook(model_a, name, moments(stats.layers_a[name], dim)))
-        handles.append(_hook(model_b, name, moments(stats.layers_b[name], dim)))
+    for m, model in enumerate(models):
+        handles += [_hook(model, point[0], keep(m, point)) for point in points]
+        for name, target in layers[m].items():
+            handles.append(_hook(model, name, moments(target, unit_dim(model.get_submodule(name)))))
     try:
-        model_a.eval().to(device)
-        model_b.eval().to(device)
+        for model in models:
+            model.eval().to(device)
         for x, _ in batches(data, device, progress and "statistics pass"):
-            model_a(x)
-            model_b(x)
+            for model in models:
+                model(x)
+            for (k, m), pair in stats.pairs.items():
+                for point in points:
+                    pair.points[point].add(stash[k][point], stash[m][point])
+            for kept in stash:
+                kept.clear()
             stats.samples += x.shape[0]
     finally:
         for h in handles:
             h.remove()
     require_everywhere(stats.samples > 0, "calibration data is empty: give at least one batch of inputs")
+    for pair in stats.pairs.values():
+        pair.samples = stats.samples
     return _summed(stats)
 
 
-def _summed(stats: Statistics) -> Statistics:
+def _summed(stats: ManyStatistics) -> ManyStatistics:
     """Statistics added up over every process of a process group, in one all-reduce."""
     if world()[1] == 1:
         return stats
-    moments = [m for pm in stats.points.values() for m in (pm.a, pm.b)] + [*stats.layers_a.values(),
-                                                                            *stats.layers_b.values()]
-    pairs = list(stats.points.values())
+    pairs = [pm for s in stats.pairs.values() for pm in s.points.values()]
+    moments = [m for pm in pairs for m in (pm.a, pm.b)] + [m for layer in stats.layers for m in layer.values()]
     counts = [m.count for m in moments] + [stats.samples] + [pm.batches for pm in pairs]
     counts = torch.tensor(counts, dtype=torch.float64)
     summed = iter(total(counts, *[t for m in moments for t in (m.sum, m.sumsq)],
-                        *[t for pm in pairs for t in (pm.cross, pm.batch_std_a, pm.batch_std_b)]))
+                        *[t for pm in pairs for t in (pm.cross, pm.batch_std_a, pm.batch_std_b)],
+                        *[t for pm in pairs if pm.within for t in (pm.within_a, pm.within_b)]))
     counts = next(summed).long().tolist()
     for m, count in zip(moments, counts):
         m.count, m.sum, m.sumsq = count, next(summed), next(summed)
     stats.samples = counts[len(moments)]
     for pm, count in zip(pairs, counts[len(moments) + 1:]):
         pm.cross, pm.batch_std_a, pm.batch_std_b, pm.batches = next(summed), next(summed), next(summed), count
+    for pm in pairs:
+        if pm.within:
+            pm.within_a, pm.within_b = next(summed), next(summed)
+    for pair in stats.pairs.values():
+        pair.samples = stats.samples
     return stats
 
 

@@ -62,6 +62,7 @@ def test_config_file_round_trips_and_command_line_wins(local, tmp_path):
     (["--allocator", "magic", "--out", "x"], 2, "magic"),
     (["--push"], 2, "token"),
     (["--out", "{existing}"], 2, "not empty"),
+    (["--align", "zip", "--gamma", "0.3", "--out", "x"], 2, "keeps units apart by depth only"),
 ])
 def test_bad_usage_is_one_line_and_exit_2_before_any_work(local, tmp_path, args, code, message, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -73,6 +74,43 @@ def test_bad_usage_is_one_line_and_exit_2_before_any_work(local, tmp_path, args,
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_zip_from_the_command_line(local, tmp_path):
+    """``--align zip --zip-beta``: the report counts the within-model pairs, the card says it is a zip."""
+    result = runner.invoke(app, base(local, "--eval", str(local / "data"), "--align", "zip", "--zip-beta", "1",
+                                     "--out", str(tmp_path / "m"), "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    assert report["options"]["align"] == "zip" and report["options"]["zip_beta"] == 1.0
+    assert set(report["within"]) == set(report["partition"])
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "zipped merge** (ZipIt!)" in card and "Stoica" in card and "zip_beta: 1.0" in card
+
+
+def test_three_endpoints_make_an_n_way_merge_that_its_recipe_reproduces(local, tmp_path):
+    """``hubmerge run A B C --weights``: the report names every endpoint, the card says what the merge is,
+    and the recipe in the card (with the third endpoint and the weights) reruns to the same weights."""
+    args = dict(depth=2, width=12, bn=True, img_size=8, num_classes=10)
+    save_timm(randomize_(timm.create_model("hubmerge_mlp", **args), 2), tmp_path / "ep2", "hubmerge_mlp", args)
+    result = runner.invoke(app, ["run", str(local / "ep0"), str(local / "ep1"), str(tmp_path / "ep2"), "--calib",
+                                 str(local / "data"), "--eval", str(local / "data"), "--weights", "2,1,1", "--out",
+                                 str(tmp_path / "m"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    assert list(report["metrics"]) == ["a", "b", "c", "ensemble", "full_merge", "merged"]
+    assert report["weights"] == [0.5, 0.25, 0.25]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "# 3-way merge of" in card and "weights 0.5, 0.25, 0.25" in card
+    recipe = _card_recipe(tmp_path / "m")
+    assert recipe["more_models"] == [str(tmp_path / "ep2")] and recipe["weights"] == "2,1,1"
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump({**recipe, "out": str(tmp_path / "again")}))
+    again = runner.invoke(app, ["run", "--config", str(tmp_path / "again.yaml"), "--quiet"])
+    assert again.exit_code == 0, again.output
+    written = [(tmp_path / f / "model.safetensors").read_bytes() for f in ("m", "again")]
+    assert written[0] == written[1]
+    two = runner.invoke(app, base(local, "--weights", "1,1", "--out", str(tmp_path / "two")))
+    assert two.exit_code == 2 and "--weights weigh the endpoints of an N-way merge" in two.output
 
 
 def test_missing_calibration_where_needed_is_usage_error(local, tmp_path):
@@ -105,6 +143,8 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
     assert merged["groups"][0]["partition"] == [6, 6, 6] and merged["increase"]["params"] > 0
     text = runner.invoke(app, ["inspect", str(tmp_path / "m")]).output
     assert "A-only/shared/B-only [6, 6, 6]" in text
+    assert info["layers"] == ["blocks.0.fc", "blocks.1.fc", "head"]  # what zip_depth counts
+    assert "layers in forward order (--zip-depth N zips the groups the first N write): 0 blocks.0.fc" in text
     archs = runner.invoke(app, ["archs"]).output
     for family in ("mlp", "cifar_vgg", "vgg", "resnet", "cifar_resnet", "vit", "convnext"):
         assert family in archs

@@ -19,18 +19,23 @@ from hubmerge.data import batches
 from conftest import base, labelled, make
 
 SETTINGS = {  # the benefit search with REPAIR sweeps; greedy with RESET (BatchNorm statistics summed) and the
-    # per-batch correlation estimator (batch stds summed)
+    # per-batch correlation estimator (batch stds summed); zip (within-model moments summed)
     "benefit": ("timm_resnet18", dict(budget=0.3, allocator="benefit", repair="repair")),
     "greedy-reset": ("mlp_bn", dict(budget=0.3, allocator="greedy", greedy_step=0.5, repair="reset",
                                     correlation="batch")),
+    "zip": ("mlp", dict(align="zip", zip_beta=1.0, repair="repair")),
+    "three-way": ("mlp", dict(repair="repair")),  # every pair's moments summed; merged by merge_many
 }
 
 
 def merged(setting: str) -> dict:
     case, options = SETTINGS[setting]
     calib, evaluation = labelled(case, batches=4), labelled(case, batches=3, n=5)
-    result = hubmerge.merge(make(case, 1), make(case, 2), calib, evaluation=evaluation, **options)
-    return {"state": result.model.state_dict(), "partition": result.report.partition,
+    if setting == "three-way":
+        result = hubmerge.merge_many([make(case, s) for s in (1, 2, 3)], calib, evaluation=evaluation, **options)
+    else:
+        result = hubmerge.merge(make(case, 1), make(case, 2), calib, evaluation=evaluation, **options)
+    return {"state": result.model.state_dict(), "partition": result.report.partition, "within": result.report.within,
             "metrics": {k: (m.accuracy, m.loss, m.samples) for k, m in result.report.metrics.items()},
             "batches": len(list(batches(calib)))}
 
@@ -59,8 +64,11 @@ def test_two_processes_merge_as_one(setting, tmp_path):
     for rank in (0, 1):
         found = torch.load(f"{out}.{rank}")
         assert found["batches"] == alone["batches"] // 2  # each process read only its share
-        assert found["partition"] == alone["partition"]
-        assert any(ka for ka, _, _ in found["partition"].values())  # the allocation widened something
+        assert found["partition"] == alone["partition"] and found["within"] == alone["within"]
+        if "budget" in SETTINGS[setting][1]:
+            assert any(ka for ka, _, _ in found["partition"].values())  # the allocation widened something
+        elif setting == "zip":
+            assert sum(sum(w) for w in found["within"].values())  # the zip paired some units within a model
         for k, v in alone["state"].items():
             got = found["state"][k]
             if v.is_floating_point():

@@ -1,13 +1,15 @@
-"""Every tested family (``arch_specs/families.py``), tiny and random in float64: the derived spec is exact,
-and the family supports exactly what the table declares.
+"""Every tested family (``arch_specs/families.py``), tiny and random in float64: the derived spec is exact, and
+the family supports exactly what the table declares.
 
-For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR
-and ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
-independently computed permute-and-average merge. Families declared ``partial`` also give the logit-averaged
-ensemble at γ=1 and A's function at γ=0.5 with α=0, count their parameters as the cost model says, and run a
-``budget=0.1`` merge (benefit-allocated; uniformly for the one family where the table says why) that saves,
-reloads strictly and computes the same outputs; families declared ``full`` refuse γ>0 and budgets with the
-reason, and that refusal is what the test checks (no family is skipped).
+For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR and
+``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
+independently computed permute-and-average merge, which zip alignment at β=0 gives bit for bit (a zip at
+β=0.5 loads into plain timm too). Families
+declared ``partial`` also give the logit-averaged ensemble at γ=1 and A's function at γ=0.5 with α=0, count
+their parameters as the cost model says, and run a ``budget=0.1`` merge (benefit-allocated; uniformly for the
+one family where the table says why) that saves, reloads strictly and computes the same outputs; families
+declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family
+is skipped).
 """
 
 import pytest
@@ -72,6 +74,14 @@ def test_family(name, tmp_path):
     reference.load_state_dict({k: (v + sb[k]) / 2 if v.is_floating_point() else v for k, v in a.state_dict().items()})
     assert relative(plain(x), reference(x)) <= 1e-10
     assert relative(result.model(x), reference(x)) <= 1e-10
+    # zip alignment with no within-model share is this merge, bit for bit
+    zipped = hubmerge.merge(a, b, calib, repair=None, align="zip", zip_beta=0.0).model.state_dict()
+    assert zipped.keys() == result.model.state_dict().keys()
+    assert all(torch.equal(zipped[k], v) for k, v in result.model.state_dict().items())
+    # a zip with within-model pairs is a full merge too: it loads into plain timm
+    zipped = hubmerge.merge(a, b, calib, repair=None, align="zip", zip_beta=0.5).model
+    plain.load_state_dict(zipped.materialize().state_dict(), strict=True)
+    assert torch.isfinite(zipped(x)).all() and relative(plain(x), zipped(x)) <= 1e-10
 
     if FAMILIES[name].support == "partial":
         ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model

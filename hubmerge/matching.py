@@ -1,0 +1,180 @@
+"""Merges given as matchings of units: the merge and unmerge matrices of ZipIt!'s zip and of N-way merges.
+
+A :class:`Matching` of one group says which units of the concatenated endpoints ``[model 0 ‖ model 1 ‖ …]``
+form each merged unit: a zip pairs two units of either model (:mod:`hubmerge.zipit`), an N-way permutation
+merge takes one unit of every model (:mod:`hubmerge.many`). Applying it follows the spec's table: along
+every axis that *produces* units (a layer's output rows, a bias, a norm's or layer scale's vector, a class
+token) the merged value is the weighted mean of its members, the merge matrix M; along every axis that
+*reads* units (a conv/linear weight's input columns) each endpoint's columns are summed into their merged
+units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge is built from its matchings
+directly; a zip builds its two virtual endpoints with them (:func:`hubmerge.zipit.virtual`).
+
+A member's weight is its model's weight ``w_m`` (``1−α`` and ``α`` for two endpoints); where a merged unit
+holds several units of one model or not every model, the weights are renormalised over its members (a
+pair within one model: ½ and ½).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .spec import Axis, PermutationSpec, positions
+
+Weights = tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Matching:
+    """One group's merged units: row p of ``members`` holds the indices of its units in the concatenation of
+    the endpoints' units (unit u of model m is ``m·width + u``); every unit of every model is in exactly one
+    row, so the merge keeps one endpoint's width."""
+
+    width: int
+    models: int
+    members: torch.Tensor
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """(k_A, m, k_B) as a partition reads it: every unit is merged."""
+        return 0, self.width, 0
+
+    @property
+    def within(self) -> tuple[int, ...]:
+        """Per model, how many merged units hold more than one of its units (zip's within-model pairs)."""
+        owner = self.members // self.width
+        return tuple(int(((owner == m).sum(1) > 1).sum()) for m in range(self.models))
+
+    def weights(self, w: Weights, dtype: torch.dtype) -> torch.Tensor:
+        """(width, members) weights: each member's model weight, renormalised where a merged unit does not
+        hold one unit of every model (equal weights where its models weigh 0 together)."""
+        owner = self.members // self.width
+        each = torch.tensor(w, dtype=dtype)[owner]
+        one_each = torch.stack([(owner == m).sum(1) == 1 for m in range(self.models)]).all(0)
+        total = each.sum(1, keepdim=True)
+        even = torch.full_like(each, 1.0 / each.shape[1])
+        renormalised = torch.where(total > 0, each / total.clamp_min(torch.finfo(dtype).tiny), even)
+        return torch.where(one_each[:, None], each, renormalised)
+
+    def targets(self, model: int) -> torch.Tensor:
+        """The merged unit each unit of ``model`` goes to (the unmerge matrix as an index)."""
+        out = torch.empty(self.width, dtype=torch.long)
+        rows = torch.arange(self.width)[:, None].expand_as(self.members)
+        mine = self.members // self.width == model
+        out[self.members[mine] - model * self.width] = rows[mine]
+        return out
+
+
+Matchings = dict[str, Matching]
+
+
+def is_matching(plans: dict) -> bool:
+    """Whether ``plans`` are matchings (an N-way merge) rather than partial plans."""
+    return bool(plans) and all(isinstance(p, Matching) for p in plans.values())
+
+
+def members(axis: Axis, matchings: Matchings, w: Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge matrix M of an axis as an index: per merged position, the positions of its members in the
+    endpoints' axes laid end to end, (positions, members), and their weights; fixed positions and groups
+    without a matching take every model's own position at its model weight."""
+    length, n = sum(seg.size for seg in axis), len(w)
+    index = torch.arange(length)[:, None] + length * torch.arange(n)
+    weight = torch.tensor(w, dtype=dtype).expand(length, n).clone()
+    start = 0
+    for seg in axis:
+        if seg.group in matchings:
+            match = matchings[seg.group]
+            if match.members.shape[1] != n:
+                raise UsageError(f"group {seg.group}: merged units of {match.members.shape[1]} members, {n} models")
+            rows = positions(seg, start)  # (width, repeat)
+            model, unit = match.members // match.width, match.members % match.width  # (width, members)
+            index[rows] = (rows[unit] + length * model[:, :, None]).transpose(1, 2)
+            weight[rows] = match.weights(w, dtype)[:, None, :]
+        start += seg.size
+    return index, weight
+
+
+def unmerge_index(axis: Axis, matchings: Matchings, model: int) -> torch.Tensor:
+    """The unmerge matrix U of one endpoint's axis as an index: the merged position each position goes to."""
+    out, start = torch.arange(sum(seg.size for seg in axis)), 0
+    for seg in axis:
+        if seg.group in matchings:
+            rows = positions(seg, start)
+            out[rows] = rows[matchings[seg.group].targets(model)]
+        start += seg.size
+    return out
+
+
+@dataclass(frozen=True)
+class MatchedLayout:
+    """An axis of a matched merge: REPAIR reads its per-position targets as it reads a partial
+    :class:`~hubmerge.partial.Layout`'s (every unit is merged; ``fixed`` positions are the logits')."""
+
+    axis: Axis
+    matchings: Matchings
+    fixed: torch.Tensor
+
+    @classmethod
+    def of(cls, axis: Axis, matchings: Matchings) -> MatchedLayout:
+        return cls(axis, matchings, torch.cat([torch.full((seg.size,), seg.group is None) for seg in axis]))
+
+    @property
+    def section(self) -> torch.Tensor:
+        return torch.ones(len(self.fixed), dtype=torch.long)
+
+    def combine(self, tensors: list[torch.Tensor], w: Weights, dim: int = 0) -> torch.Tensor:
+        """A per-position tensor of the merge from each endpoint's: every merged position's members, weighted."""
+        index, weight = members(self.axis, self.matchings, w, tensors[0].dtype)
+        shape = [1] * tensors[0].dim()
+        shape[dim] = -1
+        every = torch.cat(tensors, dim)
+        device = every.device
+        parts = [weight[:, s].view(shape).to(device) * every.index_select(dim, index[:, s].to(device))
+                 for s in range(index.shape[1])]
+        return reduce(torch.add, parts)
+
+
+def _reader_dims(model: nn.Module) -> dict[str, int]:
+    """weight key → the dim of its input units, for every conv/linear module (a transposed conv's is dim 0)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            out[f"{name}.weight" if name else "weight"] = 0 if getattr(m, "transposed", False) else 1
+    return out
+
+
+def _has_units(axis: Axis | None, matchings: Matchings) -> bool:
+    return bool(axis) and any(s.group in matchings for s in axis)
+
+
+def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.Module], w: Weights
+                  ) -> dict[str, torch.Tensor]:
+    """The state of the matched merge in the plain architecture (integer buffers from model 0): every
+    tensor's reading axis unmerged per endpoint, its producing axis merged (see the module docstring);
+    groups without a matching stay as they are, each position the weighted mean of the endpoints'."""
+    states = [m.state_dict() for m in models]
+    readers = _reader_dims(models[0])
+    out = {}
+    for key, first in states[0].items():
+        tensors = [s[key] for s in states]
+        if not first.is_floating_point():
+            out[key] = first
+            continue
+        axes = spec.axes.get(key) or ()
+        read = readers.get(key)
+        if read is not None and read < len(axes) and _has_units(axes[read], matchings):
+            tensors = [torch.zeros_like(t).index_add_(read, unmerge_index(axes[read], matchings, m).to(t.device), t)
+                       for m, t in enumerate(tensors)]
+        produce = [d for d, axis in enumerate(axes) if d != read and _has_units(axis, matchings)]
+        if len(produce) > 1:
+            raise UsageError(f"cannot merge {key} by matching: units lie on its dims {produce}, and only a "
+                             "conv/linear weight's input dim is known to read units")
+        if produce:
+            out[key] = MatchedLayout.of(axes[produce[0]], matchings).combine(tensors, w, produce[0])
+        else:
+            out[key] = reduce(torch.add, [wm * t for wm, t in zip(w, tensors)])
+    return out

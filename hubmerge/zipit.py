@@ -1,0 +1,157 @@
+"""Zip alignment (ZipIt!, Stoica et al. 2024): merge units *within* a model as well as across models.
+
+Two endpoints trained on different tasks carry features that are redundant inside one model as often as
+they match one in the other; ZipIt! merges the most correlated pairs of the concatenated features
+``[f_A ‖ f_B]`` whichever models they come from. Per group, a zip pairs the 2n units of A and B into n
+merged units, each a cross pair (an A unit and a B unit, weighted ``1−α`` and ``α``) or a within pair (two
+units of one model, averaged): a :class:`~hubmerge.matching.Matching`, which :mod:`hubmerge.matching`
+turns into merge and unmerge matrices along every axis of the spec.
+
+The zip is built as the merge of two *virtual endpoints* in its order (:func:`virtual`): A' takes each cross
+pair's A unit, B' its B unit, both take a within pair's mean, so ``(1−α)·A' + α·B'`` is the zip and every
+later stage (partitioned build, REPAIR, storage) treats it as a permutation merge of A' and B'. A *partial
+zip* (``zip_depth``, ZipIt!'s multi-head model) zips the groups of the first layers only and keeps the
+others apart, each endpoint's own (:func:`trunk`, :func:`plans`): depth 0 is the ensemble.
+
+Matching (our design, not ZipIt!'s code): within pairs are chosen greedily, most correlated first and
+without replacement, among pairs whose within-model correlation beats what either unit correlates with in
+the other model, at most ``⌊β·n/2⌋`` per model (a share β of each model's units) and as many in A as in B
+(so the merge keeps one endpoint's width); the units left are paired across models by linear assignment.
+β=0 is therefore exactly the permutation full merge (the same assignment), not ZipIt!'s greedy variant of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .alignment import lap
+from .errors import UsageError
+from .matching import MatchedLayout, Matching, Matchings, matched_state
+from .partial import GroupPlan
+from .spec import PermutationSpec
+from .statistics import Statistics
+
+log = logging.getLogger("hubmerge")
+
+
+def _within(corr: torch.Tensor, best_cross: torch.Tensor, limit: int) -> list[tuple[int, int]]:
+    """Greedy within-model pairs: most correlated first, each unit once, only where the pair's correlation
+    beats both units' best correlation with the other model; at most ``limit``."""
+    if limit == 0:
+        return []
+    n = corr.shape[0]
+    i, j = torch.triu_indices(n, n, 1)
+    value = corr[i, j]
+    ok = value > torch.maximum(best_cross[i], best_cross[j])
+    i, j, value = i[ok], j[ok], value[ok]
+    used, pairs = set(), []
+    for k in torch.argsort(value, descending=True, stable=True).tolist():
+        a, b = int(i[k]), int(j[k])
+        if a not in used and b not in used:
+            pairs.append((a, b))
+            used.update((a, b))
+            if len(pairs) == limit:
+                break
+    return pairs
+
+
+def match(cross: torch.Tensor, within_a: torch.Tensor | None, within_b: torch.Tensor | None, beta: float
+          ) -> Matching:
+    """The zip of one group (a :class:`~hubmerge.matching.Matching` of pairs: cross pairs first in A's unit
+    order, within-A pairs among them by their first unit, within-B pairs last) from its A×B correlations
+    and, where observed, its within-model ones (None: cross pairs only); see the module docstring."""
+    n = cross.shape[0]
+    limit = int(beta * n / 2 + 1e-9)
+    pairs_a = _within(within_a, cross.max(1).values, limit) if within_a is not None else []
+    pairs_b = _within(within_b, cross.max(0).values, limit) if within_b is not None else []
+    k = min(len(pairs_a), len(pairs_b))
+    pairs_a, pairs_b = pairs_a[:k], pairs_b[:k]
+    used_a, used_b = {u for p in pairs_a for u in p}, {u for p in pairs_b for u in p}
+    rest_a = torch.tensor([u for u in range(n) if u not in used_a], dtype=torch.long)
+    rest_b = torch.tensor([u for u in range(n) if u not in used_b], dtype=torch.long)
+    scores = cross if k == 0 else cross[rest_a][:, rest_b]
+    partner = rest_b[lap(scores)] if len(rest_a) else rest_b
+    front = sorted([(int(a), n + int(b)) for a, b in zip(rest_a, partner)] + pairs_a)
+    back = sorted((n + a, n + b) for a, b in pairs_b)
+    return Matching(n, 2, torch.tensor(front + back, dtype=torch.long))
+
+
+def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statistics, beta: float,
+         estimator: str = "pooled") -> Matchings:
+    """Per group, the zip of its units at within-model share ``beta``. ``scores`` are the A×B alignment
+    scores (the permutation merge's), so β=0 gives its assignment exactly; a group observed at no module
+    output has no within-model correlations and is paired across models only (the log says which)."""
+    if not 0.0 <= beta <= 1.0:
+        raise UsageError(f"zip_beta must be in [0, 1], got {beta}")
+    unseen = [g for g, grp in spec.groups.items() if not grp.observe]
+    if unseen and beta > 0:
+        log.warning("groups observed at no module output are zipped across models only: %s", ", ".join(unseen))
+    zips = {}
+    for g, grp in spec.groups.items():
+        seen = bool(grp.observe) and beta > 0
+        within = [stats.correlation(grp, estimator, pair) if seen else None for pair in ("aa", "bb")]
+        zips[g] = match(scores[g], *within, beta)
+    return zips
+
+
+def trunk(spec: PermutationSpec, depth: int | None) -> set[str]:
+    """The groups a zip to ``depth`` merges: those first written by one of the first ``depth`` layers of the
+    spec (forward order), or by none; the others are kept apart, each model's own (None: every group). An
+    attention's heads are zipped only where all their groups are (heads merge or stay apart whole)."""
+    if depth is None:
+        return set(spec.groups)
+    first: dict[str, int] = {}
+    for i, layer in enumerate(spec.layers):
+        for seg in layer.out_axis:
+            if seg.group is not None:
+                first.setdefault(seg.group, i)
+    zipped = {g for g in spec.groups if first.get(g, -1) < depth}
+    for heads in spec.heads:
+        if not zipped.issuperset(heads.groups):
+            zipped -= set(heads.groups)
+    return zipped
+
+
+def virtual(spec: PermutationSpec, zips: Matchings, model_a: nn.Module, model_b: nn.Module
+            ) -> tuple[nn.Module, nn.Module]:
+    """Two endpoints in the zip's merged order whose interpolation ``(1−α)·A' + α·B'`` is the zip at α:
+    A' takes a cross pair's A unit, B' its B unit, and both take a within pair's mean; every reading axis is
+    unmerged from its own model. Groups the zip leaves out are the endpoints' own, so a partial merge of
+    A' and B' (those groups kept apart) is a partial zip."""
+    out = []
+    for weights in ((1.0, 0.0), (0.0, 1.0)):
+        model = copy.deepcopy(model_a)
+        model.load_state_dict(matched_state(spec, zips, [model_a, model_b], weights))
+        out.append(model.eval())
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Per-unit mean and std of an output of a virtual endpoint (REPAIR's targets read nothing else)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def virtual_statistics(spec: PermutationSpec, zips: Matchings, stats: Statistics) -> Statistics:
+    """REPAIR's statistics of the virtual endpoints: each output's per-unit mean and std mapped as the zip
+    maps its units (a within pair's target is its two units' mean)."""
+    layers = [{}, {}]
+    for name in stats.layers_a:
+        at = MatchedLayout.of(spec.axes[f"{name}.weight"][0], zips)
+        for side, weights in zip(layers, ((1.0, 0.0), (0.0, 1.0))):
+            side[name] = Target(*(at.combine([getattr(m[name], s) for m in (stats.layers_a, stats.layers_b)],
+                                             weights) for s in ("mean", "std")))
+    return Statistics({}, layers[0], layers[1], stats.samples)
+
+
+def plans(spec: PermutationSpec, zipped: set[str]) -> dict[str, GroupPlan]:
+    """The partial plans that merge the virtual endpoints: zipped groups unit for unit, the others apart."""
+    return {g: GroupPlan.merged(grp.width) if g in zipped else GroupPlan.apart(grp.width)
+            for g, grp in spec.groups.items()}

@@ -1,0 +1,116 @@
+"""N-way merges (``merge_many``): two endpoints give the two-way merge bit for bit, permuted copies of one
+model merge back into it, REPAIR targets the weighted statistics of all endpoints, and the report covers
+every endpoint and their ensemble."""
+
+import pytest
+import torch
+
+import hubmerge
+import hubmerge.repair
+from hubmerge.api import Prepared
+from hubmerge.errors import UsageError
+from hubmerge.evaluate import evaluate
+from hubmerge.options import MergeOptions
+from hubmerge.repair import corrections
+from hubmerge.spec import permute_state
+from hubmerge.statistics import layer_moments
+
+from conftest import labelled, make
+from test_families import batch, make as make_family, relative
+
+
+def endpoints(name: str, count: int) -> tuple[list[torch.nn.Module], list]:
+    """``count`` endpoints and calibration batches: the test MLP without BatchNorm, or a family's tiny model."""
+    if name == "mlp":
+        return [make("mlp", s) for s in range(1, count + 1)], labelled("mlp", batches=3)
+    return [make_family(name, s) for s in range(1, count + 1)], [(batch(name, seed=s), None) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "swin"])
+def test_two_endpoints_give_the_two_way_merge_bit_for_bit(name):
+    (a, b), calib = endpoints(name, 2)
+    for repair in (None, "repair"):
+        two = hubmerge.merge(a, b, calib, repair=repair, alpha=0.3).model.state_dict()
+        many = hubmerge.merge_many([a, b], calib, repair=repair, alpha=0.3).model.state_dict()
+        assert many.keys() == two.keys() and all(torch.equal(many[k], v) for k, v in two.items()), repair
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit"])
+def test_permuted_copies_of_one_model_merge_back_into_it(name):
+    """Each copy's units in another random order: the N-way alignment finds every order, and the weighted
+    average of identical weights is the model (to rounding)."""
+    (a,), calib = endpoints(name, 1)
+    spec = Prepared(a, a, calib, MergeOptions(repair=None)).spec
+    copies = [a]
+    for seed in (5, 6, 7):
+        gen = torch.Generator().manual_seed(seed)
+        copy = make_family(name, 1) if name != "mlp" else make("mlp", 1)
+        perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
+        copy.load_state_dict(permute_state(spec, copy.state_dict(), perms))
+        copies.append(copy)
+    x = calib[0][0]
+    merged = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4]).model
+    assert relative(merged(x), a(x)) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["mlp", "swin"])
+def test_repair_targets_the_weighted_statistics_of_every_endpoint(name):
+    """Each corrected output's target is Σ_m w_m · (endpoint m's statistics of its unit matched there), computed
+    here from each endpoint's own pass for the outputs that hold one group, and REPAIR reaches it."""
+    models, calib = endpoints(name, 3)
+    weights = (0.5, 0.3, 0.2)
+    prepared = Prepared(*models[:2], calib, MergeOptions(repair="repair"), n_way=tuple(models[2:]), weights=weights)
+    model = prepared.build(prepared.matchings)
+    targets = corrections(model, prepared.matchings, prepared.many)
+    names = [c.name for c in targets]
+    own = [layer_moments(m, names, calib) for m in models]
+    model = hubmerge.repair.repair(model, prepared.matchings, prepared.many, calib)
+    got = layer_moments(model.net, names, calib)
+    checked = 0
+    for c in targets:
+        axis = prepared.spec.axes[f"{c.name}.weight"][0]
+        if len(axis) == 1 and axis[0].group is not None and axis[0].repeat == 1 and axis[0].order is None:
+            match = prepared.matchings[axis[0].group]
+            unit = match.members % match.width
+            for stat in ("mean", "std"):
+                want = sum(w * getattr(own[m][c.name], stat)[unit[:, m]] for m, w in enumerate(weights))
+                assert torch.allclose(getattr(c, stat), want, atol=1e-12, rtol=1e-12), (c.name, stat)
+            checked += 1
+        mean, std = got[c.name].mean, got[c.name].std
+        if c.order is not None:
+            mean, std = mean[c.order.argsort()], std[c.order.argsort()]
+        assert torch.allclose(mean[c.mask], c.mean[c.mask], atol=1e-8, rtol=1e-8), c.name
+        live = c.mask & (c.std > 1e-6)
+        assert torch.allclose(std[live], c.std[live], atol=1e-8, rtol=1e-8), c.name
+    assert checked
+
+
+def test_report_names_every_endpoint_and_weighs_the_ensemble():
+    models, calib = endpoints("mlp", 3)
+    evaluation = labelled("mlp", batches=2, n=5)
+    result = hubmerge.merge_many(models, calib, evaluation=evaluation, weights=[2, 1, 1])
+    metrics = result.report.metrics
+    assert list(metrics) == ["a", "b", "c", "ensemble", "full_merge", "merged"]
+    assert result.model.weights == (0.5, 0.25, 0.25)
+
+    class Average(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * models[0](x) + 0.25 * models[1](x) + 0.25 * models[2](x)
+
+    ensemble = evaluate(Average(), evaluation)
+    assert metrics["ensemble"].accuracy == ensemble.accuracy
+    assert abs(metrics["ensemble"].loss - ensemble.loss) <= 1e-12
+    expected = sum(w * metrics[k].accuracy for w, k in zip((0.5, 0.25, 0.25), "abc")) - metrics["merged"].accuracy
+    assert abs(result.report.barrier.accuracy - expected) <= 1e-12
+
+
+def test_what_an_n_way_merge_refuses():
+    models, calib = endpoints("mlp", 3)
+    for bad, message in ((dict(gamma=0.2), "full merges"), (dict(budget=0.1), "full merges"),
+                         (dict(align="zip"), "full merges"), (dict(weights=[1, 1]), "3 non-negative"),
+                         (dict(weights=[1, -1, 1]), "non-negative"), (dict(weights=[0, 0, 0]), "not all 0"),
+                         (dict(alpha=0.3), "alpha weighs two endpoints")):
+        with pytest.raises(UsageError, match=message):
+            hubmerge.merge_many(models, calib, **bad)
+    with pytest.raises(UsageError, match="at least two"):
+        hubmerge.merge_many(models[:1], calib)

@@ -1,0 +1,177 @@
+"""Zip alignment (ZipIt!): within-model pairs, the merge/unmerge matrices, REPAIR toward the pairs' statistics,
+partial zips.
+
+β=0 equals the permutation full merge bit for bit in every family (``tests/test_families.py``); here: the
+matching rule on hand-made correlations, the within-model correlations against numpy, a model zipped with
+itself, REPAIR's targets, partial zips from the ensemble to the full zip, saving and reloading, and what a
+zip refuses.
+"""
+
+import pytest
+import torch
+
+import hubmerge
+from hubmerge.api import Prepared
+from hubmerge.arch_specs import spec_for
+from hubmerge.errors import UsageError
+from hubmerge.evaluate import Ensemble
+from hubmerge.matching import Matching
+from hubmerge.options import MergeOptions
+from hubmerge.partitioned import PartialMergedModel
+from hubmerge.repair import corrections
+from hubmerge.statistics import collect, layer_moments
+from hubmerge.zipit import match
+
+from conftest import inputs, labelled, make
+from test_families import FAMILIES, batch, make as make_family, relative
+
+
+def pairs(z: Matching) -> set[tuple[int, ...]]:
+    return set(map(tuple, z.members.tolist()))
+
+
+def test_within_pairs_need_a_partner_in_both_models_and_beat_the_cross_match():
+    cross = torch.tensor([[0.6, 0.1, 0.0, 0.0], [0.1, 0.5, 0.0, 0.0], [0.0, 0.0, 0.7, 0.2], [0.0, 0.0, 0.2, 0.8]])
+    within_a = torch.eye(4)
+    within_a[0, 1] = within_a[1, 0] = 0.9  # A's units 0 and 1 are more alike than either is to any B unit
+    within_b = torch.eye(4)
+    within_b[2, 3] = within_b[3, 2] = 0.95
+    # β=0: the linear assignment, cross pairs only, in A's order
+    assert pairs(match(cross, within_a, within_b, 0.0)) == {(0, 4), (1, 5), (2, 6), (3, 7)}
+    # β=0.5 allows ⌊0.5·4/2⌋ = 1 pair per model: A's (0, 1) and B's (2, 3); A's 2, 3 take B's 0, 1
+    z = match(cross, within_a, within_b, 0.5)
+    assert pairs(z) == {(0, 1), (2, 4), (3, 5), (6, 7)} and z.within == (1, 1)
+    assert torch.equal(z.targets(0), torch.tensor([0, 0, 1, 2]))
+    assert torch.equal(z.targets(1), torch.tensor([1, 2, 3, 3]))
+    # a within pair in A alone would leave the merge wider than an endpoint: none is taken
+    assert match(cross, within_a, torch.eye(4), 1.0).within == (0, 0)
+    # a within pair that does not beat a unit's cross match is not taken
+    within_a[0, 1] = within_a[1, 0] = 0.55
+    assert match(cross, within_a, within_b, 1.0).within == (0, 0)
+
+
+def test_within_correlations_match_numpy():
+    a, b = make("mlp", 0), make("mlp", 1)
+    spec = spec_for(a)
+    x = inputs("mlp", 50)
+    stats = collect(a, b, spec, [x[:20], x[20:]], within=True)
+    feats = {}
+    hooks = [m.blocks[0].act.register_forward_hook(lambda _m, _i, o, k=k: feats.__setitem__(k, o))
+             for k, m in (("a", a), ("b", b))]
+    a(x), b(x)
+    for h in hooks:
+        h.remove()
+    grp = spec.groups["blocks.0.fc"]
+    for pair, key in (("aa", "a"), ("bb", "b")):
+        ref = torch.nan_to_num(torch.corrcoef(feats[key].T))
+        assert torch.allclose(stats.correlation(grp, pair=pair), ref, atol=1e-10)
+    with pytest.raises(UsageError, match="within=True"):
+        collect(a, b, spec, [x]).correlation(grp, pair="aa")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cifar_vgg", "convnext", "vit", "swin"])
+def test_a_model_zipped_with_itself_is_itself(name):
+    """On features that are distinct (no two units of one model correlate as a unit does with its copy),
+    every unit pairs with its own copy at any β; the families chosen have no unit constant on the data."""
+    a = make_family(name, 1)
+    calib = [(batch(name, seed=s), None) for s in (1, 2)]
+    x = batch(name)
+    for beta in (0.5, 1.0):
+        result = hubmerge.merge(a, make_family(name, 1), calib, align="zip", zip_beta=beta, repair=None)
+        assert all(w == [0, 0] for w in result.report.within.values())
+        assert relative(result.model(x), a(x)) <= 1e-10
+
+
+def endpoints(name: str) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+    """Two endpoints and calibration batches: the test MLP without BatchNorm, or a family's tiny model."""
+    if name == "mlp":
+        return make("mlp", 1), make("mlp", 2), labelled("mlp", batches=3)
+    return make_family(name, 1), make_family(name, 2), [(batch(name, seed=s), None) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "swin"])
+def test_repair_gives_zipped_units_their_pairs_statistics(name):
+    """REPAIR's target for a zipped unit is its pair's weighted mean/std (``1−α``, ``α`` across models, ½ and ½
+    within one), computed here from the endpoints' statistics for the outputs that hold one group, and the
+    repaired merge reaches it on the calibration data: a partitioned family, and one whose merge is held in
+    the plain architecture."""
+    a, b, calib = endpoints(name)
+    alpha = 0.3
+    prepared = Prepared(a, b, calib, MergeOptions(align="zip", zip_beta=1.0, repair="repair", alpha=alpha))
+    assert sum(sum(z.within) for z in prepared.matchings.values()) > 0  # some units zipped within their model
+    plans = prepared.plans(0.0)
+    targets = corrections(prepared.build(plans, repair=None), plans, prepared.merging_stats)
+    assert targets and all(c.norm is None for c in targets)  # corrections folded into the layers themselves
+    checked = 0
+    for c in targets:
+        axis = prepared.spec.axes[f"{c.name}.weight"][0]
+        if len(axis) == 1 and axis[0].group is not None and axis[0].repeat == 1 and axis[0].order is None:
+            z = prepared.matchings[axis[0].group]
+            model, unit = z.members // z.width, z.members % z.width
+            weight = z.weights((1 - alpha, alpha), torch.float64)
+            for stat in ("mean", "std"):
+                own = [getattr(m[c.name], stat) for m in (prepared.stats.layers_a, prepared.stats.layers_b)]
+                want = sum(weight[:, s] * torch.stack(own)[model[:, s], unit[:, s]] for s in range(2))
+                assert torch.allclose(getattr(c, stat), want, atol=1e-12, rtol=1e-12), (c.name, stat)
+            checked += 1
+    assert checked
+    model = prepared.build(plans)
+    got = layer_moments(model.net, [c.name for c in targets], calib)
+    for c in targets:
+        mean, std = got[c.name].mean, got[c.name].std
+        if c.order is not None:
+            mean, std = mean[c.order.argsort()], std[c.order.argsort()]
+        live = c.mask & (c.std > 1e-6)
+        assert torch.allclose(mean[c.mask], c.mean[c.mask], atol=1e-8, rtol=1e-8), c.name
+        assert torch.allclose(std[live], c.std[live], atol=1e-8, rtol=1e-8), c.name
+
+
+@pytest.mark.parametrize("name", ["mlp", "cifar_resnet", "vit", "convnext"])
+def test_a_partial_zip_runs_from_the_ensemble_to_the_full_zip(name, tmp_path):
+    """``zip_depth``: depth 0 keeps every group apart (the logit-averaged ensemble, float64 ≤1e-10), a depth
+    past the last layer is the full zip bit for bit, and one in between is smaller than the ensemble and
+    saves, reloads strictly and computes the same outputs."""
+    a, b = make_family(name, 1), make_family(name, 2)
+    calib = [(batch(name, seed=s), None) for s in (1, 2)]
+    x = batch(name)
+    ensemble = hubmerge.merge(a, b, calib, align="zip", zip_depth=0, repair=None)
+    assert relative(ensemble.model(x), Ensemble(a, b)(x)) <= 1e-10
+    full = hubmerge.merge(a, b, calib, align="zip", repair=None).model.state_dict()
+    layers = len(spec_for(a, FAMILIES[name].input_size).layers)
+    deep = hubmerge.merge(a, b, calib, align="zip", zip_depth=layers, repair=None).model.state_dict()
+    assert deep.keys() == full.keys() and all(torch.equal(deep[k], v) for k, v in full.items())
+    half = hubmerge.merge(a, b, calib, align="zip", zip_depth=layers // 2)
+    assert 0 < half.report.param_increase < ensemble.report.param_increase
+    half.model.save_pretrained(tmp_path)
+    loaded = PartialMergedModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded(x), half.model(x)) and loaded.settings["zip_depth"] == layers // 2
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet", "resnext"])
+def test_a_zipped_merge_saves_reloads_and_says_so(name, tmp_path):
+    """A zip of a partially mergeable family and of one held in the plain architecture (grouped convs)."""
+    a, b = make_family(name, 1), make_family(name, 2)
+    calib = [(batch(name, seed=s), None) for s in (1, 2)]
+    x = batch(name)
+    result = hubmerge.merge(a, b, calib, align="zip", zip_beta=0.5)
+    assert sum(sum(w) for w in result.report.within.values()) > 0
+    result.model.save_pretrained(tmp_path)
+    loaded = PartialMergedModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded(x), result.model(x))
+    assert loaded.settings["align"] == "zip" and loaded.settings["zip_beta"] == 0.5
+    card = (tmp_path / "README.md").read_text()
+    assert "ZipIt!" in card and "zip_beta" in card
+
+
+def test_what_a_zip_refuses():
+    a, b = make("mlp", 1), make("mlp", 2)
+    calib = labelled("mlp")
+    for bad, message in ((dict(gamma=0.3), "by depth only"), (dict(budget=0.1), "by depth only"),
+                         (dict(zip_beta=1.5), "zip_beta"), (dict(zip_depth=-1), "zip_depth")):
+        with pytest.raises(UsageError, match=message):
+            hubmerge.merge(a, b, calib, align="zip", **bad)
+    with pytest.raises(UsageError, match="zip_depth is a depth of zip alignment"):
+        hubmerge.merge(a, b, calib, zip_depth=2)
+    grouped = [make_family("resnext", s) for s in (1, 2)]
+    with pytest.raises(UsageError, match="partial zip"):  # the plain architecture holds full merges only
+        hubmerge.merge(*grouped, [(batch("resnext", seed=1), None)], align="zip", zip_depth=3)
