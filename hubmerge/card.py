@@ -137,8 +137,8 @@ def _depth(depth: int | None) -> str:
     """What a zip's depth means for the model's size."""
     if depth is None:
         return " Every group is zipped, so the model has one endpoint's size."
-    return (f" It is a partial zip: only the groups the first {depth} layers write are zipped; the later layers "
-            "are each endpoint's own (one head per model, their logits averaged), stored partitioned.")
+    return (f" It is a partial zip (`zip_depth` {depth}): only the groups its first layers write are zipped; the "
+            "later layers are each endpoint's own (one head per model, their logits averaged), stored partitioned.")
 
 
 def _within(report: MergeReport | None) -> str:
