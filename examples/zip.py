@@ -11,11 +11,15 @@ task's own classes.
     python examples/zip.py
     python examples/zip.py --pairs resnet-classes --betas 0.25 0.5
 
+Tables go to stdout, the plot of joint accuracy against parameter increase next to the results file
+(``examples/out/zip.png``).
+
 About 25 min here for all eight pairs once their endpoints are cached.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -80,6 +84,47 @@ def main() -> None:
             size = f"+{100 * r['params']:.0f}%, +{100 * r['flops']:.0f}%" if "params" in r else ""
             print(f"| {key} | {100 * r['joint']:.2f}% | {100 * r['0-4']:.2f}% | {100 * r['5-9']:.2f}% | "
                   f"{r.get('within', '')} | {size} |", flush=True)
+    panel = args.results.with_name("panel.json")
+    merges = json.loads(panel.read_text()) if panel.is_file() else {}
+    plot({n: done[n] for n in args.pairs}, merges if merges.get("run") == done["run"] else {},
+         args.results.with_suffix(".png"))
+
+
+def plot(results: dict, panel: dict, path) -> None:
+    """Joint accuracy against the parameter increase, one panel per pair: the permutation merge and the full
+    zips (at +0%), the partial zips, the ensemble (+100%), and hubmerge's benefit-allocated partial merges
+    with the default settings where ``panel`` (examples/panel.py's results on the same data) has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(results))
+    rows_of_panels = (len(results) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(4 * cols, 3.2 * rows_of_panels), squeeze=False)
+    for ax, (name, rows) in zip(axes.flat, results.items()):
+        zips = [r for k, r in rows.items() if k.startswith("zip")]
+        partial = sorted((r for k, r in rows.items() if k.startswith("partial")), key=lambda r: r["params"])
+        ax.plot([100 * r["params"] for r in partial], [100 * r["joint"] for r in partial], "o-", label="partial zip")
+        ax.scatter([0] * len(zips), [100 * r["joint"] for r in zips], marker="x", label="full zip (β)")
+        ax.scatter([0], [100 * rows["permute (full merge)"]["joint"]], marker="s", label="permute")
+        ax.scatter([100], [100 * rows["ensemble"]["joint"]], marker="*", s=80, label="ensemble")
+        cells = panel.get(name, {})
+        default = "reset, fill" if cells.get("endpoints", {}).get("bn") else "repair, fill"
+        budgets = sorted((c for k, c in cells.items() if k.startswith(f"{default} @ ")), key=lambda c: c["increase"])
+        if budgets:
+            ax.plot([100 * c["increase"] for c in budgets], [100 * c["accuracy"] for c in budgets], "d--",
+                    label="partial merge (benefit)")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("parameter increase (%)", fontsize=8)
+        ax.set_ylabel("joint accuracy (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"\nplot: {path}")
 
 
 if __name__ == "__main__":
