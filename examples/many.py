@@ -18,7 +18,7 @@ import torch
 import hubmerge
 from hubmerge.evaluate import evaluate
 
-from panel import PAIRS, load_results, pair_data, parser, save_results, trained  # examples/ is on the path
+from panel import PAIRS, each_pair, load_results, parser, save_results, trained  # examples/ is on the path
 
 
 class Average(torch.nn.Module):
@@ -37,12 +37,11 @@ def main() -> None:
                 [k for k, p in PAIRS.items() if p.split == "seeds"])
     args = ap.parse_args()
     done = load_results(args)
-    for name in args.pairs:
-        pair = PAIRS[name]
-        train, evaluation, calib = pair_data(pair, args)
+    for name, pair, train, evaluation, calib in each_pair(args):
         models = [m for seeds in ((0, 1), (2, 3)) for m in trained(pair, train, args, seeds)]
         rows = done.setdefault(name, {})
-        rows.setdefault("endpoints", [evaluate(m, evaluation).accuracy for m in models])
+        if "endpoints" not in rows:  # measured once, kept with the results
+            rows["endpoints"] = [evaluate(m, evaluation).accuracy for m in models]
         for n in (2, 3, 4):
             if str(n) not in rows:
                 t0 = time.perf_counter()

@@ -163,10 +163,13 @@ def _data(img_size: int, train_samples: int, eval_samples: int):
     return train, demo.subset(demo.load("fashion-mnist", "test", img_size), eval_samples, seed=2)
 
 
-def pair_data(pair: Pair, args: argparse.Namespace):
-    """(training set, evaluation set, calibration subset of the training set) of a pair's image size."""
-    train, evaluation = _data(pair.img_size, args.train_samples, args.eval_samples)
-    return train, evaluation, demo.subset(train, args.calib_samples, seed=1)
+def each_pair(args: argparse.Namespace):
+    """For every pair of ``--pairs``: (name, pair, training set, evaluation set, calibration subset of the
+    training set), the data at the pair's image size."""
+    for name in args.pairs:
+        pair = PAIRS[name]
+        train, evaluation = _data(pair.img_size, args.train_samples, args.eval_samples)
+        yield name, pair, train, evaluation, demo.subset(train, args.calib_samples, seed=1)
 
 
 def trained(pair: Pair, train, args: argparse.Namespace, seeds: tuple[int, int] = (0, 1)) -> list[torch.nn.Module]:
@@ -182,9 +185,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.22])
     args = ap.parse_args()
     done = load_results(args)
-    for name in args.pairs:
-        pair = PAIRS[name]
-        train, evaluation, calib = pair_data(pair, args)
+    for name, pair, train, evaluation, calib in each_pair(args):
         a, b = trained(pair, train, args)
         ma, mb = evaluate(a, evaluation), evaluate(b, evaluation)
         cells = done.setdefault(name, {})

@@ -29,7 +29,7 @@ from hubmerge.arch_specs import spec_for
 from hubmerge.data import as_batches, batches
 from hubmerge.evaluate import Ensemble
 
-from panel import PAIRS, load_results, pair_data, parser, save_results, trained  # examples/ is on the path
+from panel import PAIRS, each_pair, load_results, parser, save_results, trained  # examples/ is on the path
 
 TASKS = {"0-4": torch.arange(5), "5-9": torch.arange(5, 10)}
 
@@ -58,13 +58,12 @@ def main() -> None:
                     help="partial zips (at the default zip_beta) to these fractions of the layers")
     args = ap.parse_args()
     done = load_results(args)
-    for name in args.pairs:
-        pair = PAIRS[name]
-        train, evaluation, calib = pair_data(pair, args)
+    for name, pair, train, evaluation, calib in each_pair(args):
         a, b = trained(pair, train, args)
         rows = done.setdefault(name, {})
         for key, model in (("A", a), ("B", b), ("ensemble", Ensemble(a, b))):
-            rows.setdefault(key, accuracies(model, evaluation))
+            if key not in rows:  # measured once, kept with the results
+                rows[key] = accuracies(model, evaluation)
         layers = len(spec_for(a, tuple(calib.tensors[0].shape[1:])).layers)
         runs = {("permute (full merge)" if beta == 0 else f"zip β={beta:g}"): dict(zip_beta=beta)
                 for beta in [0.0, *args.betas]}

@@ -24,7 +24,7 @@ from .cost import CostModel
 from .data import Preprocess, as_batches, batches
 from .distributed import require_everywhere
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
-from .evaluate import Barrier, Metrics, evaluate, evaluate_all, weighted_barrier
+from .evaluate import Barrier, Metrics, endpoint_names, evaluate, evaluate_all, weighted_barrier
 from .matching import Matchings
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
@@ -166,14 +166,14 @@ class Prepared:
                 zipped = zipit.trunk(self.spec, options.zip_depth)
                 if zipped != set(self.spec.groups):
                     partial.check_widenable(self.spec, "a partial zip (zip_depth)")
-                zips = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta, options.correlation)
-                self.matchings = {g: z for g, z in zips.items() if g in zipped}
+                self.matchings = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta,
+                                            options.correlation, zipped)
                 self.zip_plans = zipit.plans(self.spec, zipped)
                 self.merging = zipit.virtual(self.spec, self.matchings, self.model_a, self.model_b)
                 self.merging_stats = zipit.virtual_statistics(self.spec, self.matchings, self.stats)
             elif n_way is not None:
                 self.matchings = many.align(self.spec, self.many, [m.state_dict() for m in self.models],
-                                            options.correlation)
+                                            options.correlation, self.scores)
         self.costs = CostModel(self.spec, self.model_a, self.input_size)
         self._plans: dict = {}
 
@@ -262,7 +262,7 @@ def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any
     full merge with and without the correction, and this merge; and its barrier."""
     o = prepared.options
     data = prepared.batches(evaluation)
-    names = [chr(ord("a") + i) for i in range(len(prepared.models))]
+    names = endpoint_names(len(prepared.models))
     full = prepared.full_merge_plans()
     candidates = {**dict(zip(names, prepared.models)), "full_merge": prepared.build(full, repair=None, endpoints=True)}
     if o.repair is not None and prepared.many is None:  # an N-way merge corrected is this merge

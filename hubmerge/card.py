@@ -18,6 +18,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
+from .evaluate import endpoint_names
 
 if TYPE_CHECKING:
     from .api import MergeReport
@@ -197,7 +198,7 @@ def plot(report: MergeReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = report.metrics
-    ref = sum(w * m[chr(ord("a") + i)].accuracy for i, w in enumerate(report.weights))
+    ref = sum(w * m[k].accuracy for k, w in zip(endpoint_names(len(report.weights)), report.weights))
     points = [("full merge", 0.0, m["full_merge"]), ("this merge", report.param_increase, m["merged"]),
               ("ensemble", 1.0, m["ensemble"])]
     if "full_merge_repair" in m:
@@ -220,7 +221,7 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     recipe. ``datasets``: calibration and evaluation references, ``evaluation`` the latter (its results go
     to ``model-index`` when it is a Hub dataset)."""
     ends = model.endpoints or {}
-    keys = [chr(ord("a") + i) for i in range(len(model.weights))]  # a, b (and c, … of an N-way merge)
+    keys = endpoint_names(len(model.weights))  # a, b (and c, … of an N-way merge)
     named = [_endpoint(ends.get(k, {}), f"endpoint {k.upper()}") for k in keys]
     hub_models = [h for h in (_hub_id(ends.get(k, {}).get("id")) for k in keys) if h]
     hub_data = [h for h in map(_hub_id, datasets) if h]

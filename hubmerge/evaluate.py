@@ -14,6 +14,11 @@ from .distributed import total
 from .errors import DataError
 
 
+def endpoint_names(count: int) -> list[str]:
+    """``a``, ``b``, ``c``, …: how reports, cards and saved configs name ``count`` endpoints, in their order."""
+    return [chr(ord("a") + i) for i in range(count)]
+
+
 @dataclass(frozen=True)
 class Metrics:
     accuracy: float

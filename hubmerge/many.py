@@ -55,13 +55,15 @@ def _to_others(group: Group, stats: ManyStatistics, perms: list[dict[str, torch.
 
 
 def align(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, torch.Tensor]],
-          estimator: str = "pooled") -> Matchings:
+          estimator: str = "pooled", scores_b: dict[str, torch.Tensor] | None = None) -> Matchings:
     """One matching per group of every endpoint's units (see the module docstring); ``estimator`` is the
-    correlation estimate of the first assignment to the reference."""
+    correlation estimate of the first assignment to the reference, ``scores_b`` endpoint 1's scores against
+    it where the caller has them already (the two-way alignment's)."""
     n = len(states)
     perms = [{g: torch.arange(grp.width) for g, grp in spec.groups.items()}]
     for m in range(1, n):
-        scores = activation_scores(spec, stats.pairs[(0, m)], states[0], states[m], estimator)
+        scores = scores_b if m == 1 and scores_b is not None else activation_scores(
+            spec, stats.pairs[(0, m)], states[0], states[m], estimator)
         perms.append({g: lap(s) for g, s in scores.items()})
     observed = [grp for grp in spec.groups.values() if grp.observe]
     for _ in range(SWEEPS if n > 2 else 0):

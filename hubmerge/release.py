@@ -23,6 +23,7 @@ from . import card
 from .api import MergeReport, merge, merge_many
 from .data import HFImages, Preprocess, check_request, load_dataset_ref
 from .distributed import is_main, session
+from .evaluate import endpoint_names
 from .errors import UsageError
 from .hub import load_endpoint, remote_errors, split_revision
 from .options import MergeOptions
@@ -164,7 +165,8 @@ def _run(refs: tuple[str, ...], weights: tuple[float, ...] | None, calib: DataRe
     download_s = time.perf_counter() - t0
     pre = Preprocess.from_model(loaded[0].model, **(preprocess or {}))
     data = dict(evaluation=_dataset(evaluation, pre, opts.seed), preprocess=pre,
-                endpoints={chr(ord("a") + i): e.describe() for i, e in enumerate(loaded)}, **opts.model_dump())
+                endpoints={k: e.describe() for k, e in zip(endpoint_names(len(loaded)), loaded)},
+                **opts.model_dump())
     if len(loaded) > 2:
         result = merge_many([e.model for e in loaded], _dataset(calib, pre, opts.seed), weights=weights, **data)
     else:

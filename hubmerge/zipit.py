@@ -82,17 +82,19 @@ def match(cross: torch.Tensor, within_a: torch.Tensor | None, within_b: torch.Te
 
 
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statistics, beta: float,
-         estimator: str = "pooled") -> Matchings:
-    """Per group, the zip of its units at within-model share ``beta``. ``scores`` are the A×B alignment
-    scores (the permutation merge's), so β=0 gives its assignment exactly; a group observed at no module
-    output has no within-model correlations and is paired across models only (the log says which)."""
+         estimator: str = "pooled", groups: set[str] | None = None) -> Matchings:
+    """Per group (of ``groups``: those :func:`trunk` zips; None: all), the zip of its units at within-model
+    share ``beta``. ``scores`` are the A×B alignment scores (the permutation merge's), so β=0 gives its
+    assignment exactly; a group observed at no module output has no within-model correlations and is paired
+    across models only (the log says which)."""
     if not 0.0 <= beta <= 1.0:
         raise UsageError(f"zip_beta must be in [0, 1], got {beta}")
-    unseen = [g for g, grp in spec.groups.items() if not grp.observe]
+    chosen = {g: grp for g, grp in spec.groups.items() if groups is None or g in groups}
+    unseen = [g for g, grp in chosen.items() if not grp.observe]
     if unseen and beta > 0:
         log.warning("groups observed at no module output are zipped across models only: %s", ", ".join(unseen))
     zips = {}
-    for g, grp in spec.groups.items():
+    for g, grp in chosen.items():
         seen = bool(grp.observe) and beta > 0
         within = [stats.correlation(grp, estimator, pair) if seen else None for pair in ("aa", "bb")]
         zips[g] = match(scores[g], *within, beta)

@@ -6,6 +6,7 @@ from hubmerge.errors import DataError, UsageError
 from hubmerge.statistics import collect
 
 from conftest import inputs, make
+from helpers import first_block_features
 
 
 def test_two_half_passes_equal_one_full_pass():
@@ -27,13 +28,8 @@ def test_correlation_matches_numpy_on_one_point():
     spec = spec_for(a)
     x = inputs("mlp", 50)
     stats = collect(a, b, spec, [x])
-    feats = {}
-    hooks = [m.blocks[0].act.register_forward_hook(lambda _m, _i, o, k=k: feats.__setitem__(k, o))
-             for k, m in (("a", a), ("b", b))]
-    a(x), b(x)
-    for h in hooks:
-        h.remove()
-    ref = torch.corrcoef(torch.cat([feats["a"].T, feats["b"].T]))[:10, 10:]
+    fa, fb = first_block_features(a, b, x=x)
+    ref = torch.corrcoef(torch.cat([fa.T, fb.T]))[:10, 10:]
     ref = torch.nan_to_num(ref)
     assert torch.allclose(stats.correlation(spec.groups["blocks.0.fc"]), ref, atol=1e-6)
 

@@ -23,6 +23,7 @@ from hubmerge.statistics import collect, layer_moments
 from hubmerge.zipit import match
 
 from conftest import inputs, labelled, make
+from helpers import first_block_features
 from test_families import FAMILIES, batch, make as make_family, relative
 
 
@@ -55,15 +56,9 @@ def test_within_correlations_match_numpy():
     spec = spec_for(a)
     x = inputs("mlp", 50)
     stats = collect(a, b, spec, [x[:20], x[20:]], within=True)
-    feats = {}
-    hooks = [m.blocks[0].act.register_forward_hook(lambda _m, _i, o, k=k: feats.__setitem__(k, o))
-             for k, m in (("a", a), ("b", b))]
-    a(x), b(x)
-    for h in hooks:
-        h.remove()
     grp = spec.groups["blocks.0.fc"]
-    for pair, key in (("aa", "a"), ("bb", "b")):
-        ref = torch.nan_to_num(torch.corrcoef(feats[key].T))
+    for pair, feats in zip(("aa", "bb"), first_block_features(a, b, x=x)):
+        ref = torch.nan_to_num(torch.corrcoef(feats.T))
         assert torch.allclose(stats.correlation(grp, pair=pair), ref, atol=1e-10)
     with pytest.raises(UsageError, match="within=True"):
         collect(a, b, spec, [x]).correlation(grp, pair="aa")
