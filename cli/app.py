@@ -7,6 +7,7 @@ stdout and nothing else there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -264,9 +265,11 @@ def run(
 def _print_report(result) -> None:
     r = result.report
     if r.metrics:
-        typer.echo(f"{'model':20s} {'accuracy':>9s} {'loss':>8s}")
+        tasks = [t["name"] for t in r.tasks]  # separate tasks: each on its own samples and outputs
+        typer.echo(f"{'model':20s} {'accuracy':>9s} {'loss':>8s}" + "".join(f" {'task ' + t:>9s}" for t in tasks))
         for name, m in r.metrics.items():
-            typer.echo(f"{name:20s} {100 * m.accuracy:8.2f}% {m.loss:8.4f}")
+            per_task = "".join(f" {100 * m.tasks[t].accuracy:8.2f}%" if t in m.tasks else f" {'':9s}" for t in tasks)
+            typer.echo(f"{name:20s} {100 * m.accuracy:8.2f}% {m.loss:8.4f}{per_task}")
         typer.echo(f"barrier: {100 * r.barrier.accuracy:.2f} pp accuracy, {r.barrier.loss:.4f} loss")
     typer.echo(f"size: +{100 * r.param_increase:.1f}% parameters, +{100 * r.flop_increase:.1f}% FLOPs "
                f"over one endpoint ({r.endpoint_params:,} parameters)")
@@ -301,7 +304,8 @@ def eval_cmd(
     quiet: bool = typer.Option(False),
     debug: bool = typer.Option(False),
 ) -> None:
-    """Accuracy and cross-entropy of an endpoint or a merged model."""
+    """Accuracy and cross-entropy of an endpoint or a merged model (and per task, for a merge of separate
+    tasks: labels index its joint outputs, each task's accuracy is on its samples and its own outputs)."""
     _setup(quiet, json_out)
     try:
         from hubmerge.data import HFImages, Preprocess, load_dataset_ref
@@ -314,11 +318,12 @@ def eval_cmd(
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if json_out:
-        typer.echo(json.dumps({"model": model, "accuracy": metrics.accuracy, "loss": metrics.loss,
-                               "samples": metrics.samples}))
-    else:
-        typer.echo(f"{model}: accuracy {100 * metrics.accuracy:.2f}%, loss {metrics.loss:.4f} "
-                   f"({metrics.samples} samples)")
+        typer.echo(json.dumps({"model": model, **dataclasses.asdict(metrics)}))
+        return
+    typer.echo(f"{model}: accuracy {100 * metrics.accuracy:.2f}%, loss {metrics.loss:.4f} "
+               f"({metrics.samples} samples)")
+    for task, m in metrics.tasks.items():
+        typer.echo(f"  task {task}: accuracy {100 * m.accuracy:.2f}%, loss {m.loss:.4f} ({m.samples} samples)")
 
 
 @app.command()
@@ -356,6 +361,7 @@ def inspect(
                 row["flops"] = report.groups[row["name"]].flops
             info["increase"] = costs.increase(net.partition)
             info["endpoints"] = net.endpoints
+            info["tasks"] = [t.to_dict() for t in net.tasks or ()]
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if json_out:
@@ -380,6 +386,9 @@ def inspect(
     if merged:
         inc = info["increase"]
         typer.echo(f"increase over one endpoint: +{100 * inc['params']:.1f}% parameters, +{100 * inc['flops']:.1f}% FLOPs")
+        for t in info["tasks"]:
+            last = t["start"] + t["classes"] - 1
+            typer.echo(f"task {t['name']}: outputs {t['start']}–{last} ({t['classes']} classes)")
 
 
 @app.command()

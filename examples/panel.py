@@ -48,7 +48,9 @@ MLP = dict(depth=3, width=256, in_chans=1, img_size=28, num_classes=10)
 class Pair:
     architecture: str
     model_args: dict
-    split: str = "seeds"  # seeds: both on all data; classes: disjoint class halves; biased: 80/20 class mix
+    # seeds: both on all data; classes: disjoint class halves (10-way heads); tasks: the same halves, each endpoint
+    # with a 5-way head of its own classes (B's labels 0-4 are classes 5-9); biased: 80/20 class mix
+    split: str = "seeds"
 
     @property
     def img_size(self) -> int:
@@ -102,8 +104,9 @@ def split(train: torch.utils.data.TensorDataset, kind: str, seed: int = 0):
         return None
     x, y = train.tensors
     low = y < 5
-    if kind == "classes":
-        return demo.TensorDataset(x[low], y[low]), demo.TensorDataset(x[~low], y[~low])
+    if kind in ("classes", "tasks"):
+        offset = 5 if kind == "tasks" else 0  # own 5-way heads: B's labels count from its first class
+        return demo.TensorDataset(x[low], y[low]), demo.TensorDataset(x[~low], y[~low] - offset)
     # biased: each sample goes to A with probability 0.8 for classes 0-4 and 0.2 for 5-9, else to B
     to_a = torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < torch.where(low, 0.8, 0.2)
     return demo.TensorDataset(x[to_a], y[to_a]), demo.TensorDataset(x[~to_a], y[~to_a])
@@ -163,11 +166,11 @@ def _data(img_size: int, train_samples: int, eval_samples: int):
     return train, demo.subset(demo.load("fashion-mnist", "test", img_size), eval_samples, seed=2)
 
 
-def each_pair(args: argparse.Namespace):
-    """For every pair of ``--pairs``: (name, pair, training set, evaluation set, calibration subset of the
-    training set), the data at the pair's image size."""
+def each_pair(args: argparse.Namespace, pairs: dict[str, Pair] = PAIRS):
+    """For every pair of ``--pairs`` (names in ``pairs``): (name, pair, training set, evaluation set, calibration
+    subset of the training set), the data at the pair's image size."""
     for name in args.pairs:
-        pair = PAIRS[name]
+        pair = pairs[name]
         train, evaluation = _data(pair.img_size, args.train_samples, args.eval_samples)
         yield name, pair, train, evaluation, demo.subset(train, args.calib_samples, seed=1)
 

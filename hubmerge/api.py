@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import alignment, build as build_stage, many, partial, repair as repair_stage, zipit
+from . import alignment, build as build_stage, many, partial, repair as repair_stage, tasks as task_stage, zipit
 from .arch_specs import architecture_of, input_size_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
 from .distributed import require_everywhere
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
-from .evaluate import Barrier, Metrics, endpoint_names, evaluate, evaluate_all, weighted_barrier
+from .evaluate import Barrier, Ensemble, Metrics, endpoint_names, evaluate, evaluate_all, weighted_barrier
 from .matching import Matchings
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
@@ -50,6 +50,7 @@ class MergeReport:
     trace: list[dict] = field(default_factory=list)
     within: dict[str, list[int]] = field(default_factory=dict)  # zip: per group, pairs within A and within B
     weights: list[float] = field(default_factory=list)  # the endpoints' weights (1−α, α for two)
+    tasks: list[dict] = field(default_factory=list)  # separate tasks: each endpoint's outputs (Task.to_dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,11 +116,21 @@ def _recorded_preprocess(model: nn.Module) -> Preprocess | None:
 class Prepared:
     """An endpoint pair with its spec, calibration statistics, alignment scores and cost model; with
     ``n_way`` (the further endpoints, possibly none) the N-way merge of all of them, weighted by ``weights``
-    (``matchings``)."""
+    (``matchings``). Endpoints of separate tasks (``tasks``) are held answering all of them
+    (:func:`hubmerge.tasks.joint`)."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, calibration: Any, options: MergeOptions,
                  endpoints: dict | None = None, preprocess: Preprocess | None = None,
                  n_way: tuple[nn.Module, ...] | None = None, weights: tuple[float, ...] | None = None):
+        given = [model_a, model_b, *(n_way or ())]
+        self.tasks = task_stage.resolve(given, endpoint_names(len(given)), options.tasks)
+        self.classifier: tuple[str, ...] = ()  # separate tasks: the state keys whose rows are the outputs
+        if self.tasks:
+            task_stage.check_weights(weights or (1 - options.alpha, options.alpha))
+            joint = [task_stage.joint(m, t, self.tasks) for m, t in zip(given, self.tasks)]
+            self.classifier = joint[0][1]
+            model_a, model_b = joint[0][0], joint[1][0]
+            n_way = None if n_way is None else tuple(m for m, _ in joint[2:])
         repair = repair_stage.resolve(options.repair, model_a)
         if repair != options.repair:
             log.info("repair=%r is %r for this model", options.repair, repair)
@@ -145,6 +156,7 @@ class Prepared:
                             "give some, or use align='weight' with repair=None for a data-free merge")
         self.input_size = self._input_size()
         self.spec = spec_for(model_a, self.input_size)
+        self.costs = CostModel(self.spec, self.model_a, self.input_size)
         self.stats = self.many = None
         if self.calibration is not None:
             with self.timed("statistics"):
@@ -163,6 +175,8 @@ class Prepared:
             # the endpoints merged and their REPAIR statistics: a zip merges virtual endpoints in its order
             self.merging, self.merging_stats = (self.model_a, self.model_b), self.stats
             if options.align == "zip":
+                if options.budget is not None:
+                    self.options = options = self._zip_depth(options)
                 zipped = zipit.trunk(self.spec, options.zip_depth)
                 if zipped != set(self.spec.groups):
                     partial.check_widenable(self.spec, "a partial zip (zip_depth)")
@@ -174,8 +188,33 @@ class Prepared:
             elif n_way is not None:
                 self.matchings = many.align(self.spec, self.many, [m.state_dict() for m in self.models],
                                             options.correlation, self.scores)
-        self.costs = CostModel(self.spec, self.model_a, self.input_size)
         self._plans: dict = {}
+        self._owned: dict[tuple, list[nn.Module]] = {}
+
+    def _zip_depth(self, options: MergeOptions) -> MergeOptions:
+        """The options with the zip depth a budget affords: the least depth (the most layers kept apart) whose
+        partial zip costs at most the budget, in the budget's unit; the budget is then spent."""
+        if options.budget:
+            partial.check_widenable(self.spec, "a budget")
+        layers = len(self.spec.layers)
+        for depth in range(layers + 1):  # the full zip (depth = layers) costs nothing: the loop always stops
+            plans = zipit.plans(self.spec, zipit.trunk(self.spec, depth))
+            increase = self.costs.increase(self.partition(plans))[options.budget_unit]
+            if increase <= options.budget + 1e-12:
+                break
+        log.info("budget %g: a partial zip to depth %d of %d (+%.1f%% %s)", options.budget, depth, layers,
+                 100 * increase, options.budget_unit)
+        return MergeOptions.combine(options, {"zip_depth": depth, "budget": None})
+
+    @property
+    def ensemble_weights(self) -> tuple[float, ...]:
+        """The endpoints' weights in their ensemble: the merge's, or 1 each for separate tasks, whose outputs
+        lie side by side (each endpoint answers only its own)."""
+        return (1.0,) * len(self.models) if self.tasks else tuple(self.weights)
+
+    def ensemble(self) -> nn.Module:
+        """The endpoints' logit ensemble, the ceiling of a partial merge."""
+        return Ensemble(*self.models, weights=self.ensemble_weights)
 
     def batches(self, data: Any):
         """User data as batches, preprocessed like the endpoints when it is a ``datasets.Dataset`` (tensors
@@ -230,11 +269,18 @@ class Prepared:
         n_way = self.many is not None
         models, stats = (self.models, self.many or self.stats) if endpoints else (
             [*self.merging, *self.models[2:]], self.many or self.merging_stats)
+        if self.tasks:  # each task's classifier rows keep their own endpoint's values
+            w = tuple(self.weights) if n_way else (1 - alpha, alpha)
+            key = (endpoints, w)
+            if key not in self._owned:
+                self._owned[key] = task_stage.owned(models, self.tasks, self.classifier, w)
+            models = self._owned[key]
         model = build_stage.build(
             self.spec, plans, *models, architecture=self.architecture,
             model_args=self.model_args, alpha=alpha, cross=o.cross, endpoints=self.endpoints,
             settings=o.model_dump(mode="json"), preprocess=self.preprocess.to_dict() if self.preprocess else None,
             input_size=list(self.input_size), weights=list(self.weights) if n_way else None,
+            tasks=[t.to_dict() for t in self.tasks] if self.tasks else None,
         )
         return repair_stage.apply(model, method, plans, stats, self.calibration,
                                   unmerged=o.repair_unmerged, device=o.device, memory=o.activation_bytes)
@@ -269,17 +315,19 @@ def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any
         candidates["full_merge_repair"] = prepared.build(full, endpoints=True)
     candidates["merged"] = model
     # one pass for all: the ensemble's logits come from the endpoints' (issue 13: evaluation shares work)
-    found = evaluate_all(candidates, data, o.device, {"ensemble": dict(zip(names, prepared.weights))},
-                         progress="evaluating")
+    found = evaluate_all(candidates, data, o.device, {"ensemble": dict(zip(names, prepared.ensemble_weights))},
+                         progress="evaluating", tasks=prepared.tasks)
     order = [*names, "ensemble", "full_merge", "full_merge_repair", "merged"]
     metrics = {k: found[k] for k in order if k in found}
-    return metrics, weighted_barrier([metrics[k] for k in names], prepared.weights, metrics["merged"])
+    return metrics, weighted_barrier([metrics[k] for k in names], prepared.weights, metrics["merged"], prepared.tasks)
 
 
-def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, evaluation: Any = None,
-          endpoints: dict | None = None, preprocess: Preprocess | None = None, options: MergeOptions | None = None,
-          **overrides: Any) -> MergeResult:
-    """Merge two endpoints of one architecture, partially or fully, and report what it measured.
+def merge(model_a: nn.Module | list[nn.Module], model_b: nn.Module | Any = None, calibration: Any = None, *,
+          evaluation: Any = None, endpoints: dict | None = None, preprocess: Preprocess | None = None,
+          options: MergeOptions | None = None, weights: list[float] | None = None, **overrides: Any) -> MergeResult:
+    """Merge two endpoints of one architecture, partially or fully, and report what it measured; or a list
+    of endpoints, ``merge([m1, m2, m3, …], calibration, weights=…)``: two as this two-way merge (``weights``
+    then set α), three or more as :func:`merge_many`'s N-way full merge.
 
     ``calibration`` / ``evaluation``: a torch DataLoader (or iterable of batches), a torch Dataset, or a
     ``datasets.Dataset`` (preprocessed as ``preprocess`` says, by default from the endpoint's
@@ -289,9 +337,25 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
     comes from the allocator; otherwise ``gamma`` (scalar or per group) is used as given. γ=0 everywhere is
     the full merge, whose ``model.materialize()`` is a plain timm model of the endpoints' architecture.
     """
+    if isinstance(model_a, (list, tuple)):
+        if calibration is not None:
+            raise UsageError("merge([models], calibration, ...): the calibration data follows the list of models")
+        models, given = list(model_a), dict(evaluation=evaluation, endpoints=endpoints, preprocess=preprocess,
+                                             options=options)
+        if len(models) != 2:
+            return merge_many(models, model_b, weights=weights, **given, **overrides)
+        if weights is not None:
+            if "alpha" in overrides:
+                raise UsageError("give weights or alpha, not both: two endpoints' weights set alpha")
+            _check_endpoint_weights(weights, 2)
+            overrides["alpha"] = weights[1] / sum(weights)
+        return merge(models[0], models[1], model_b, **given, **overrides)
+    if weights is not None:
+        raise UsageError("weights weigh a list of endpoints, merge([m1, m2, ...], ...); two weigh 1−alpha and alpha")
     opts = MergeOptions.combine(options, overrides)
     t0 = time.perf_counter()
     prepared = Prepared(model_a, model_b, calibration, opts, endpoints, preprocess)
+    opts = prepared.options  # as the endpoints resolve them (a zip spends its budget on its depth)
     allocation, trace, method, epsilon = [], [], None, None
     if opts.budget:
         partial.check_widenable(prepared.spec, "a budget")
@@ -306,6 +370,11 @@ def merge(model_a: nn.Module, model_b: nn.Module, calibration: Any = None, *, ev
         plans = prepared.plans(gamma, method, epsilon)
         model = prepared.build(plans)
     return _finish(prepared, plans, model, evaluation, t0, allocation, trace)
+
+
+def _check_endpoint_weights(weights: list[float], count: int) -> None:
+    if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError(f"weights must be {count} non-negative numbers, not all 0, got {weights}")
 
 
 def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = None,
@@ -329,8 +398,7 @@ def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = N
         raise UsageError("alpha weighs two endpoints; weigh three or more with weights=[...] (default equal)")
     if weights is None:
         weights = [1 / len(models)] * len(models) if len(models) > 2 else [1 - opts.alpha, opts.alpha]
-    if len(weights) != len(models) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UsageError(f"weights must be {len(models)} non-negative numbers, not all 0, got {weights}")
+    _check_endpoint_weights(weights, len(models))
     weights = tuple(w / sum(weights) for w in weights) if abs(sum(weights) - 1) > 1e-12 else tuple(weights)
     t0 = time.perf_counter()
     prepared = Prepared(models[0], models[1], calibration, opts, endpoints, preprocess, n_way=tuple(models[2:]),
@@ -355,6 +423,7 @@ def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluati
         partition={g: list(s) for g, s in prepared.partition(plans).items()},
         options=prepared.options.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation,
         trace=trace, within=_within(prepared), weights=list(prepared.weights),
+        tasks=[t.to_dict() for t in prepared.tasks or ()],
         timings=prepared.timings,
     )
     return MergeResult(model, report)

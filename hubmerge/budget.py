@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .data import batches, progress_bar
 from .distributed import total
 from .errors import UsageError
-from .evaluate import Ensemble, logits
+from .evaluate import logits
 from .partial import choices
 from .repair import CORRECTS, RESETS, Sweep, shared_prefix
 
@@ -60,7 +60,7 @@ class Scorer:
             raise UsageError(f"score={self.kind!r} needs labelled calibration data; use score='agreement'")
         self.labels = torch.cat(labels) if has_labels else None
         if self.kind == "agreement":
-            ens = logits(Ensemble(prepared.model_a, prepared.model_b, o.alpha), data, o.device)
+            ens = logits(prepared.ensemble(), data, o.device)
             self.target = F.log_softmax(ens, 1)
 
     def __call__(self, out: torch.Tensor) -> float:

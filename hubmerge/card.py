@@ -18,7 +18,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
-from .evaluate import endpoint_names
+from .evaluate import endpoint_names, weighted_barrier
+from .tasks import Task
 
 if TYPE_CHECKING:
     from .api import MergeReport
@@ -69,7 +70,7 @@ TEMPLATE = """---
 # {title}
 
 {what}
-
+{tasks}
 ## Method and settings
 
 | setting | value |
@@ -81,9 +82,7 @@ Endpoints: {endpoints}.
 ## Metrics
 {metrics}
 
-The *barrier* is how much worse the merge is than its endpoints: the α-weighted mean of the endpoints'
-accuracy minus the merge's (percentage points), and the merge's cross-entropy minus the endpoints' weighted
-mean. Lower is better; 0 means no loss, and the ensemble is usually below 0.
+{barrier}
 
 ## Allocation per group
 {allocation}
@@ -152,12 +151,48 @@ def _within(report: MergeReport | None) -> str:
             "B; the rest pair a unit of A with one of B.")
 
 
+BARRIER = """The *barrier* is how much worse the merge is than its endpoints: the α-weighted mean of the endpoints'
+accuracy minus the merge's (percentage points), and the merge's cross-entropy minus the endpoints' weighted
+mean. Lower is better; 0 means no loss, and the ensemble is usually below 0."""
+
+TASK_BARRIER = """Joint accuracy and loss are over all outputs; a task's accuracy is on that task's samples with only
+its own outputs competing. The *barrier* is how much worse the merge is than its endpoints, each on its own
+task: the weighted mean over tasks of the endpoint's task accuracy minus the merge's (percentage points), and
+of the merge's task cross-entropy minus the endpoint's. Lower is better; 0 means no loss."""
+
+TASKS = """
+## Tasks
+
+The endpoints answer separate tasks, so their classifiers are kept apart: the model's outputs are each task's
+outputs side by side, each computed by its own endpoint's classifier from the merged features
+(`model.split(logits)` gives them per task; `model.tasks` says which are whose).
+
+| task (endpoint) | outputs | classes | labels |
+|---|---|---|---|
+{rows}
+"""
+
+
+def _tasks(model: PartialMergedModel) -> str:
+    """The card's table of which outputs answer which endpoint's task (nothing for one task)."""
+    if not model.tasks:
+        return ""
+    rows = []
+    for t in model.tasks:
+        labels = ", ".join(t.labels[:10]) + (", …" if len(t.labels) > 10 else "") if t.labels else ""
+        rows.append(f"| {t.name} | {t.start}–{t.start + t.classes - 1} | {t.classes} | {labels} |")
+    return TASKS.format(rows="\n".join(rows))
+
+
 def _metrics(report: MergeReport) -> str:
     if not report.metrics:
         return "No evaluation data was given."
-    rows = ["| model | accuracy | loss |", "|---|---|---|"]
+    tasks = [t["name"] for t in report.tasks]
+    rows = ["| model | " + ("joint accuracy" if tasks else "accuracy") + " | loss |"
+            + "".join(f" task {t} |" for t in tasks), "|---|---|---|" + "---|" * len(tasks)]
     for name, m in report.metrics.items():
-        rows.append(f"| {name} | {100 * m.accuracy:.2f}% | {m.loss:.4f} |")
+        per_task = "".join(f" {100 * m.tasks[t].accuracy:.2f}% |" if t in m.tasks else " |" for t in tasks)
+        rows.append(f"| {name} | {100 * m.accuracy:.2f}% | {m.loss:.4f} |{per_task}")
     if "full_merge_repair" in report.metrics:
         rows.append(f"\n`full_merge_repair`: the full merge corrected as this merge was (`repair="
                     f"{report.options.get('repair')!r}`).")
@@ -198,14 +233,16 @@ def plot(report: MergeReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = report.metrics
-    ref = sum(w * m[k].accuracy for k, w in zip(endpoint_names(len(report.weights)), report.weights))
+    names = endpoint_names(len(report.weights))
+    tasks = tuple(Task.from_dict(t) for t in report.tasks) or None
     points = [("full merge", 0.0, m["full_merge"]), ("this merge", report.param_increase, m["merged"]),
               ("ensemble", 1.0, m["ensemble"])]
     if "full_merge_repair" in m:
         points.insert(1, (f"full merge + {report.options.get('repair', 'REPAIR')}", 0.0, m["full_merge_repair"]))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, x, met in points:
-        ax.scatter(100 * x, 100 * (ref - met.accuracy), label=name, s=50)
+        bar = weighted_barrier([m[k] for k in names], tuple(report.weights), met, tasks).accuracy
+        ax.scatter(100 * x, 100 * bar, label=name, s=50)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("non-zero parameter increase (%)")
     ax.set_ylabel("accuracy barrier (pp)")
@@ -244,6 +281,7 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
         a=named[0][0], b=named[1][0], names=names, hubmerge=HUBMERGE, version=__version__, within=_within(report),
         depth=_depth(settings.get("zip_depth")),
         weights=", ".join(f"{w:.3g}" for w in model.weights))
+    tasks = _tasks(model)
     data = ModelCardData(
         base_model=hub_models or None, base_model_relation="merge" if hub_models else None,
         library_name="hubmerge", pipeline_tag="image-classification",
@@ -261,7 +299,8 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     else:
         metrics = _metrics(report)
     text = TEMPLATE.format(
-        card_data=data.to_yaml(), title=title, what=what, settings="\n".join(rows),
+        card_data=data.to_yaml(), title=title, what=what, tasks=tasks, settings="\n".join(rows),
+        barrier=TASK_BARRIER if model.tasks else BARRIER,
         endpoints=", ".join(f"{k.upper()} = {prov}" for k, (_, prov) in zip(keys, named)), metrics=metrics,
         allocation=_allocation(model.spec, model.partition, report.allocation if report is not None else []),
         recipe="" if recipe is None else ("\n## Recipe (reproduce with `hubmerge run --config recipe.yaml`)\n\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import reduce
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from .data import Batches, Preprocess, as_batches, batches
 from .distributed import total
 from .errors import DataError
+from .tasks import Task
 
 
 def endpoint_names(count: int) -> list[str]:
@@ -21,9 +22,14 @@ def endpoint_names(count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Metrics:
+    """Accuracy and mean cross-entropy over every output; for a model of separate tasks also ``tasks``: per
+    task, the same on that task's samples with only its own outputs competing (a task without samples in the
+    data is left out)."""
+
     accuracy: float
     loss: float
     samples: int
+    tasks: dict[str, Metrics] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -36,14 +42,18 @@ class Barrier:
 
 
 class Ensemble(nn.Module):
-    """The logit average (1−α)·f_A + α·f_B, the reference ceiling of a partial merge."""
+    """The logit average (1−α)·f_A + α·f_B, the reference ceiling of a partial merge; of any number of models
+    with ``weights`` (the endpoints of separate tasks, each answering its own outputs, weigh 1 each)."""
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module, alpha: float = 0.5):
+    def __init__(self, *models: nn.Module, alpha: float = 0.5, weights: tuple[float, ...] | None = None):
         super().__init__()
-        self.model_a, self.model_b, self.alpha = model_a, model_b, alpha
+        self.members = nn.ModuleList(models)
+        self.weights = tuple(weights) if weights is not None else (1 - alpha, alpha)
+        if len(self.weights) != len(models):
+            raise ValueError(f"{len(models)} models, {len(self.weights)} weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 - self.alpha) * self.model_a(x) + self.alpha * self.model_b(x)
+        return reduce(torch.add, [w * m(x) for w, m in zip(self.weights, self.members)])
 
 
 @torch.no_grad()
@@ -78,38 +88,47 @@ def _check_labels(y: torch.Tensor | None, classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_all(models: dict[str, nn.Module], data: Batches, device: torch.device | str = "cpu",
-                 ensembles: dict[str, dict[str, float]] | None = None, progress: str | bool = False
-                 ) -> dict[str, Metrics]:
+                 ensembles: dict[str, dict[str, float]] | None = None, progress: str | bool = False,
+                 tasks: tuple[Task, ...] | None = None) -> dict[str, Metrics]:
     """Accuracy and cross-entropy of several models in one pass over labelled batches (the data is read and
     preprocessed once). ``ensembles[name] = {a: 1−α, b: α}`` scores the weighted logit average of models
-    (for two, (1−α)·a + α·b as :class:`Ensemble` computes it) from their logits, without running them again."""
-    ensembles = ensembles or {}
+    (for two, (1−α)·a + α·b as :class:`Ensemble` computes it) from their logits, without running them again.
+    With ``tasks`` (models of separate tasks, labels indexing their joint outputs), each task is also scored
+    on its own samples and outputs."""
+    ensembles, tasks = ensembles or {}, tasks or ()
     for m in models.values():
         m.eval().to(device)
-    tally = {name: _Tally() for name in [*models, *ensembles]}
+    names = [*models, *ensembles]
+    tally = {(name, task): _Tally() for name in names for task in [None, *tasks]}
     for x, y in batches(data, device, progress):
         outs = {name: m(x) for name, m in models.items()}
         outs.update({name: reduce(torch.add, [w * outs[k] for k, w in parts.items()])
                      for name, parts in ensembles.items()})
         y = _check_labels(y, next(iter(outs.values())).shape[1])
         for name, out in outs.items():
-            tally[name].add(out, y)
+            tally[name, None].add(out, y)
+            for task in tasks:
+                mine = (y >= task.start) & (y < task.start + task.classes)
+                tally[name, task].add(out[mine][:, task.outputs], y[mine] - task.start)
     # each process tallied its own batches (one all-reduce for every model's sums)
     sums = total(torch.tensor([[t.correct, t.loss, t.n] for t in tally.values()], dtype=torch.float64))[0]
     if not tally or sums[0, 2] == 0:
         raise DataError("evaluation data is empty")
-    return {name: Metrics(c / n, loss / n, int(n)) for name, (c, loss, n) in zip(tally, sums.tolist())}
+    found = {key: (c / n, loss / n, int(n)) for key, (c, loss, n) in zip(tally, sums.tolist()) if n}
+    return {name: Metrics(*found[name, None], tasks={t.name: Metrics(*found[name, t]) for t in tasks
+                                                      if (name, t) in found}) for name in names}
 
 
 def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu",
              progress: str | bool = False, batch_size: int = 256) -> Metrics:
     """Top-1 accuracy and mean cross-entropy on labelled data (a DataLoader, a torch Dataset, or a
-    ``datasets.Dataset`` preprocessed from the model's ``pretrained_cfg``)."""
+    ``datasets.Dataset`` preprocessed from the model's ``pretrained_cfg``); per task too for a merge of
+    separate tasks (its ``tasks``)."""
     if type(data).__module__.startswith("datasets"):
         data = as_batches(data, preprocess=Preprocess.from_model(model), batch_size=batch_size)
     else:
         data = as_batches(data, batch_size=batch_size)
-    return evaluate_all({"model": model}, data, device, progress=progress)["model"]
+    return evaluate_all({"model": model}, data, device, progress=progress, tasks=getattr(model, "tasks", None))["model"]
 
 
 def barrier(a: Metrics, b: Metrics, merged: Metrics, alpha: float = 0.5) -> Barrier:
@@ -117,8 +136,19 @@ def barrier(a: Metrics, b: Metrics, merged: Metrics, alpha: float = 0.5) -> Barr
     return weighted_barrier([a, b], (1 - alpha, alpha), merged)
 
 
-def weighted_barrier(endpoints: list[Metrics], weights: tuple[float, ...], merged: Metrics) -> Barrier:
-    """Accuracy and loss barrier of ``merged`` against the endpoints' weighted mean (an N-way merge's)."""
+def weighted_barrier(endpoints: list[Metrics], weights: tuple[float, ...], merged: Metrics,
+                     tasks: tuple[Task, ...] | None = None) -> Barrier:
+    """Accuracy and loss barrier of ``merged`` against the endpoints' weighted mean (an N-way merge's); for
+    separate ``tasks``, of its per-task figures against each endpoint's on its own task (the weighted mean
+    over the tasks the data has)."""
+    if tasks:
+        have = [(w, m.tasks[t.name], merged.tasks[t.name]) for w, m, t in zip(weights, endpoints, tasks)
+                if t.name in merged.tasks]
+        if not have:
+            raise DataError("the evaluation data has no samples of any task")
+        norm = sum(w for w, _, _ in have)
+        return Barrier(accuracy=sum(w * (own.accuracy - got.accuracy) for w, own, got in have) / norm,
+                       loss=sum(w * (got.loss - own.loss) for w, own, got in have) / norm)
     return Barrier(
         accuracy=sum(w * m.accuracy for w, m in zip(weights, endpoints)) - merged.accuracy,
         loss=merged.loss - sum(w * m.loss for w, m in zip(weights, endpoints)),

@@ -197,8 +197,10 @@ def load_endpoint(ref: str, revision: str | None = None, *, token=None, device: 
         args = dict(config.get("model_args") or {})
         if "num_classes" in config:
             args.setdefault("num_classes", config["num_classes"])
+        # timm's config keeps the class names at its top level (timm.models.load_model_config_from_hf)
+        labels = {k: config[k] for k in ("label_names", "label_descriptions") if k in config}
         model = build_model(config["architecture"], args,
-                            {**(config.get("pretrained_cfg") or {}), "architecture": config["architecture"]})
+                            {**(config.get("pretrained_cfg") or {}), **labels, "architecture": config["architecture"]})
     else:
         raise CheckpointError(f"{ref}: {CONFIG} has no 'architecture' (timm format); for a "
                               "PyTorchModelHubMixin repo pass its model class")

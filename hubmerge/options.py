@@ -30,7 +30,11 @@ class MergeOptions(BaseModel):
     zip_depth: Optional[int] = Field(
         None, ge=0, description="zip: merge the groups the first N layers write (forward order, as hubmerge "
                                 "inspect lists them) and keep the later ones apart, each model's own: a partial "
-                                "zip (0 = the ensemble); none = every group")
+                                "zip (0 = the ensemble); none = every group, or the least depth a budget affords")
+    tasks: Literal["auto", "shared", "separate"] = Field(
+        "auto", description="the endpoints' classifiers: shared (one task, logits averaged), separate (one "
+                            "output per task, side by side), auto (separate where class counts or label names "
+                            "differ)")
     # measured on the panel of examples/panel.py (README "Defaults"): with BatchNorm, RESET has the better mean
     # rank by accuracy barrier; without, REPAIR is the only variant
     repair: Optional[Literal["auto", "repair", "reset", "reset_repair"]] = Field(
@@ -86,9 +90,11 @@ class MergeOptions(BaseModel):
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.budget is not None and not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget must be in [0, 1] (0 = full merge, 1 = ensemble), got {self.budget}")
-        if self.align == "zip" and (self.budget or any(gammas)):
-            raise ValueError("align='zip' keeps units apart by depth only (zip_depth), not by gamma or budget: "
-                             "leave gamma at 0 and budget unset, or use align='activation' for a partial merge")
+        if self.align == "zip" and any(gammas):
+            raise ValueError("align='zip' keeps units apart by depth only (zip_depth, or the depth a budget "
+                             "affords), not by gamma: leave gamma at 0, or use align='activation' for a partial merge")
+        if self.zip_depth is not None and self.budget is not None:
+            raise ValueError("give zip_depth or a budget, not both: with align='zip' a budget chooses the depth")
         if self.zip_depth is not None and self.align != "zip":
             raise ValueError(f"zip_depth is a depth of zip alignment; it means nothing with align={self.align!r}")
         return self

@@ -37,10 +37,11 @@ from torch.func import functional_call
 from . import __version__
 from .arch_specs import build_model, spec_for
 from .arch_specs.attention import HEAD_COUNTS
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .hub import load_checkpoint
 from .partial import Sizes, sections
-from .spec import Layer, PermutationSpec
+from .spec import Layer
+from .tasks import Task, union_labels
 
 BLOCKS = ("whole", "a_side", "shared_from_b", "b_only")
 Extent = tuple[tuple[int, int], tuple[int, int]]
@@ -252,17 +253,19 @@ class PartialMergedModel(
 
     ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
     ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``, ``input_size``, and for an N-way merge
-    the endpoints' ``weights``) is enough to rebuild the empty model, so :meth:`from_pretrained` needs nothing
-    but the repo; loading is strict and safetensors-only. ``preprocess`` (``input_size``, ``mean``, ``std``,
-    as the endpoints were fed) overrides the architecture's defaults in ``pretrained_cfg``. ``input_size``
-    (C, H, W) is the size the merge was calibrated and its spec traced at, which for a model built with
-    ``img_size`` differs from timm's default cfg.
+    the endpoints' ``weights``, for endpoints of separate tasks their ``tasks``: which outputs are whose) is
+    enough to rebuild the empty model, so :meth:`from_pretrained` needs nothing but the repo; loading is strict
+    and safetensors-only. ``preprocess`` (``input_size``, ``mean``, ``std``, as the endpoints were fed)
+    overrides the architecture's defaults in ``pretrained_cfg``. ``input_size`` (C, H, W) is the size the
+    merge was calibrated and its spec traced at, which for a model built with ``img_size`` differs from timm's
+    default cfg.
     """
 
     def __init__(self, architecture: str, model_args: dict, partition: dict[str, list[int]],
                  alpha: float = 0.5, cross: str = "interpolate", endpoints: dict | None = None,
                  settings: dict | None = None, preprocess: dict | None = None, input_size: list[int] | None = None,
-                 weights: list[float] | None = None, hubmerge_version: str = __version__):
+                 weights: list[float] | None = None, tasks: list[dict] | None = None,
+                 hubmerge_version: str = __version__):
         super().__init__()
         self.architecture, self.model_args = architecture, dict(model_args)
         self.alpha, self.cross = alpha, cross
@@ -270,6 +273,8 @@ class PartialMergedModel(
         self.weights = tuple(weights) if weights else (1 - alpha, alpha)
         self.endpoints, self.settings, self.preprocess = endpoints or {}, settings or {}, preprocess
         self.input_size = list(input_size) if input_size else None
+        # separate tasks: which outputs answer which endpoint's task (None: one task, the logits averaged)
+        self.tasks = tuple(Task.from_dict(t) for t in tasks) if tasks else None
         self.hubmerge_version = hubmerge_version
         net = build_model(architecture, self.model_args)
         self.spec = spec_for(net, tuple(input_size) if input_size else None)
@@ -279,6 +284,9 @@ class PartialMergedModel(
         # the endpoints' input preprocessing, not the architecture's default, so evaluating the merge
         # normalises data as the merge itself was measured
         self.pretrained_cfg = {**getattr(net, "pretrained_cfg", {}), **(preprocess or {})}
+        labels = union_labels(self.tasks) if self.tasks else None
+        if labels:
+            self.pretrained_cfg["label_names"] = labels
         self.net = net.eval()
 
     def _check_partition(self, partition: dict[str, list[int]]) -> dict[str, Sizes]:
@@ -327,6 +335,12 @@ class PartialMergedModel(
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def split(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs of a model of separate tasks, per task (named after its endpoint: ``a``, ``b``, …)."""
+        if not self.tasks:
+            raise UsageError("this merge answers one task: its logits are not split by task")
+        return {t.name: logits[:, t.outputs] for t in self.tasks}
 
     @torch.no_grad()
     def plan_execution(self, x: torch.Tensor, repeats: int = 7) -> dict[str, str]:

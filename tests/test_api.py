@@ -61,11 +61,12 @@ def test_different_architectures_are_refused():
         hubmerge.merge(make("mlp", 0), make("timm_resnet18", 0), labelled("mlp"))
 
 
-def test_different_class_counts_are_refused():
+def test_different_class_counts_are_separate_tasks_and_refused_as_one():
     a = timm.create_model("hubmerge_mlp", depth=1, width=4, img_size=6, num_classes=3)
     b = timm.create_model("hubmerge_mlp", depth=1, width=4, img_size=6, num_classes=5)
     with pytest.raises(IncompatibleModelsError, match="class counts"):
-        hubmerge.merge(a, b, [torch.randn(2, 1, 6, 6)])
+        hubmerge.merge(a, b, [torch.randn(2, 1, 6, 6)], tasks="shared")
+    assert hubmerge.merge(a, b, [torch.randn(2, 1, 6, 6)]).model.model_args["num_classes"] == 8
 
 
 def test_model_that_timm_cannot_rebuild_is_refused():

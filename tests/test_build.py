@@ -16,7 +16,7 @@ def test_gamma_one_everywhere_is_the_logit_averaged_ensemble(case, cross, alpha)
     p = prepared(case, alpha=alpha, cross=cross)
     model = p.build(p.plans(1.0), repair=None)
     x = inputs(case)
-    ensemble = Ensemble(p.model_a, p.model_b, alpha)(x)
+    ensemble = Ensemble(p.model_a, p.model_b, alpha=alpha)(x)
     assert (model(x) - ensemble).abs().max() <= 1e-10
     assert all(s[1] == 0 for s in model.partition.values())
 

@@ -114,3 +114,19 @@ def test_what_an_n_way_merge_refuses():
             hubmerge.merge_many(models, calib, **bad)
     with pytest.raises(UsageError, match="at least two"):
         hubmerge.merge_many(models[:1], calib)
+
+
+def test_merge_takes_a_list_of_endpoints():
+    """``merge([m1, m2, m3], calib, weights=...)`` is ``merge_many``; a list of two is the two-way merge, its
+    weights setting α (which then takes partial merges too)."""
+    models, calib = endpoints("mlp", 3)
+    listed = hubmerge.merge(models, calib, repair=None, weights=[1, 2, 3]).model.state_dict()
+    many = hubmerge.merge_many(models, calib, repair=None, weights=[1, 2, 3]).model.state_dict()
+    assert all(torch.equal(many[k], v) for k, v in listed.items())
+    two = hubmerge.merge(models[:2], calib, gamma=0.5, weights=[1, 3]).model.state_dict()
+    pair = hubmerge.merge(*models[:2], calib, gamma=0.5, alpha=0.75).model.state_dict()
+    assert all(torch.equal(pair[k], v) for k, v in two.items())
+    with pytest.raises(UsageError, match="weights or alpha"):
+        hubmerge.merge(models[:2], calib, weights=[1, 3], alpha=0.2)
+    with pytest.raises(UsageError, match="weights weigh a list"):
+        hubmerge.merge(*models[:2], calib, weights=[1, 3])

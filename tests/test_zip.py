@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hubmerge
+from hubmerge import zipit
 from hubmerge.api import Prepared
 from hubmerge.arch_specs import spec_for
 from hubmerge.errors import UsageError
@@ -161,7 +162,7 @@ def test_a_zipped_merge_saves_reloads_and_says_so(name, tmp_path):
 def test_what_a_zip_refuses():
     a, b = make("mlp", 1), make("mlp", 2)
     calib = labelled("mlp")
-    for bad, message in ((dict(gamma=0.3), "by depth only"), (dict(budget=0.1), "by depth only"),
+    for bad, message in ((dict(gamma=0.3), "by depth only"), (dict(budget=0.1, zip_depth=1), "not both"),
                          (dict(zip_beta=1.5), "zip_beta"), (dict(zip_depth=-1), "zip_depth")):
         with pytest.raises(UsageError, match=message):
             hubmerge.merge(a, b, calib, align="zip", **bad)
@@ -170,3 +171,28 @@ def test_what_a_zip_refuses():
     grouped = [make_family("resnext", s) for s in (1, 2)]
     with pytest.raises(UsageError, match="partial zip"):  # the plain architecture holds full merges only
         hubmerge.merge(*grouped, [(batch("resnext", seed=1), None)], align="zip", zip_depth=3)
+    with pytest.raises(UsageError, match="a budget needs partial merging"):
+        hubmerge.merge(*grouped, [(batch("resnext", seed=1), None)], align="zip", budget=0.5)
+
+
+@pytest.mark.parametrize("unit", ["params", "flops"])
+def test_a_budget_buys_the_least_zip_depth_it_affords(unit):
+    """With a budget a zip keeps apart as many of the last layers as the budget pays for: its depth is the least
+    whose partial zip costs at most the budget, and the merge is that depth's partial zip bit for bit."""
+    name = "cifar_resnet"
+    a, b = make_family(name, 1), make_family(name, 2)
+    calib = [(batch(name, seed=s), None) for s in (1, 2)]
+    p = Prepared(a, b, calib, MergeOptions(align="zip", repair=None))
+    layers = len(p.spec.layers)
+    cost = {d: p.costs.increase(p.partition(zipit.plans(p.spec, zipit.trunk(p.spec, d))))[unit]
+            for d in range(layers + 1)}
+    budget = (cost[layers // 2] + cost[layers // 2 - 1]) / 2  # between two depths' costs
+    bought = hubmerge.merge(a, b, calib, align="zip", budget=budget, budget_unit=unit, repair=None)
+    depth = bought.report.options["zip_depth"]
+    assert cost[depth] <= budget < cost[depth - 1] and bought.report.options["budget"] is None
+    same = hubmerge.merge(a, b, calib, align="zip", zip_depth=depth, repair=None)
+    assert getattr(same.report, f"{unit[:-1]}_increase") == cost[depth]
+    same = same.model.state_dict()
+    assert all(torch.equal(same[k], v) for k, v in bought.model.state_dict().items())
+    full = hubmerge.merge(a, b, calib, align="zip", budget=0.0, repair=None)
+    assert full.report.options["zip_depth"] == min(d for d in cost if cost[d] <= 1e-12)
