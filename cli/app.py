@@ -361,7 +361,7 @@ def inspect(
                 row["flops"] = report.groups[row["name"]].flops
             info["increase"] = costs.increase(net.partition)
             info["endpoints"] = net.endpoints
-            info["tasks"] = [t.to_dict() for t in net.tasks or ()]
+            info["tasks"] = [{**t.to_dict(), "outputs": t.span} for t in net.tasks or ()]
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
     if json_out:
@@ -387,8 +387,7 @@ def inspect(
         inc = info["increase"]
         typer.echo(f"increase over one endpoint: +{100 * inc['params']:.1f}% parameters, +{100 * inc['flops']:.1f}% FLOPs")
         for t in info["tasks"]:
-            last = t["start"] + t["classes"] - 1
-            typer.echo(f"task {t['name']}: outputs {t['start']}–{last} ({t['classes']} classes)")
+            typer.echo(f"task {t['name']}: outputs {t['outputs']} ({t['classes']} classes)")
 
 
 @app.command()

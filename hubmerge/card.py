@@ -180,7 +180,7 @@ def _tasks(model: PartialMergedModel) -> str:
     rows = []
     for t in model.tasks:
         labels = ", ".join(t.labels[:10]) + (", …" if len(t.labels) > 10 else "") if t.labels else ""
-        rows.append(f"| {t.name} | {t.start}–{t.start + t.classes - 1} | {t.classes} | {labels} |")
+        rows.append(f"| {t.name} | {t.span} | {t.classes} | {labels} |")
     return TASKS.format(rows="\n".join(rows))
 
 

@@ -128,7 +128,8 @@ def evaluate(model: nn.Module, data: Batches, device: torch.device | str = "cpu"
         data = as_batches(data, preprocess=Preprocess.from_model(model), batch_size=batch_size)
     else:
         data = as_batches(data, batch_size=batch_size)
-    return evaluate_all({"model": model}, data, device, progress=progress, tasks=getattr(model, "tasks", None))["model"]
+    tasks = getattr(model, "tasks", None)  # a merge of separate tasks
+    return evaluate_all({"model": model}, data, device, progress=progress, tasks=tasks)["model"]
 
 
 def barrier(a: Metrics, b: Metrics, merged: Metrics, alpha: float = 0.5) -> Barrier:

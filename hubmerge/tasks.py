@@ -43,6 +43,11 @@ class Task:
     def outputs(self) -> slice:
         return slice(self.start, self.start + self.classes)
 
+    @property
+    def span(self) -> str:
+        """Its outputs as the card and ``hubmerge inspect`` show them: ``first–last``."""
+        return f"{self.start}–{self.start + self.classes - 1}"
+
     def to_dict(self) -> dict:
         return {"name": self.name, "start": self.start, "classes": self.classes,
                 "labels": list(self.labels) if self.labels else None}
