@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from timm.layers.attention import Attention
+from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 
@@ -32,4 +33,7 @@ class HeadCount:
 # exact classes: a subclass may compute its shapes differently
 HEAD_COUNTS: dict[type, HeadCount] = {
     Attention: HeadCount("num_heads", ("attn_dim",)),  # ViT, DeiT, MobileViT's transformer blocks
+    # Swin: its forward sizes heads from num_heads (the window mask too) and reads its relative position bias
+    # table whole, which the partitioned model widens along heads (Heads.tables)
+    WindowAttention: HeadCount("num_heads"),
 }

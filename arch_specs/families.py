@@ -1,9 +1,9 @@
 """The families hubmerge is tested on, each with a tiny timm configuration, and the support level the
 family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
 be widened; attention heads merge or stay apart whole), ``full`` = full merges (γ=0) with exact invariants;
-widening these groups needs partitioned versions of the constructs named by ``hubmerge inspect`` (grouped
-convs, channel slices and splits, channel-and-token mixing, attention with per-head tables or rotary dims),
-which are not built yet.
+widening these groups needs partitioned versions of the constructs named by ``hubmerge inspect`` (channel
+slices and splits, channel-and-token mixing, attention with rotary dims or biases other than one per-head
+table, weight-standardised convs), which are not built yet.
 """
 
 from __future__ import annotations
@@ -30,24 +30,29 @@ FAMILIES = {
     "cifar_resnet": Family("hubmerge_resnet20", dict(), (3, 16, 16), "partial"),
     "resnet": Family("resnet18", dict(channels=(4, 8, 8, 12)), support="partial"),
     "resnet-d": Family("resnet26d", dict(channels=(4, 8, 8, 12), stem_width=4), support="partial"),
-    "resnext": Family("resnet50", dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), cardinality=4, base_width=16)),
+    "resnext": Family("resnet50", dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), cardinality=4, base_width=16),
+                      support="partial"),
     "wide_resnet": Family("wide_resnet50_2", dict(channels=(4, 4, 8, 8)), support="partial"),
     "seresnet": Family("seresnet18", dict(channels=(8, 8, 8, 16)), support="partial"),
     "vgg": Family("vgg11_bn", dict(mlp_ratio=1 / 512), support="partial"),
     "densenet": Family("densenet121", dict(growth_rate=4, block_config=(1, 2, 1, 1), bn_size=2), support="partial"),
     "efficientnet": Family("test_efficientnet", support="partial"),
-    "efficientnetv2": Family("tf_efficientnetv2_b0"),
+    "efficientnetv2": Family("tf_efficientnetv2_b0", dict(channel_multiplier=0.25, depth_multiplier=0.25),
+                             support="partial"),  # TF "same" padding: timm's Conv2dSame
     "mobilenetv2": Family("mobilenetv2_035", support="partial"),
     "mobilenetv3": Family("mobilenetv3_small_050", support="partial"),
     "mobilenetv4": Family("mobilenetv4_conv_small_035", support="partial"),
-    "regnetx": Family("regnetx_002"),
-    "regnety": Family("regnety_002"),
+    # timm builds RegNets from fixed configurations (2-3M parameters at the smallest): each grouped conv's
+    # blocks are groups of their own, so benefit allocation measures hundreds of them (over a minute each on
+    # 2 cores); their budget merges are allocated uniformly, and the resnext family's covers tied blocks by benefit
+    "regnetx": Family("regnetx_002", support="partial", budget_allocator="uniform"),
+    "regnety": Family("regnety_002", support="partial", budget_allocator="uniform"),
     "convnext": Family("test_convnext", support="partial"),
     "convnextv2": Family("convnextv2_atto", dict(depths=(1, 1, 2, 1), dims=(8, 16, 16, 24)), support="partial"),
     "vit": Family("test_vit", input_size=(3, 160, 160), support="partial"),
     "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="partial"),
     "swin": Family("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=12, depths=(1, 1), num_heads=(2, 2)),
-                   (3, 56, 56)),
+                   (3, 56, 56), "partial"),
     "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),
     "eva02": Family("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=24, num_heads=2), (3, 28, 28)),
     "mobilevit": Family("mobilevit_xxs", input_size=(3, 64, 64), support="partial"),

@@ -348,7 +348,9 @@ def inspect(
             touched = list(dict.fromkeys(n for n, _ in spec.group_axes(g)))
             info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
                                    "parameters": touched})
-        info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads]} for h in spec.heads]
+        info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads],
+                              "tables": [key for key, _ in h.tables]} for h in spec.heads]
+        info["tied"] = [list(tie) for tie in spec.ties]  # a grouped conv's blocks, widened alike
         info["layers"] = [layer.name for layer in spec.layers]  # forward order: what zip_depth counts
         if merged:
             for row, h in zip(info["attention"], spec.heads):
@@ -378,8 +380,11 @@ def inspect(
         apart = f"; {row['heads_apart']} kept apart, so the merge runs {len(row['heads']) + row['heads_apart']}" \
             if merged else ""
         shown = ", ".join("/".join(head) for head in row["heads"][:2]) + (", …" if len(row["heads"]) > 2 else "")
+        tables = f"; per-head table {', '.join(row['tables'])}" if row["tables"] else ""
         typer.echo(f"  attention {row['module']}: {len(row['heads'])} heads (q/k and v groups {shown}), each merged "
-                   f"or kept apart whole{apart}")
+                   f"or kept apart whole{apart}{tables}")
+    for tie in info["tied"]:
+        typer.echo(f"  grouped conv blocks {tie[0]} … {tie[-1]} ({len(tie)} groups): widened alike")
     if info["layers"]:
         typer.echo("layers in forward order (--zip-depth N zips the groups the first N write): "
                    + ", ".join(f"{i} {name}" for i, name in enumerate(info["layers"])))

@@ -2,8 +2,9 @@
 
 Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves of the data, ResNet20
 from different seeds, a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
-streams, widened through partitioned norms) and a small ViT (patch 4, depth 4, width 64, 2 heads: heads
-kept apart whole) from different seeds, all on Fashion-MNIST. For budgets {0.05,
+streams, widened through partitioned norms), a small ViT (patch 4, depth 4, width 64, 2 heads: heads
+kept apart whole), a small ResNeXt (grouped convs) and a small Swin (relative position bias tables, patch
+merging) from different seeds, all on Fashion-MNIST. For budgets {0.05,
 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on
 held-out data, the measured parameter increase and each allocation's wall time, and writes a PNG plot per
 pair.
@@ -11,6 +12,7 @@ pair.
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
     python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs vit-seeds --budgets 0.1 0.22 --allocators uniform benefit --cross interpolate
+    python examples/budget.py --pairs resnext-seeds swin-seeds --budgets 0.1 0.22 --allocators uniform benefit
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ PAIRS = {
     # the ViT of examples/full_merge.py: patch 4, depth 4, width 64, 2 heads (kept apart whole)
     "vit-seeds": ("vit_tiny_patch16_224", dict(patch_size=4, img_size=32, depth=4, embed_dim=64, num_heads=2,
                                                in_chans=1, num_classes=10), "seeds"),
+    # a ResNeXt (grouped convs, 8 blocks of 2–16 channels, widened block by block), one bottleneck per stage
+    "resnext-seeds": ("resnet50", dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], cardinality=8, base_width=8,
+                                       in_chans=1, num_classes=10), "seeds"),
+    # a Swin (window attention with relative position bias tables, shifted windows, patch merging): patch 2,
+    # windows of 4×4 tokens, two stages of two blocks, width 32
+    "swin-seeds": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                                        depths=[2, 2], num_heads=[2, 4], in_chans=1, num_classes=10),
+                   "seeds"),
 }
 
 

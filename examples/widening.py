@@ -60,7 +60,7 @@ def main() -> None:
     data = prepared.batches(evaluation)
     met_a, met_b = evaluate(a, data), evaluate(b, data)
     spec = prepared.spec
-    streams, heads = {n.group for n in spec.norms}, spec.head_of()
+    streams, heads = {s.group for n in spec.norms for s in n.axis}, spec.head_of()
     scopes = {"mlp hidden": [g for g in spec.groups if g not in streams and g not in heads],
               "heads": list(heads), "streams": sorted(streams), "all groups": list(spec.groups)}
     scopes = {scope: groups for scope, groups in scopes.items() if groups}

@@ -11,7 +11,8 @@ with ``c_A, c_B = 1−α, α`` for ``cross="interpolate"`` and ``1, 1`` for ``cr
 always interpolates). Biases and norms: A-only from A, B-only from B, shared interpolated.
 
 Each axis of a layer is its segments one after the other, each laid out so (:func:`~hubmerge.partial.layout`):
-most layers map one group to one group, a fused ``qkv`` projection holds q, k and v of every head. The table
+most layers map one group to one group, a fused ``qkv`` projection holds q, k and v of every head, a grouped
+conv's weight holds one block's input axis and every block's outputs (each block laid out on its own). The table
 is stored as the blocks of :class:`~hubmerge.partitioned.PartitionedLayer`: ``a_side`` (the top-left 2×2),
 ``shared_from_b`` (shared rows × B-only columns) and ``b_only`` (B-only rows × shared and B-only columns),
 with rows and columns in section order, or one ``whole`` block where the layer has no zero block.
@@ -23,8 +24,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .partial import GroupPlan, Layout, layout
-from .partitioned import PartialMergedModel, block_extents, storage_order
+from .partial import GroupPlan, Layout, head_layout, layout
+from .partitioned import BlockLayout, PartialMergedModel
 from .spec import Layer, PermutationSpec, permute_state
 from .matching import Matchings, is_matching, matched_state
 
@@ -63,18 +64,16 @@ def _wide(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: 
 
 def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: float, cross: str
                   ) -> dict[str, torch.Tensor]:
-    """The stored tensors of one partitioned layer (keys relative to the layer): its wide weight with rows
-    and columns in storage order (:func:`~hubmerge.partitioned.storage_order`), cut into the blocks of
-    :func:`~hubmerge.partitioned.block_extents`, which leave out the zero blocks."""
+    """The stored tensors of one partitioned layer (keys relative to the layer): its wide weight cut into the
+    blocks of its :class:`~hubmerge.partitioned.BlockLayout`, which leave out the zero blocks."""
     weight, bias, rows, cols = _wide(layer, plans, sa, sb, alpha, cross)
-    row_order, col_order, out_sizes, in_sizes = storage_order(rows.section, cols.section)
-    weight = weight.index_select(0, row_order).index_select(1, col_order)
-    bias = None if bias is None else bias[row_order]
+    blocks = BlockLayout.of(rows.section, cols.section, layer.blocks)
     out = {}
-    for block, ((r0, r1), (c0, c1)) in block_extents(out_sizes, in_sizes).items():
-        out[f"{block}.weight"] = weight[r0:r1, c0:c1]
+    for block in blocks.extent:
+        r = blocks.rows(block)
+        out[f"{block}.weight"] = weight[r][:, blocks.cols(block)]
         if bias is not None and block != "shared_from_b":  # shared rows take their bias from a_side
-            out[f"{block}.bias"] = bias[r0:r1]
+            out[f"{block}.bias"] = bias[r]
     return out
 
 
@@ -104,6 +103,11 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
     per_unit = [(key, spec.axes[key][0], 0) for key in state_a if key.rpartition(".")[0] in norms]
     for key, axis, dim in per_unit + [(v.key, v.axis, v.dim) for v in spec.vectors]:
         out[key] = layout(axis, plans).combine(state_a[key], state_b[key], alpha, dim)
+    partition = {g: p.sizes for g, p in plans.items()}
+    for heads in spec.heads:  # per-head tables (a relative position bias) follow the merged attention's heads
+        at = head_layout(heads, partition)
+        for key, dim in heads.tables:
+            out[key] = at.combine(state_a[key], state_b[key], alpha, dim)
     for key, t in state_a.items():  # anything outside the spec (buffers with no units) comes from A
         if key not in covered and key not in out:
             out[key] = t

@@ -111,8 +111,9 @@ def per_unit_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
     per-unit modules (LayerNorm, layer scales) and per-unit vectors, which widen with their group."""
     state = net.state_dict()
     out = {g: 0 for g in spec.groups}
-    for n in spec.norms:  # every parameter of a norm is a vector over the units
-        out[n.group] += len(list(net.get_submodule(n.name).parameters()))
+    for n in spec.norms:  # every parameter of a norm is a vector over the units (of each segment)
+        for seg in n.axis:
+            out[seg.group] += len(list(net.get_submodule(n.name).parameters()))
     params = dict(net.named_parameters())
     for v in spec.vectors:  # per unit: its entries along the other dims (a buffer, BN statistics, costs none)
         for seg in v.axis if v.key in params else ():
@@ -121,13 +122,27 @@ def per_unit_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
     return out
 
 
+def per_head_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
+    """Parameters per head of each attention's per-head tables (a relative position bias), which a head kept
+    apart has twice (A's entries and B's)."""
+    params = dict(net.named_parameters())
+    return {h.module: sum(params[key].numel() // params[key].shape[dim] for key, dim in h.tables if key in params)
+            for h in spec.heads}
+
+
 def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[str, Sizes],
-         per_unit: dict[str, int] | None = None) -> CostReport:
+         per_unit: dict[str, int] | None = None, per_head: dict[str, int] | None = None) -> CostReport:
     """Cost of the model with ``partition``; ``per_unit[group]``: parameters per unit outside the layers
-    (:func:`per_unit_params`). A layer's cost counts for the groups of its output rows."""
+    (:func:`per_unit_params`), ``per_head[attention]`` per head of its tables (:func:`per_head_params`, counted
+    for each head's first group). A layer's cost counts for the groups of its output rows."""
     layers, groups = {}, {g: Cost(0, 0) for g in spec.groups}
     for g, k in (per_unit or {}).items():
         groups[g] = Cost(k * sum(partition[g]), 0)
+    tables = 0
+    for h in spec.heads:
+        for head in h.heads:
+            k = (per_head or {}).get(h.module, 0) * (2 if partition[head[0]][0] else 1)
+            groups[head[0]], tables = groups[head[0]] + Cost(k, 0), tables + k
     for l in spec.layers:
         by_group = layer_cost(l, geo[l.name], partition)
         layers[l.name] = sum(by_group.values(), Cost(0, 0))
@@ -135,7 +150,7 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
             if g is not None:
                 groups[g] = groups[g] + c
     total = sum(layers.values(), Cost(0, 0))
-    total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()), 0)
+    total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()) + tables, 0)
     return CostReport(layers, groups, total)
 
 
@@ -163,12 +178,13 @@ class CostModel:
             return
         self.geo = geometry(net, spec, input_size)
         self.per_unit = per_unit_params(spec, net)
+        self.per_head = per_head_params(spec, net)
         self.endpoint = self(full_partition(spec)).total
 
     def __call__(self, partition: dict[str, Sizes]) -> CostReport:
         if self.spec.partial is not None:
             return CostReport({}, {g: Cost(0, 0) for g in self.spec.groups}, self.endpoint)
-        return cost(self.spec, self.geo, partition, self.per_unit)
+        return cost(self.spec, self.geo, partition, self.per_unit, self.per_head)
 
     def increase(self, partition: dict[str, Sizes]) -> dict[str, float]:
         """Relative increase over one endpoint, in parameters and in FLOPs."""

@@ -87,6 +87,20 @@ class Layout:
         return wa * ta.index_select(dim, self.a.to(ta.device)) + wb * tb.index_select(dim, self.b.to(tb.device))
 
 
+def head_layout(heads: Heads, partition: dict[str, Sizes]) -> Layout:
+    """The :class:`Layout` of the heads of the merged attention, as per-head tables (a relative position bias)
+    hold them: a merged head is one head, shared; a head kept apart is A's head, then B's."""
+    secs, from_a, from_b = [], [], []
+    for h, head in enumerate(heads.heads):
+        apart = partition[head[0]][0] > 0
+        for section in ((0, 2) if apart else (1,)):
+            secs.append(section)
+            from_a.append(h if section < 2 else 0)
+            from_b.append(h if section > 0 else 0)
+    secs, from_a, from_b = (torch.tensor(v, dtype=torch.long) for v in (secs, from_a, from_b))
+    return Layout(secs, from_a, from_b, torch.zeros(len(secs), dtype=torch.bool))
+
+
 def sections(axis: Axis, partition: dict[str, Sizes]) -> torch.Tensor:
     """The section (0 A-only, 1 shared, 2 B-only) of every position of ``axis`` in the merged model."""
     parts = []
@@ -171,7 +185,8 @@ def plan_group(scores: torch.Tensor, gamma: float, method: str = "forced", *, ep
 
 def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[str, float]:
     """Expand a scalar γ to every group; check a dict names only known groups or attention modules (whose γ
-    goes to the groups of all their heads: round(γ·heads) kept apart)."""
+    goes to the groups of all their heads: round(γ·heads) kept apart). Tied groups (a grouped conv's blocks)
+    all take the largest γ given to any of them, as the merged conv's blocks widen alike."""
     if isinstance(gamma, dict):
         modules = {h.module: h.groups for h in spec.heads}
         unknown = sorted(set(gamma) - set(spec.groups) - set(modules))
@@ -179,7 +194,8 @@ def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[s
             raise UsageError(f"gamma names unknown groups {unknown}; groups are {list(spec.groups)}"
                              + (f", attention modules {list(modules)}" if modules else ""))
         per_group = {g: float(v) for name, v in gamma.items() for g in modules.get(name, (name,))}
-        return {g: per_group.get(g, 0.0) for g in spec.groups}
+        tie = spec.tie_of()
+        return {g: max(per_group.get(t, 0.0) for t in tie.get(g, (g,))) for g in spec.groups}
     return {g: float(gamma) for g in spec.groups}
 
 
@@ -197,7 +213,9 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
     heads are planned per head (:func:`_plan_heads`).
 
     A group's plan depends only on its own scores, γ and the method, so ``cache`` (keyed by those) lets
-    the budget search re-plan only the groups it changes.
+    the budget search re-plan only the groups it changes. Tied groups (a grouped conv's blocks) keep equally
+    many units apart: where adaptive buffers split a different number in each, all keep the largest number
+    apart, by forced buffers.
     """
     gammas = gammas_for(spec, gamma)
     if any(gammas.values()):
@@ -212,6 +230,10 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
 
     heads = spec.head_of()
     out = {g: planned(g, gammas[g], method, i) for i, g in enumerate(spec.groups) if g not in heads}
+    for tie in spec.ties:
+        apart = max(out[g].sizes[0] for g in tie)
+        if any(out[g].sizes[0] != apart for g in tie):
+            out.update({g: planned(g, apart / spec.groups[g].width, "forced", 0) for g in tie})
     for h in spec.heads:
         out.update(_plan_heads(h, {g: planned(g, 0.0, "forced", 0) for g in h.groups},
                                scores, gammas, epsilon if method == "adaptive" else None))
@@ -237,16 +259,20 @@ def _plan_heads(heads: Heads, merged: dict[str, GroupPlan], scores: dict[str, to
 
 @dataclass(frozen=True)
 class Choice:
-    """What a budget widens, in forward order: one group of ``width`` units, or the ``width`` heads of one
-    attention module (``heads``), kept apart whole."""
+    """What a budget widens, in forward order: one group of ``width`` units, the ``width`` heads of one
+    attention module (``heads``), kept apart whole, or tied groups of ``width`` units each (``tied``: a grouped
+    conv's blocks), as many units of each."""
 
     name: str
     width: int
     heads: Heads | None = None
+    tied: tuple[str, ...] = ()
 
     @property
     def groups(self) -> tuple[str, ...]:
-        return (self.name,) if self.heads is None else self.heads.groups
+        if self.heads is not None:
+            return self.heads.groups
+        return self.tied or (self.name,)
 
     def gammas(self, k: int) -> dict[str, float]:
         """Per-group γ that :func:`plan` turns into k units (heads) apart."""
@@ -255,7 +281,7 @@ class Choice:
     def partition(self, k: int, widths: dict[str, int]) -> dict[str, Sizes]:
         """Sizes of the groups with k units (heads) apart: which heads does not change the cost."""
         if self.heads is None:
-            return {self.name: (k, self.width - k, k)}
+            return {g: (k, self.width - k, k) for g in self.groups}
         return {g: (widths[g], 0, widths[g]) if h < k else (0, widths[g], 0)
                 for h, head in enumerate(self.heads.heads) for g in head}
 
@@ -265,12 +291,16 @@ class Choice:
 
 
 def choices(spec: PermutationSpec) -> list[Choice]:
-    """Every :class:`Choice` of ``spec``: its groups, with each attention module's heads as one choice."""
-    heads = spec.head_of()
+    """Every :class:`Choice` of ``spec``: its groups, with each attention module's heads as one choice and
+    each set of tied groups as one (named after its first group)."""
+    heads, ties = spec.head_of(), spec.tie_of()
     out, seen = [], set()
     for g, grp in spec.groups.items():
         h = heads.get(g)
-        if h is None:
+        if g in ties:
+            if ties[g][0] == g:
+                out.append(Choice(g, grp.width, tied=ties[g]))
+        elif h is None:
             out.append(Choice(g, grp.width))
         elif h.module not in seen:
             seen.add(h.module)

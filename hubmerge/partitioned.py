@@ -10,16 +10,18 @@ columns; the rest is covered by three dense blocks on contiguous slices:
     shared_from_b  shared               B-only
     b_only         B-only               [shared | B-only]
 
-``a_side`` has A's shape, so the bulk of the work runs as one full-width op: measured on CPU this is
-faster than the thesis's row split (A-only rows, shared rows, B-only rows), whose two thin A-only/B-only
-convolutions each read a whole input slice. ``shared_from_b`` adds into the shared rows; ``b_only`` is
-concatenated. A layer with no zero block (its input or output group fully merged, or the fixed
-input/logits) is stored and run as one block, ``whole``: splitting it would only add ops, and joining
-blocks into one weight on every forward costs a weight copy per call (measured at batch 1 on a VGG11 merge
-with half its groups fully merged: 24 ms joined, 14 ms whole). At inference a layer may instead run
-as one zero-padded op joined from its blocks (:meth:`PartialMergedModel.plan_execution` times both forms per
-layer and keeps the faster; storage stays partitioned). BatchNorms become per-unit norms of the wider
-group, LayerNorms over a widened group :class:`PartitionedNorm` s, per-unit vectors (layer scales) widen.
+A grouped conv (ResNeXt, RegNet) lays out each of its blocks so and stores the same three blocks as grouped
+convs of as many blocks (:class:`BlockLayout`). ``a_side`` has A's shape, so the bulk of the work runs as
+one full-width op: measured on CPU this is faster than the thesis's row split (A-only rows, shared rows,
+B-only rows), whose two thin A-only/B-only convolutions each read a whole input slice. ``shared_from_b``
+adds into the shared rows; ``b_only`` is concatenated. A layer with no zero block (its input or output group
+fully merged, or the fixed input/logits) is stored and run as one block, ``whole``: splitting it would only
+add ops, and joining blocks into one weight on every forward costs a weight copy per call (measured at batch
+1 on a VGG11 merge with half its groups fully merged: 24 ms joined, 14 ms whole). At inference a layer may
+instead run as one zero-padded op joined from its blocks (:meth:`PartialMergedModel.plan_execution` times
+both forms per layer and keeps the faster; storage stays partitioned). BatchNorms become per-unit norms of
+the wider group, LayerNorms over widened groups :class:`PartitionedNorm` s, per-unit vectors (layer
+scales) widen, and so do per-head tables (a relative position bias) where heads are kept apart.
 The rest of the architecture (activations, pooling, residual adds) is the base model's own code.
 """
 
@@ -28,9 +30,11 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from timm.layers import Conv2dSame
 from torch import nn
 from torch.func import functional_call
 
@@ -64,28 +68,69 @@ def block_extents(out_sizes: Sizes, in_sizes: Sizes) -> dict[str, Extent]:
     return {b: e for b, e in extent.items() if e[0][1] > e[0][0] and e[1][1] > e[1][0]}
 
 
-def storage_order(out_sections: torch.Tensor, in_sections: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, Sizes, Sizes]:
-    """The orders in which a partitioned layer stores the rows and the columns of its wide weight, and the
-    (A-only, shared, B-only) sizes of both axes. Blocks need each section contiguous, so where an axis
-    interleaves sections (a fused ``qkv`` projection holds q, k and v of every head, each head merged or
-    kept apart) its positions are stored sorted by section (stably); a layer stored as one block keeps the
-    natural order."""
-    orders, sizes = [], []
-    for section in (out_sections, in_sections):
-        counts = torch.bincount(section, minlength=3).tolist()
-        orders.append(torch.argsort(section, stable=True))
-        sizes.append((counts[0], counts[1], counts[2]))
-    if "whole" in block_extents(sizes[0], sizes[1]):
-        orders = [torch.arange(len(out_sections)), torch.arange(len(in_sections))]
-    return orders[0], orders[1], sizes[0], sizes[1]
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a partitioned layer stores its wide weight: the orders of its rows and columns, the sections'
+    sizes and the extent of every stored block (:func:`block_extents`).
+
+    Blocks need each section contiguous, so where an axis interleaves sections (a fused ``qkv`` projection
+    holds q, k and v of every head, each head merged or kept apart) its positions are stored sorted by section
+    (stably): ``out_order`` / ``in_order`` give the natural position of every stored row / column (None: the
+    natural order). A layer stored as one block keeps the natural order. A grouped conv (``groups`` > 1) keeps
+    it too: each of its blocks is laid out ``[A-only | shared | B-only]`` on its own, every stored block is a
+    grouped conv of the same blocks, and the sizes and extents are one block's (the input's are the weight's
+    input axis, which is one block's)."""
+
+    out_order: torch.Tensor | None
+    in_order: torch.Tensor | None
+    out_sizes: Sizes
+    in_sizes: Sizes
+    groups: int
+    extent: dict[str, Extent]
+
+    @classmethod
+    def of(cls, out_sections: torch.Tensor, in_sections: torch.Tensor, groups: int = 1) -> BlockLayout:
+        """The layout of a layer whose wide weight has rows and columns in sections ``out_sections`` and
+        ``in_sections`` (0 A-only, 1 shared, 2 B-only)."""
+        per_block = out_sections.view(groups, -1)
+        sizes = [tuple(torch.bincount(sec, minlength=3).tolist()) for sec in (per_block[0], in_sections)]
+        orders = [torch.argsort(sec, stable=True) for sec in (out_sections, in_sections)]
+        extent = block_extents(sizes[0], sizes[1])
+        if groups > 1:
+            ordered = [bool((torch.diff(sec) >= 0).all()) for sec in (*per_block, in_sections)]
+            if not all(ordered) or not bool((per_block == per_block[0]).all()):
+                raise UsageError("a grouped conv's blocks must each be laid out [A-only | shared | B-only] alike")
+        if "whole" in extent or groups > 1:
+            orders = [torch.arange(len(out_sections)), torch.arange(len(in_sections))]
+        natural = [None if torch.equal(o, torch.arange(len(o))) else o for o in orders]
+        return cls(natural[0], natural[1], sizes[0], sizes[1], groups, extent)
+
+    def rows(self, block: str) -> torch.Tensor:
+        """The natural output positions of a stored block's rows, in the order it stores them (block by block
+        for a grouped conv)."""
+        (r0, r1), _ = self.extent[block]
+        rows = torch.arange(r0, r1)
+        if self.groups > 1:
+            rows = (torch.arange(self.groups)[:, None] * sum(self.out_sizes) + rows).reshape(-1)
+        return rows if self.out_order is None else self.out_order[rows]
+
+    def cols(self, block: str) -> torch.Tensor:
+        """The natural positions, along the weight's input axis, of a stored block's columns."""
+        _, (c0, c1) = self.extent[block]
+        return torch.arange(c0, c1) if self.in_order is None else self.in_order[c0:c1]
 
 
 def _like(template: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """A Conv2d/Linear with the template's hyper-parameters and the given widths."""
+    """A layer of the template's type and hyper-parameters with the given widths (per block, for a grouped
+    conv, which keeps its number of blocks)."""
+    if isinstance(template, Conv2dSame):  # pads at run time (its padding is 0), with zeros
+        g = template.groups
+        return Conv2dSame(in_features * g, out_features * g, template.kernel_size, template.stride, 0,
+                          template.dilation, groups=g, bias=bias)
     if isinstance(template, nn.Conv2d):
-        return nn.Conv2d(in_features, out_features, template.kernel_size, template.stride, template.padding,
-                         template.dilation, bias=bias, padding_mode=template.padding_mode)
+        g = template.groups
+        return nn.Conv2d(in_features * g, out_features * g, template.kernel_size, template.stride, template.padding,
+                         template.dilation, groups=g, bias=bias, padding_mode=template.padding_mode)
     return nn.Linear(in_features, out_features, bias=bias)
 
 
@@ -95,21 +140,22 @@ class PartitionedLayer(nn.Module):
     ``out_sections`` / ``in_sections``: the section (0 A-only, 1 shared, 2 B-only) of every output row and
     input column of the wide layer. Where an axis interleaves sections (heads of a fused ``qkv``), the blocks
     hold its positions in section order: the input is gathered into that order first, the output scattered
-    back after (one copy each; :meth:`PartialMergedModel.plan_execution` may run the layer dense instead).
+    back after (one copy each; :meth:`PartialMergedModel.plan_execution` may run the layer dense instead). A
+    grouped conv's blocks (:class:`BlockLayout`) cut every block of its input and output alike.
     """
 
     def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor):
         super().__init__()
-        out_order, in_order, self.out_sizes, self.in_sizes = storage_order(out_sections, in_sections)
+        groups = template.groups if isinstance(template, nn.Conv2d) else 1
+        self.layout = BlockLayout.of(out_sections, in_sections, groups)
+        self.out_sizes, self.in_sizes, self.extent = self.layout.out_sizes, self.layout.in_sizes, self.layout.extent
         self.unit_dim = 1 if isinstance(template, nn.Conv2d) else -1  # a Linear acts on the last dim
-        self.extent = block_extents(self.out_sizes, self.in_sizes)
         self.width_in = len(in_sections)
         # orders as non-persistent buffers: they follow the model's device, and the state holds the blocks only
-        sorted_out = torch.equal(out_order, torch.arange(len(out_order)))
-        self.register_buffer("out_order", None if sorted_out else out_order, persistent=False)
-        self.register_buffer("out_inverse", None if sorted_out else torch.argsort(out_order), persistent=False)
-        sorted_in = torch.equal(in_order, torch.arange(len(in_order)))
-        self.register_buffer("in_order", None if sorted_in else in_order, persistent=False)
+        out_order, in_order = self.layout.out_order, self.layout.in_order
+        self.register_buffer("out_order", out_order, persistent=False)
+        self.register_buffer("out_inverse", None if out_order is None else torch.argsort(out_order), persistent=False)
+        self.register_buffer("in_order", in_order, persistent=False)
         bias = template.bias is not None
         for block, ((r0, r1), (c0, c1)) in self.extent.items():
             self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
@@ -131,18 +177,29 @@ class PartitionedLayer(nn.Module):
         return out if self.out_inverse is None else out.index_select(self.unit_dim, self.out_inverse)
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The blocks on an input in section order; the output in section order."""
+        """The blocks on an input in section order; the output in section order. Slices are taken along the
+        unit dim, or for a grouped conv along each of its blocks (a view with the blocks as one more dim)."""
         if hasattr(self, "whole"):
             return self.whole(x)
-        d, width = self.unit_dim, x.shape[self.unit_dim]
+        d, g = self.unit_dim, self.layout.groups
+        at = d + 1 if g > 1 else d  # the dim of units within a block
+
+        def blocked(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(d, (g, -1)) if g > 1 else t
+
+        def joined(t: torch.Tensor) -> torch.Tensor:
+            return t.flatten(d, d + 1) if g > 1 else t
+
+        x = blocked(x)
+        width = x.shape[at]
         cols = self.extent["a_side"][1][1]
-        out = self.a_side(x.narrow(d, 0, cols))
+        out = self.a_side(joined(x.narrow(at, 0, cols)))
         if hasattr(self, "shared_from_b"):
             (r0, r1), (c0, _) = self.extent["shared_from_b"]
-            out.narrow(d, r0, r1 - r0).add_(self.shared_from_b(x.narrow(d, c0, width - c0)))
+            blocked(out).narrow(at, r0, r1 - r0).add_(blocked(self.shared_from_b(joined(x.narrow(at, c0, width - c0)))))
         if hasattr(self, "b_only"):
             c0 = self.extent["b_only"][1][0]
-            out = torch.cat([out, self.b_only(x.narrow(d, c0, width - c0))], d)
+            out = joined(torch.cat([blocked(out), blocked(self.b_only(joined(x.narrow(at, c0, width - c0))))], at))
         return out
 
     def _dense(self) -> nn.Module:
@@ -151,7 +208,8 @@ class PartitionedLayer(nn.Module):
         each of these changes a tensor's version or address (the check costs a few µs per call)."""
         tensors, key, dense = self._joined
         if tensors is None or key != [(t.data_ptr(), t._version) for t in tensors]:
-            tensors = [t for b in self.extent for t in (getattr(self, b).weight, getattr(self, b).bias) if t is not None]
+            tensors = [t for b in self.extent for t in (getattr(self, b).weight, getattr(self, b).bias)
+                       if t is not None]
             dense = self.dense()
             self.__dict__["_joined"] = (tensors, [(t.data_ptr(), t._version) for t in tensors], dense)
         return dense
@@ -160,14 +218,12 @@ class PartitionedLayer(nn.Module):
         """The equivalent plain layer, zero blocks included (for inspection and export)."""
         template = self.blocks()[0][1]
         w = template.weight
-        out = _like(template, self.width_in, sum(self.out_sizes), template.bias is not None).to(w.device, w.dtype)
-        rows = torch.arange(sum(self.out_sizes)) if self.out_order is None else self.out_order.cpu()
-        cols = torch.arange(self.width_in) if self.in_order is None else self.in_order.cpu()
+        rows_total = sum(self.out_sizes)
+        out = _like(template, self.width_in, rows_total, template.bias is not None).to(w.device, w.dtype)
         with torch.no_grad():
             out.weight.zero_()
             for block, module in self.blocks():
-                (r0, r1), (c0, c1) = self.extent[block]
-                r, c = rows[r0:r1].to(w.device), cols[c0:c1].to(w.device)
+                r, c = self.layout.rows(block).to(w.device), self.layout.cols(block).to(w.device)
                 out.weight[r[:, None], c[None, :]] = module.weight
                 if module.bias is not None:
                     out.bias[r] = module.bias
@@ -175,30 +231,43 @@ class PartitionedLayer(nn.Module):
 
 
 class PartitionedNorm(nn.Module):
-    """A norm over a widened group ``[A-only | shared | B-only]`` along ``dim``: any module whose only
-    interaction between units is a normalisation over the group (LayerNorm, GroupNorm(1), ConvNeXt-V2's
-    GRN) and whose parameters are per-unit vectors.
+    """A norm over widened groups along ``dim``: any module whose only interaction between units is a
+    normalisation over its axis (LayerNorm, GroupNorm(1), ConvNeXt-V2's GRN) and whose parameters are per-unit
+    vectors. ``sections``: the section (0 A-only, 1 shared, 2 B-only) of every position of that axis, one
+    group laid out ``[A-only | shared | B-only]``, or several segments each laid out so (Swin's patch merging
+    normalises the channels of 2×2 neighbours together).
 
-    Each endpoint normalises its own units, so the A-view ``[A-only | shared]`` and the B-view
-    ``[shared | B-only]`` (both of the endpoints' width) each run through the original module with that
-    view's slice of the merged per-unit parameters; A-only units take the A-view's output, B-only units the
+    Each endpoint normalises its own units, so the A-view (the A-only and shared positions) and the B-view
+    (shared and B-only), both of the endpoints' width, each run through the original module with that view's
+    entries of the merged per-unit parameters; A-only units take the A-view's output, B-only units the
     B-view's, shared units ``(1−α)·A-view + α·B-view``. With nothing shared this is each endpoint's norm on
     its own units (the ensemble); a fully merged group keeps the plain module, the full merge's norm. The
-    merged parameters are stored under the module's own names; the module itself is kept without them.
+    merged parameters are stored under the module's own names; the module itself is kept without them. One
+    group's views are slices; segments' views are gathered and the outputs scattered back.
     """
 
-    def __init__(self, template: nn.Module, sizes: Sizes, dim: int, alpha: float):
+    def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int, alpha: float):
         super().__init__()
-        self.sizes, self.dim, self.alpha = tuple(sizes), dim, alpha
+        self.dim, self.alpha = dim, alpha
+        counts = torch.bincount(sections, minlength=3).tolist()
+        self.sizes = tuple(counts)
+        ordered = bool((torch.diff(sections) >= 0).all())
+        a_view, b_view = torch.nonzero(sections <= 1).flatten(), torch.nonzero(sections >= 1).flatten()
+        self.register_buffer("a_view", None if ordered else a_view, persistent=False)
+        self.register_buffer("b_view", None if ordered else b_view, persistent=False)
+        weights = torch.tensor([[1.0, 1 - alpha, 0.0], [0.0, alpha, 1.0]], dtype=torch.float64)[:, sections]
+        self.register_buffer("weights", None if ordered else weights, persistent=False)  # per position: A, B
         view = copy.deepcopy(template)
         for name, t in list(template.named_parameters(recurse=False)):
             view.register_parameter(name, None)
-            self.register_parameter(name, nn.Parameter(t.new_empty(sum(sizes)), t.requires_grad))
+            self.register_parameter(name, nn.Parameter(t.new_empty(len(sections)), t.requires_grad))
         self.__dict__["view"] = view  # not a submodule: it holds no tensors, and the state keeps the template's keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ka, m, kb = self.sizes
         d, alpha = self.dim, self.alpha
+        if self.a_view is not None:
+            return self._gathered(x)
 
         def run(start: int) -> torch.Tensor:
             params = {name: p.narrow(0, start, ka + m) for name, p in self.named_parameters(recurse=False)}
@@ -207,6 +276,19 @@ class PartitionedNorm(nn.Module):
         za, zb = run(0), run(ka)
         return torch.cat([za.narrow(d, 0, ka), (1 - alpha) * za.narrow(d, ka, m) + alpha * zb.narrow(d, 0, m),
                           zb.narrow(d, m, kb)], d)
+
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """Both views gathered from their positions, run, and put back, weighted per position (each
+        position's weights are exactly 1 and 0 outside the shared units)."""
+        d = self.dim % x.dim()
+        shape = [1] * x.dim()
+        shape[d] = -1
+        out = 0
+        for index, weight in ((self.a_view, self.weights[0]), (self.b_view, self.weights[1])):
+            params = {name: p.index_select(0, index) for name, p in self.named_parameters(recurse=False)}
+            z = functional_call(self.view, params, (x.index_select(d, index),))
+            out = out + torch.zeros_like(x).index_copy(d, index, z) * weight.to(x).view(shape)
+        return out
 
 
 def _widen_tensor(net: nn.Module, key: str, dim: int, width: int) -> None:
@@ -300,6 +382,10 @@ class PartialMergedModel(
             if ka and self.spec.partial is not None:
                 raise CheckpointError(f"group {g} is widened, but {self.architecture} cannot be partially merged "
                                       f"({self.spec.partial})")
+        for tie in self.spec.ties:
+            if len({tuple(partition[g]) for g in tie}) > 1:
+                raise CheckpointError(f"groups {list(tie)} are the blocks of one grouped conv and must be widened "
+                                      f"alike; sizes {[tuple(partition[g]) for g in tie]}")
         for h in self.spec.heads:
             for head in h.heads:
                 apart = {partition[g][0] == self.spec.groups[g].width for g in head}
@@ -321,10 +407,12 @@ class PartialMergedModel(
         for h in self.spec.heads:  # a head kept apart is two heads of the merged attention
             module = net.get_submodule(h.module)
             HEAD_COUNTS[type(module)].set(module, len(h.heads) + h.apart(self.partition))
+            for key, dim in h.tables:  # and has its entry in each per-head table
+                _widen_tensor(net, key, dim, len(h.heads) + h.apart(self.partition))
         for norm in self.spec.norms:
-            sizes = self.partition[norm.group]
-            if sizes[0]:  # a fully merged group keeps the plain norm
-                _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), sizes, norm.dim, self.alpha))
+            widened = sections(norm.axis, self.partition)
+            if (widened != 1).any():  # fully merged groups keep the plain norm
+                _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), widened, norm.dim, self.alpha))
         for vector in self.spec.vectors:
             _widen_tensor(net, vector.key, vector.dim, len(sections(vector.axis, self.partition)))
 

@@ -39,15 +39,15 @@ RESETS = ("reset", "reset_repair")  # the variants that re-estimate BatchNorm st
 CORRECTS = ("repair", "reset_repair")  # the variants that fold corrections into layers
 AUTO = "auto"
 DEAD = 1e-8  # a unit with σ below this is dead (constant on the calibration data)
-Rows = list[tuple[nn.Module, int, int]]
+Rows = list[tuple[nn.Module, torch.Tensor]]  # a sub-layer and the output position of each of its rows
 
 
 @dataclass(frozen=True)
 class Correction:
     """One conv/linear output REPAIR renormalises: ``index`` in the spec's layers (or outputs, for a merge held
-    in the plain architecture), the BatchNorm reading it, the sub-layers covering its output rows (the shift
-    goes into the one bias each row has), and the target mean/std of its units with the mask of units to
-    correct."""
+    in the plain architecture), the BatchNorm reading it, the sub-layers covering its output rows with the
+    output position of each of their rows (the shift goes into the one bias each row has), and the target
+    mean/std of its units with the mask of units to correct."""
 
     index: int
     name: str
@@ -56,7 +56,6 @@ class Correction:
     mean: torch.Tensor
     std: torch.Tensor
     mask: torch.Tensor
-    order: torch.Tensor | None = None  # the output position of each stored row, where rows are stored reordered
 
 
 def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchings, stats: Statistics,
@@ -88,21 +87,20 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchin
                 mean, std = (1 - alpha) * a.mean + alpha * b.mean[index], (1 - alpha) * a.std + alpha * b.std[index]
                 mask = torch.cat([torch.full((seg.size,), seg.group is not None) for seg in axis])
             module = model.net.get_submodule(o.name)
-            out.append(Correction(i, o.name, o.norm, [(module, 0, len(mask))], mean, std, mask))
+            out.append(Correction(i, o.name, o.norm, [(module, torch.arange(len(mask)))], mean, std, mask))
         return out
     for i, layer in enumerate(spec.layers):
         # only outputs with units and a bias or BatchNorm to fold into (the logits are the output, not units)
         if layer.name not in layers[0] or (layer.norm and not normed):
             continue
         part = model.layer(layer.name)
-        if isinstance(part, PartitionedLayer):  # sub-layers' rows are in storage order
-            order = None if part.out_order is None else part.out_order.cpu()
-            rows = [(sub, *part.extent[block][0]) for block, sub in part.blocks()]
+        if isinstance(part, PartitionedLayer):
+            rows = [(sub, part.layout.rows(block)) for block, sub in part.blocks()]
         else:  # a depthwise conv is stored plainly
-            order, rows = None, [(part, 0, part.out_channels)]
+            rows = [(part, torch.arange(part.out_channels))]
         at, mean, std = _targets(layer.out_axis, plans, [moments[layer.name] for moments in layers], weights)
         mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed
-        out.append(Correction(i, layer.name, layer.norm, rows, mean, std, mask, order))
+        out.append(Correction(i, layer.name, layer.norm, rows, mean, std, mask))
     return out
 
 
@@ -137,10 +135,8 @@ def fold(net: nn.Module, c: Correction, scale: torch.Tensor, shift: torch.Tensor
         bn.running_mean.copy_(((bn.running_mean.double() - shift) / scale).to(bn.running_mean.dtype))
         bn.weight.mul_(scale.to(bn.weight.dtype))
         return
-    if c.order is not None:
-        scale, shift = scale[c.order], shift[c.order]
-    for sub, r0, r1 in c.rows:
-        s, t = scale[r0:r1], shift[r0:r1]
+    for sub, index in c.rows:
+        s, t = scale[index], shift[index]
         sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
         if sub.bias is not None:
             sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))

@@ -79,7 +79,9 @@ class Layer:
     reads one per head, and a Linear that reads a flattened C×H×W map holds each input unit ``H·W`` times
     (``repeat``). ``norm`` is the BatchNorm applied to this layer's output, if any. ``depthwise``: a
     depthwise conv, which filters each unit of its group on its own (input group = output group); its
-    weight is per unit, like a norm's, and widens without zero blocks.
+    weight is per unit, like a norm's, and widens without zero blocks. ``blocks``: a grouped conv's blocks
+    (ResNeXt, RegNet), each writing one segment of ``out_axis`` from its own copy of ``in_axis`` (the
+    weight's input axis is one block's); widened, every block is laid out ``[A-only | shared | B-only]``.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Layer:
     in_axis: Axis
     norm: str | None = None
     depthwise: bool = False
+    blocks: int = 1
 
     @property
     def groups(self) -> set[str]:
@@ -122,14 +125,15 @@ class Output:
 
 @dataclass(frozen=True)
 class Norm:
-    """A module that acts on the units of ``group`` along ``dim`` of its input (negative, from the end) and
-    keeps them there, whose parameters are per-unit vectors, and inside which nothing but a normalisation
-    mixes units: a LayerNorm, GroupNorm(1), GRN, a layer-scale module. Where the group is widened it becomes
-    a partitioned norm: the A-view ``[A-only | shared]`` and the B-view ``[shared | B-only]`` go through the
-    module separately, as each endpoint normalises its own units."""
+    """A module that acts on the units of ``axis`` (whole groups in unit order, usually one) along ``dim`` of
+    its input (negative, from the end) and keeps them there, whose parameters are per-unit vectors, and inside
+    which nothing but a normalisation mixes units: a LayerNorm, GroupNorm(1), GRN, a layer-scale module. Where
+    a group is widened it becomes a partitioned norm: the A-view (A's units: ``[A-only | shared]`` of every
+    segment) and the B-view (``[shared | B-only]``) go through the module separately, as each endpoint
+    normalises its own units."""
 
     name: str
-    group: str
+    axis: Axis
     dim: int
 
 
@@ -154,6 +158,9 @@ class Heads:
 
     module: str
     heads: tuple[tuple[str, ...], ...]
+    # (state key, dim) of per-head tables (a relative position bias): one entry per head along dim, so a head
+    # kept apart takes A's entry and B's, a merged one their interpolation
+    tables: tuple[tuple[str, int], ...] = ()
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -178,6 +185,12 @@ class PermutationSpec:
     norms: tuple[Norm, ...] = ()
     vectors: tuple[Vector, ...] = ()
     heads: tuple[Heads, ...] = ()
+    # groups that must widen alike: the blocks of a grouped conv, which the merged conv keeps equally wide
+    ties: tuple[tuple[str, ...], ...] = ()
+
+    def tie_of(self) -> dict[str, tuple[str, ...]]:
+        """group → the groups it must widen alike with (itself among them), for tied groups."""
+        return {g: tie for tie in self.ties for g in tie}
 
     def head_of(self) -> dict[str, Heads]:
         """group → the attention whose heads it belongs to (for groups that belong to one)."""

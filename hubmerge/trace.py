@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from timm.layers import Linear as TimmLinear
+from timm.layers import Conv2dSame, Linear as TimmLinear
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -79,7 +79,8 @@ class Trace:
     norm_views: dict[str, tuple[int, np.ndarray]]
     labels: dict[int, frozenset]  # class → labels of ops that treat it unequally
     members: dict[int, tuple]  # class → sorted (param, dim, count) where it appears
-    attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]  # (module, per head (q/k, v) classes)
+    # (module, per head (q/k, v) classes, per-head tables: (param, dim) of the bias its scores add, head by head)
+    attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]], tuple[tuple[str, int], ...]]]
     calls: dict[str, int]  # module → times it was called
     cut: set[int]  # classes on a dim some op indexed at constant positions
 
@@ -124,11 +125,14 @@ class _Ids:
             self.label_ids.append(ids)
             self.label_vals.append(value)
 
-    def classes(self) -> np.ndarray:
-        """class[id] for every id (0 = fixed): connected components of the ties, with 0's component fixed."""
+    def classes(self, fixing: bool = True) -> np.ndarray:
+        """class[id] for every id (0 = fixed): connected components of the ties, with 0's component fixed;
+        without ``fixing``, of the ties between ids only (what is tied to what, fixed or not)."""
         n = self.next
         a = np.concatenate(self.tie_a) if self.tie_a else np.zeros(0, np.int64)
         b = np.concatenate(self.tie_b) if self.tie_b else np.zeros(0, np.int64)
+        if not fixing:
+            a, b = a[(a > 0) & (b > 0)], b[(a > 0) & (b > 0)]
         graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
         _, comp = connected_components(graph, directed=False)
         # renumber by each component's smallest id: id 0 (fixed) comes first, so its component is class 0
@@ -249,8 +253,9 @@ class _Tracer:
         self.calls: dict[str, int] = defaultdict(int)
         self.views: dict[str, tuple[int, np.ndarray]] = {}  # module → (input dim, ids) of units it mixes
         self.view_out: dict[str, np.ndarray] = {}  # module → ids on that dim of its output
-        # (module, per head (q/k ids, v ids)) of every scaled_dot_product_attention without a bias
-        self.attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
+        # (module, per head (q/k ids, v ids), ids along the heads of its bias or None) of every
+        # scaled_dot_product_attention whose bias, if any, varies over heads only through its units
+        self.attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]] = []
 
     # --- bookkeeping -------------------------------------------------------------------------------
     def where(self) -> str:
@@ -768,8 +773,13 @@ class _Tracer:
     def op_scaled_dot_product_attention(self, args, kwargs, out) -> None:
         q, k, v = args[:3]
         mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        for f in self.get(mask) if mask is not None else ():
+        masks = self.get(mask) if mask is not None else []
+        for f in masks:
             self.ids.fix(f)  # a per-head bias: heads keep their order
+        # a bias (batch, heads, tokens, tokens) whose ids along heads lie on that dim alone: a table read head by
+        # head (ids along tokens are its other dims, relative positions, which nothing permutes)
+        per_head = [_align(f, 4) for f in masks if mask.dim() == 4 and 1 in _support(_align(f, 4))]
+        tables = per_head[0][0, :, 0, 0] if len(per_head) == 1 and _support(per_head[0]) == (1,) else None
         op = next(self.ids.ops)
         fq, fk, fv = self.get(q), self.get(k), self.get(v)
         for f in fq + fk + fv:
@@ -783,10 +793,10 @@ class _Tracer:
             self.mix(fq[0], "attention")
         for f in fv:
             self.label_batch(_align(f, v.dim()), op)
-        if len(fq) == len(fv) == 1 and q.dim() == v.dim() == 4 and mask is None:
+        if len(fq) == len(fv) == 1 and q.dim() == v.dim() == 4 and (mask is None or tables is not None):
             # (batch, heads, tokens, head dim): per head, the ids of its q/k dims and of its v dims
             heads = [(_align(fq[0], 4)[0, h, 0], _align(fv[0], 4)[0, h, 0]) for h in range(q.shape[1])]
-            self.attention.append((self.where(), heads))
+            self.attention.append((self.where(), heads, tables))
         self.set(out, fv)
 
     def op_einsum(self, args, kwargs, out) -> None:
@@ -840,6 +850,11 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
         hooks.append(m.register_forward_hook(post))
     was_training = model.training
     model.eval()
+    # timm's attention modules compute the same either way; the fused path is one op the tracer knows whole
+    # (heads, and a per-head bias), where the unfused one is matmuls and a softmax
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    for m, _ in fused:
+        m.fused_attn = True
     try:
         with _Mode(tracer):
             out = model(example)
@@ -849,6 +864,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
     finally:
         for h in hooks:
             h.remove()
+        for m, flag in fused:
+            m.fused_attn = flag
         model.train(was_training)
     for t in _tensors(out):  # the logits are fixed
         for f in tracer.get(t):
@@ -856,8 +873,23 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
     return _finish(tracer)
 
 
+def _tables(tracer: _Tracer, ids: np.ndarray | None, tied: np.ndarray) -> tuple[tuple[str, int], ...] | None:
+    """The (param, dim) whose entries along ``dim`` are an attention bias's heads (``ids``, head by head), as
+    a relative position bias table holds them; () for an attention without a bias, None where the bias's
+    heads come from something else or also from another parameter (``tied``: components of the ties between
+    ids), since the merged attention's heads would then not be known."""
+    if ids is None:
+        return ()
+    found = tuple((name, d) for name, dims in tracer.param_ids.items() for d, got in enumerate(dims)
+                  if got is not None and np.array_equal(got, ids))
+    linked = [(name, d) for name, dims in tracer.param_ids.items() for d, got in enumerate(dims)
+              if got is not None and np.isin(tied[got], tied[ids]).any()]
+    return found if len(found) == 1 and linked == list(found) else None
+
+
 def _finish(tracer: _Tracer) -> Trace:
     cls = tracer.ids.classes()
+    tied = tracer.ids.classes(fixing=False) if any(ids is not None for *_, ids in tracer.attention) else None
     param_classes = {n: [None if ids is None else cls[ids] for ids in dims] for n, dims in tracer.param_ids.items()}
     labels: dict[int, set] = defaultdict(set)
     for ids, value in zip(tracer.ids.label_ids, tracer.ids.label_vals):
@@ -874,8 +906,8 @@ def _finish(tracer: _Tracer) -> Trace:
     views = {}
     for name, (dim, ids) in tracer.views.items():
         out = tracer.view_out.get(name)
-        whole = len(np.unique(cls[ids])) == len(ids)  # one class per position: the mixed units are one group's
-        if tracer.calls[name] == 1 and whole and out is not None and np.array_equal(cls[ids], cls[out]):
+        # (a unit may sit at several positions: Swin's patch merging normalises 2×2 neighbours' channels together)
+        if tracer.calls[name] == 1 and out is not None and np.array_equal(cls[ids], cls[out]):
             views[name] = (dim, cls[ids])
     members: dict[int, list] = defaultdict(list)
     for name, dims in param_classes.items():
@@ -894,7 +926,8 @@ def _finish(tracer: _Tracer) -> Trace:
     return Trace(param_classes, points, {m: tracer.point_kind[m] for m, _ in points}, tracer.layers, tracer.norms,
                  dict(mixing), dict(mixers), views, {c: frozenset(v) for c, v in labels.items()},
                  {c: tuple(sorted(v)) for c, v in members.items()},
-                 [(m, [(cls[qk], cls[v]) for qk, v in heads]) for m, heads in tracer.attention], dict(tracer.calls),
+                 [(m, [(cls[qk], cls[v]) for qk, v in heads], _tables(tracer, ids, tied))
+                  for m, heads, ids in tracer.attention], dict(tracer.calls),
                  {int(c) for ids in tracer.ids.cuts for c in np.unique(cls[ids]) if c})
 
 
@@ -906,8 +939,9 @@ def interchangeable(tr: Trace) -> dict[int, tuple]:
 
 
 OBSERVE_PREFERENCE = ("act", "norm", "weight")
-# forwards that partitioned blocks (plain Conv2d/Linear) reproduce; timm's Linear only adds a TorchScript cast
-PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward, TimmLinear.forward)
+# forwards that partitioned blocks (of the template's own type) reproduce: timm's Linear only adds a TorchScript
+# cast, and timm's Conv2dSame pads by the input's size, kernel and stride, which no channel count changes
+PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward, TimmLinear.forward, Conv2dSame.forward)
 PARTIAL_NORMS = (nn.modules.batchnorm._BatchNorm,)  # incl. timm's BatchNormAct2d: per-unit, resizable
 
 
@@ -985,11 +1019,12 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
     for i, (g, members) in enumerate(units.items()):
         normalised = any(tr.mixing.get(c) for c in members)
         groups[g] = Group(g, len(members), points.get(i, ()), normalised)
-    in_order = {}  # norm candidates whose input holds one group in unit order along the normalised dim
+    in_order = {}  # norm candidates whose input holds whole groups in unit order along the normalised dim
     for module, (dim, cls) in tr.norm_views.items():
-        g, u = group_arr[np.minimum(cls, n - 1)], unit_arr[np.minimum(cls, n - 1)]
-        if (cls < n).all() and g[0] >= 0 and (g == g[0]).all() and (u == np.arange(len(u))).all():
-            in_order[module] = (dim, names[g[0]])
+        if (cls < n).all() and (group_arr[cls] >= 0).all():
+            segments = _segments(cls, group_arr, unit_arr, names)
+            if all(s.order is None and s.repeat == 1 for s in segments):
+                in_order[module] = (dim, segments)
     heads = _heads(tr, group_arr, unit_arr, names, groups)
     whole = {g for h in heads for g in h.groups}
     # channels taken apart by position (a slice, a split) anywhere outside attention heads: the merged model
@@ -1003,17 +1038,18 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
     if mixed is not None:  # widening would change what this op computes for the units it mixes
         reason = "{1} in {2} mixes the units of group {0}".format(*mixed)
     return PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors,
-                           heads)
+                           heads, view.ties)
 
 
 def _heads(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str], groups: dict[str, Group]
            ) -> tuple[Heads, ...]:
     """Attention modules (called once) whose every head holds its q/k dims and its v dims each as one whole
     group of its own, in unit order: those heads can be merged or kept apart whole. A head whose dims are
-    tied elsewhere (a q/k norm's parameters shared by all heads, rotary tables) is not one."""
+    tied elsewhere (a q/k norm's parameters shared by all heads, rotary tables) is not one. A bias added to
+    the scores must come head by head from one table (a relative position bias), which then follows the heads."""
     out, used = [], set()
-    for module, per_head in tr.attention:
-        if tr.calls.get(module) != 1:
+    for module, per_head, tables in tr.attention:
+        if tr.calls.get(module) != 1 or tables is None:
             continue
         found = []
         for qk, v in per_head:
@@ -1033,7 +1069,7 @@ def _heads(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str
             found.append(tuple(head))
         if len(found) == len(per_head):
             used.update(g for head in found for g in head)
-            out.append(Heads(module, tuple(found)))
+            out.append(Heads(module, tuple(found), tables))
     return tuple(out)
 
 
@@ -1101,6 +1137,31 @@ class _View:
     norms: tuple[Norm, ...]
     vectors: tuple[Vector, ...]
     reason: str | None
+    ties: tuple[tuple[str, ...], ...] = ()
+
+
+def _blocks(out: Axis, inp: Axis, groups: int) -> tuple[str, ...] | None:
+    """The groups of a grouped conv's blocks, where the partitioned build can widen them: each of its
+    ``groups`` blocks writes one whole segment of one group (all of one width) and reads the weight's input
+    axis, one group or fixed positions in unit order (the layer's input holds it once per block); None
+    otherwise. Distinct groups must widen alike (:attr:`~hubmerge.spec.PermutationSpec.ties`), or the
+    blocks of the merged conv would differ in width."""
+    single = _single(inp)
+    if single is None or single[1] != 1 or len(out) != groups:
+        return None
+    if any(s.group is None or s.order is not None or s.repeat != 1 or s.width != out[0].width for s in out):
+        return None
+    return tuple(dict.fromkeys(s.group for s in out))
+
+
+def _tied(sets: list[tuple[str, ...]]) -> tuple[tuple[str, ...], ...]:
+    """Overlapping sets of groups joined (groups that must widen alike), each in first-seen order."""
+    joined: list[list[str]] = []
+    for new in sets:
+        hit = [t for t in joined if set(t) & set(new)]
+        merged = list(dict.fromkeys([g for t in hit for g in t] + list(new)))
+        joined = [t for t in joined if t not in hit] + [merged]
+    return tuple(tuple(t) for t in joined if len(t) > 1)
 
 
 def _laid_out(axis: Axis | None, width: int, whole: set[str], joined: bool) -> Axis | None:
@@ -1116,7 +1177,7 @@ def _laid_out(axis: Axis | None, width: int, whole: set[str], joined: bool) -> A
     return None
 
 
-def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, str]], heads: set[str],
+def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, Axis]], heads: set[str],
                 joined: bool) -> _View:
     """Conv/linear layers whose axes the partitioned build lays out (:func:`_laid_out`), depthwise convs, and
     their BatchNorms; norms (``views``: modules that mix the units of one group along a dim, whose parameters
@@ -1126,7 +1187,7 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
     where no op takes channels apart by position (a slice, a split) outside attention heads."""
     modules = dict(model.named_modules())
     norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
-    layers, covered, reason = [], set(), None
+    layers, covered, reason, ties = [], set(), None, []
     seen = set()
     for name, _kind, _bias in tr.layers:
         if name in seen:
@@ -1137,7 +1198,7 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
         weight = f"{name}.weight"
         w_axes = axes.get(weight, (None, None))
         shape = module.weight.shape if isinstance(module, (nn.Conv2d, nn.Linear)) else (0, 0)
-        out = _laid_out(w_axes[0], shape[0], heads, False)
+        out = _laid_out(w_axes[0], shape[0], heads, joined)
         inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1], heads, joined)
         plain = isinstance(module, (nn.Conv2d, nn.Linear))
         if not plain or out is None or inp is None or any(s.repeat != 1 for s in out):
@@ -1148,28 +1209,35 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
             continue
         depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
         single_out = len(out) == 1 and out[0].group is not None
+        grouped = 1
         if depthwise and single_out:  # resized as a copy, so a subclass keeps its own forward
             inp = out
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
-            reason = reason or f"{name} is a grouped conv"
-            continue
-        elif type(module).forward not in PLAIN_FORWARDS:  # partitioned blocks are plain Conv2d/Linear
+            blocks = _blocks(out, inp, module.groups)
+            if blocks is None:
+                reason = reason or (f"{name} is a grouped conv whose {module.groups} blocks do not each write one "
+                                    "whole group and read one")
+                continue
+            grouped = module.groups
+            ties.append(blocks)
+        if type(module).forward not in PLAIN_FORWARDS and not (depthwise and single_out):
             reason = reason or f"{name} is a {type(module).__name__}, whose forward partitioned blocks would lose"
             continue
         norm = norm_after.get(name)
-        if norm is not None and (not isinstance(modules.get(norm), PARTIAL_NORMS) or not single_out):
+        if norm is not None and not isinstance(modules.get(norm), PARTIAL_NORMS):  # per unit: any layout widens it
             reason = reason or f"{norm} ({type(modules.get(norm)).__name__}) after {name}"
             continue
-        layers.append(Layer(name, out, inp, norm, depthwise and single_out))
+        layers.append(Layer(name, out, inp, norm, depthwise and single_out, grouped))
         covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
         if norm is not None:
             covered.update(f"{norm}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))
     norms = []
-    for name, (dim, group) in views.items():
+    for name, (dim, axis) in views.items():
         params = dict(modules[name].named_parameters())
-        if all("." not in p and _single(axes.get(f"{name}.{p}", (None,))[0]) == (group, 1) and t.dim() == 1
-               for p, t in params.items()) and not list(modules[name].buffers()):
-            norms.append(Norm(name, group, dim))
+        per_unit = all("." not in p and axes.get(f"{name}.{p}", (None,))[0] == axis and t.dim() == 1
+                       for p, t in params.items())
+        if per_unit and not list(modules[name].buffers()) and _laid_out(axis, 0, heads, joined) is not None:
+            norms.append(Norm(name, axis, dim))
             covered.update(f"{name}.{p}" for p in params)
     vectors = []
     for key, key_axes in axes.items():
@@ -1181,4 +1249,4 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
     left = [n for n in axes if n not in covered]
     if left:
         reason = reason or f"{left[0]} lies outside conv/linear layers, norms and per-unit vectors"
-    return _View(tuple(layers), tuple(norms), tuple(vectors), reason)
+    return _View(tuple(layers), tuple(norms), tuple(vectors), reason, _tied(ties))

@@ -72,9 +72,8 @@ def test_a_python_model_without_model_args_is_rebuilt_only_when_that_is_exact():
 
 
 def test_families_without_partial_support_say_why():
-    model = timm.create_model("resnet50", num_classes=3, layers=(1, 1, 1, 1), channels=(8, 8, 16, 16),
-                              cardinality=4, base_width=16)
-    assert "grouped" in spec_for(model).partial or "whole groups" in spec_for(model).partial
+    model = timm.create_model("mixer_s32_224", num_classes=3, img_size=64, mlp_ratio=(0.05, 0.05))
+    assert "along another unit axis" in spec_for(model, (3, 64, 64)).partial
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
 

@@ -1,16 +1,22 @@
 """Attention heads in partial merges: a head is merged or kept apart whole, and a kept-apart head is one
-more head of the merged attention (``tests/test_families.py`` checks the invariants for ViT and DeiT)."""
+more head of the merged attention, with its own entries in per-head tables (``tests/test_families.py`` checks
+the invariants for ViT, DeiT and Swin)."""
+
+import json
 
 import pytest
 import torch
 from timm.layers.attention import Attention
+from torch import nn
 from typer.testing import CliRunner
 
 import hubmerge
 from hubmerge.arch_specs import spec_for
 from hubmerge.cli.app import app
 from hubmerge.errors import CheckpointError
-from hubmerge.partitioned import PartialMergedModel, PartitionedLayer
+from hubmerge.evaluate import Ensemble
+from hubmerge.partitioned import PartialMergedModel, PartitionedLayer, PartitionedNorm
+from hubmerge.trace import derive
 
 from test_families import FAMILIES, batch, make, relative
 
@@ -97,3 +103,84 @@ def test_the_card_counts_an_attention_in_heads(deit):
     text = str(model.generate_model_card())
     assert "| blocks.0.attn (heads) | 1 | 1 | 1 | 0.50 |" in text
     assert "| blocks.0.attn.qkv |" not in text  # its head groups are counted in the heads row
+
+
+@pytest.fixture(scope="module")
+def swin():
+    a, b = make("swin", 1), make("swin", 2)
+    calib = [(batch("swin", seed=s), None) for s in (1, 2)]
+    return a, b, calib
+
+
+def test_a_relative_position_bias_follows_the_heads(swin, tmp_path):
+    """Swin's attention adds a bias read head by head from its table: the tracer finds the table, and a merge
+    that keeps one head of two apart runs three heads whose table columns are the merged head's interpolated
+    entries, then A's and B's entries of the head kept apart."""
+    a, b, calib = swin
+    spec = spec_for(a, FAMILIES["swin"].input_size)
+    assert [h.tables for h in spec.heads] == [((f"{h.module}.relative_position_bias_table", 1),) for h in spec.heads]
+    model = hubmerge.merge(a, b, calib, gamma=0.5, repair=None, alpha=0.25).model
+    sa, sb = a.state_dict(), b.state_dict()
+    for h in model.spec.heads:
+        key = h.tables[0][0]
+        table = model.state_dict()[f"net.{key}"]
+        apart = [model.partition[qk][0] > 0 for qk, _ in h.heads]
+        assert apart.count(True) == 1 and table.shape[1] == 3
+        assert model.net.get_submodule(h.module).num_heads == 3
+        merged, kept = apart.index(False), apart.index(True)
+        columns = {merged: [0.75 * sa[key][:, merged] + 0.25 * sb[key][:, merged]],
+                   kept: [sa[key][:, kept], sb[key][:, kept]]}
+        want = torch.stack([c for head in range(2) for c in columns[head]], 1)
+        assert torch.equal(table, want)
+    x = batch("swin")
+    assert relative(model.materialize()(x), model(x)) <= 1e-12
+    model.save_pretrained(tmp_path)
+    assert torch.equal(PartialMergedModel.from_pretrained(tmp_path).double()(x), model(x))
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(tmp_path), "--json"]).stdout)
+    assert [row["tables"] for row in info["attention"]] == [[h.tables[0][0]] for h in spec.heads]
+    assert "per-head table layers.0.blocks.0.attn.relative_position_bias_table" in \
+        CliRunner().invoke(app, ["inspect", str(tmp_path)]).output
+
+
+def test_swin_patch_merging_normalises_each_endpoints_neighbours_apart(swin):
+    """Patch merging normalises the channels of 2×2 neighbours together (a LayerNorm over four copies of the
+    stream): widened, its A-view and B-view are gathered from the four copies. The ensemble check fails when
+    that norm is one plain LayerNorm over A's and B's units together."""
+    a, b, calib = swin
+    x = batch("swin")
+    ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
+    assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
+    norm = ensemble.net.get_submodule("layers.1.downsample.norm")
+    assert isinstance(norm, PartitionedNorm) and norm.a_view is not None  # four segments: gathered views
+    plain = nn.LayerNorm(len(norm.weight), eps=norm.view.eps).double()
+    plain.load_state_dict(norm.state_dict())
+    ensemble.net.get_submodule("layers.1.downsample").norm = plain
+    assert relative(ensemble(x), Ensemble(a, b)(x)) > 1e-3
+
+
+class _Biased(nn.Module):
+    """Two-head attention over 4 tokens whose scores add a bias read head by head from ``tables`` tables."""
+
+    def __init__(self, tables: int):
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(6, 12), nn.Linear(4, 6), nn.Linear(6, 2)
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(7, 2)) for _ in range(tables)])
+        offsets = torch.arange(4)[:, None] - torch.arange(4)[None, :] + 3  # relative positions, every row read
+        self.register_buffer("index", offsets, persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], 4, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = sum(t[self.index.view(-1)].view(4, 4, 2).permute(2, 0, 1) for t in self.tables).unsqueeze(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.head(self.proj(y.transpose(1, 2).reshape(x.shape[0], 4, 4)).mean(1))
+
+
+@pytest.mark.parametrize("tables", [1, 2])
+def test_a_score_bias_follows_the_heads_only_from_one_table(tables):
+    """The tracer knows the heads of an attention whose bias comes head by head from one table; a bias summed
+    from two tables is not one table's, so that attention's heads are not derived (and its q/k units mix)."""
+    spec = derive(_Biased(tables), torch.randn(2, 4, 6), "test")
+    if tables == 1:
+        assert [h.tables for h in spec.heads] == [(("tables.0", 1),)] and spec.partial is None
+    else:
+        assert spec.heads == () and "attention" in spec.partial
