@@ -148,7 +148,6 @@ class PartitionedLayer(nn.Module):
         super().__init__()
         groups = template.groups if isinstance(template, nn.Conv2d) else 1
         self.layout = BlockLayout.of(out_sections, in_sections, groups)
-        self.out_sizes, self.in_sizes, self.extent = self.layout.out_sizes, self.layout.in_sizes, self.layout.extent
         self.unit_dim = 1 if isinstance(template, nn.Conv2d) else -1  # a Linear acts on the last dim
         self.width_in = len(in_sections)
         # orders as non-persistent buffers: they follow the model's device, and the state holds the blocks only
@@ -157,7 +156,7 @@ class PartitionedLayer(nn.Module):
         self.register_buffer("out_inverse", None if out_order is None else torch.argsort(out_order), persistent=False)
         self.register_buffer("in_order", in_order, persistent=False)
         bias = template.bias is not None
-        for block, ((r0, r1), (c0, c1)) in self.extent.items():
+        for block, ((r0, r1), (c0, c1)) in self.layout.extent.items():
             self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
         self.execution = "blocks"  # or "dense" (see :meth:`PartialMergedModel.plan_execution`)
         # (block tensors, their versions when joined, the joined layer): a cache, not state
@@ -192,13 +191,14 @@ class PartitionedLayer(nn.Module):
 
         x = blocked(x)
         width = x.shape[at]
-        cols = self.extent["a_side"][1][1]
+        extent = self.layout.extent
+        cols = extent["a_side"][1][1]
         out = self.a_side(joined(x.narrow(at, 0, cols)))
         if hasattr(self, "shared_from_b"):
-            (r0, r1), (c0, _) = self.extent["shared_from_b"]
+            (r0, r1), (c0, _) = extent["shared_from_b"]
             blocked(out).narrow(at, r0, r1 - r0).add_(blocked(self.shared_from_b(joined(x.narrow(at, c0, width - c0)))))
         if hasattr(self, "b_only"):
-            c0 = self.extent["b_only"][1][0]
+            c0 = extent["b_only"][1][0]
             out = joined(torch.cat([blocked(out), blocked(self.b_only(joined(x.narrow(at, c0, width - c0))))], at))
         return out
 
@@ -208,7 +208,7 @@ class PartitionedLayer(nn.Module):
         each of these changes a tensor's version or address (the check costs a few µs per call)."""
         tensors, key, dense = self._joined
         if tensors is None or key != [(t.data_ptr(), t._version) for t in tensors]:
-            tensors = [t for b in self.extent for t in (getattr(self, b).weight, getattr(self, b).bias)
+            tensors = [t for b in self.layout.extent for t in (getattr(self, b).weight, getattr(self, b).bias)
                        if t is not None]
             dense = self.dense()
             self.__dict__["_joined"] = (tensors, [(t.data_ptr(), t._version) for t in tensors], dense)
@@ -218,8 +218,8 @@ class PartitionedLayer(nn.Module):
         """The equivalent plain layer, zero blocks included (for inspection and export)."""
         template = self.blocks()[0][1]
         w = template.weight
-        rows_total = sum(self.out_sizes)
-        out = _like(template, self.width_in, rows_total, template.bias is not None).to(w.device, w.dtype)
+        rows = sum(self.layout.out_sizes)
+        out = _like(template, self.width_in, rows, template.bias is not None).to(w.device, w.dtype)
         with torch.no_grad():
             out.weight.zero_()
             for block, module in self.blocks():
