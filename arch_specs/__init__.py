@@ -3,8 +3,8 @@
 Every model's permutation spec comes from its traced computation (:func:`hubmerge.trace.derive`); nothing
 here is a hand-written spec. What stays in this package is what tracing cannot tell: hubmerge's own
 literature models (registered in timm so hub repos round-trip), the table of families with the tiny
-configuration each is tested on (``families.py``), and where attention modules keep their head count
-(``attention.py``).
+configuration each is tested on (``families.py``), where attention modules keep their head count
+(``attention.py``), and where modules keep the width they cut their output to (``widths.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from hubmerge.errors import UnsupportedModelError
 from hubmerge.spec import PermutationSpec
 from hubmerge.trace import derive
 
-from .attention import HEAD_COUNTS
+from .attention import CALLS_LAYERS, HEAD_COUNTS, SIZED_BY_INPUT
 from .families import FAMILIES, Family
+from .widths import CUT_TO
 
 _SPECS: dict[str, PermutationSpec] = {}
 
@@ -72,9 +73,21 @@ def example_input(model: nn.Module, input_size: tuple[int, ...] | None = None, b
     return torch.randn(batch, *input_size, generator=gen, dtype=torch.float64).to(param.device, param.dtype)
 
 
+def calling_layers(model: nn.Module) -> nn.Module:
+    """``model``, with the settings under which its modules call their layers as modules
+    (:data:`~hubmerge.arch_specs.attention.CALLS_LAYERS`: the same function), set in place: every model hubmerge
+    traces, measures or builds runs so."""
+    for module in model.modules():
+        for name, value in CALLS_LAYERS.get(type(module), {}).items():
+            setattr(module, name, value)
+    return model
+
+
 def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> PermutationSpec:
     """The permutation spec of ``model``, derived by tracing (cached per architecture, arguments, input size
-    and the module classes and state shapes, so a model whose modules were swapped is traced anew)."""
+    and the module classes and state shapes, so a model whose modules were swapped is traced anew); ``model``
+    is set to call its layers (:func:`calling_layers`)."""
+    calling_layers(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     args = getattr(model, "model_args", None)
     key = None
@@ -85,23 +98,37 @@ def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Per
                           shapes], sort_keys=True, default=str)
         if key in _SPECS:
             return _SPECS[key]
-    spec = _known_heads(model, derive(model, example_input(model, input_size), family_of(model)))
+    spec = _known_heads(model, derive(model, example_input(model, input_size), family_of(model), CUT_TO))
     if key is not None:
         _SPECS[key] = spec
     return spec
 
 
 def _known_heads(model: nn.Module, spec: PermutationSpec) -> PermutationSpec:
-    """The spec, refusing partial merges where an attention module's head count cannot be raised (its class
-    is not in :data:`~hubmerge.arch_specs.attention.HEAD_COUNTS`, or its count is not the traced one)."""
-    for h in spec.heads if spec.partial is None else ():
+    """The spec, with attention modules whose head count cannot be raised (their class is not in
+    :data:`~hubmerge.arch_specs.attention.HEAD_COUNTS`, or its count is not the traced one) kept at their width:
+    their heads and their input, which their forward may size its output by; and for attention that does
+    (:data:`~hubmerge.arch_specs.attention.SIZED_BY_INPUT`), every group its layers read or write, heads derived
+    or not."""
+    if spec.partial is not None:
+        return spec
+    fixed = {}
+
+    def keep(module: str, groups, why: str) -> None:
+        inputs = [s.group for layer in spec.layers if layer.name.startswith(f"{module}.") for s in layer.in_axis]
+        fixed.update({g: why for g in [*groups, *inputs] if g is not None and g not in fixed})
+
+    for name, module in model.named_modules():
+        if type(module) in SIZED_BY_INPUT:
+            outputs = [s.group for layer in spec.layers if layer.name.startswith(f"{name}.") for s in layer.out_axis]
+            keep(name, outputs, f"attention {name} ({type(module).__name__}) sizes its output by its input's width")
+    for h in spec.heads:
         module = model.get_submodule(h.module)
         count = HEAD_COUNTS.get(type(module))
         if count is None or getattr(module, count.heads, None) != len(h.heads):
-            why = (f"attention {h.module} is a {type(module).__name__}, whose head count hubmerge does not know "
-                   "how to raise (arch_specs/attention.py)")
-            return dataclasses.replace(spec, partial=why)
-    return spec
+            keep(h.module, h.groups, f"attention {h.module} is a {type(module).__name__}, whose head count hubmerge "
+                 "does not know how to raise (arch_specs/attention.py)")
+    return spec.with_fixed(fixed) if fixed else spec
 
 
 def _weight_bytes(architecture: str, model_args: dict) -> int | None:

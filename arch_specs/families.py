@@ -1,10 +1,11 @@
 """The families hubmerge is tested on, each with a tiny timm configuration, and the support level the
 family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
-be widened; attention heads merge or stay apart whole), ``full`` = full merges (γ=0) with exact invariants;
-widening these groups needs partitioned versions of the constructs named by ``hubmerge inspect`` (channel
-slices and splits, channel-and-token mixing, attention with rotary dims or biases other than one per-head
-table, weight-standardised convs), which are not built yet.
-"""
+be widened; attention heads merge or stay apart whole), ``some`` = partial merges and budgets that widen some
+groups, while others are always merged (an op mixes their units that no partitioned module reproduces: a
+token-mixing MLP on the residual stream, attention whose output is sized by its input), ``full`` = full merges
+(γ=0) with exact invariants; widening these groups needs partitioned versions of the constructs named by
+``hubmerge inspect`` (channel slices, attention with rotary dims or interleaved heads, weight-standardised
+convs), which are not built yet."""
 
 from __future__ import annotations
 
@@ -53,16 +54,17 @@ FAMILIES = {
     "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="partial"),
     "swin": Family("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=12, depths=(1, 1), num_heads=(2, 2)),
                    (3, 56, 56), "partial"),
-    "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2)),
-    "eva02": Family("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=24, num_heads=2), (3, 28, 28)),
+    "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="some"),
+    "eva02": Family("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=24, num_heads=2), (3, 28, 28),
+                    "some"),
     "mobilevit": Family("mobilevit_xxs", input_size=(3, 64, 64), support="partial"),
-    "ghostnet": Family("ghostnet_050"),
+    "ghostnet": Family("ghostnet_050", support="partial"),
     # timm builds inception_v3 at full width only (38M parameters): benefit allocation over its ~100 groups
     # takes 3 minutes on 2 cores, so its budget merge is allocated uniformly (tests/test_budget covers benefit)
     "inception_v3": Family("inception_v3", input_size=(3, 75, 75), support="partial", budget_allocator="uniform"),
-    "mixer": Family("mixer_s32_224", dict(img_size=64, mlp_ratio=(0.05, 0.05)), (3, 64, 64)),
-    "resmlp": Family("resmlp_12_224", dict(img_size=32)),
+    "mixer": Family("mixer_s32_224", dict(img_size=64, mlp_ratio=(0.05, 0.05)), (3, 64, 64), "some"),
+    "resmlp": Family("resmlp_12_224", dict(img_size=32), support="some"),
     "poolformer": Family("poolformer_s12", support="partial"),
     "nfnet": Family("test_nfnet"),
-    "maxvit": Family("test_maxvit", input_size=(3, 160, 160)),
+    "maxvit": Family("test_maxvit", input_size=(3, 160, 160), support="some"),
 }

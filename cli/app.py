@@ -342,12 +342,12 @@ def inspect(
         net = _load_any(model)
         merged = isinstance(net, PartialMergedModel)
         spec = net.spec if merged else spec_for(net)
-        info = {"model": model, "family": spec.family, "partial_merging": spec.partial is None,
+        info = {"model": model, "family": spec.family, "support": spec.support, "partial_merging": spec.partial is None,
                 "partial_unavailable_because": spec.partial, "groups": []}
         for g, grp in spec.groups.items():
             touched = list(dict.fromkeys(n for n, _ in spec.group_axes(g)))
             info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
-                                   "parameters": touched})
+                                   "parameters": touched, "cannot_widen_because": spec.fixed.get(g)})
         info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads],
                               "tables": [key for key, _ in h.tables]} for h in spec.heads]
         info["tied"] = [list(tie) for tie in spec.ties]  # a grouped conv's blocks, widened alike
@@ -369,13 +369,16 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(info))
         return
-    support = ("partial merges and budgets" if info["partial_merging"] else
-               f"full merges only (partial merging needs: {info['partial_unavailable_because']})")
-    typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups; {support}")
+    fixed = sum(row["cannot_widen_because"] is not None for row in info["groups"])
+    support = {"partial": "partial merges and budgets",
+               "some": f"partial merges and budgets, {fixed} of the groups always merged (marked *)",
+               "full": f"full merges only (partial merging needs: {info['partial_unavailable_because']})"}
+    typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups; {support[info['support']]}")
     for row in info["groups"]:
         part = f"  A-only/shared/B-only {row['partition']}  params {row['params']:,}" if merged else ""
+        why = f"  * {row['cannot_widen_because']}" if row["cannot_widen_because"] else ""
         typer.echo(f"  {row['name']:28s} width {row['width']:5d}{part}  ({len(row['parameters'])} tensors: "
-                   f"{', '.join(row['parameters'][:3])}{', …' if len(row['parameters']) > 3 else ''})")
+                   f"{', '.join(row['parameters'][:3])}{', …' if len(row['parameters']) > 3 else ''}){why}")
     for row in info["attention"]:
         apart = f"; {row['heads_apart']} kept apart, so the merge runs {len(row['heads']) + row['heads_apart']}" \
             if merged else ""
@@ -402,8 +405,8 @@ def archs(
     json_out: bool = typer.Option(False, "--json"),
     debug: bool = typer.Option(False),
 ) -> None:
-    """Tested architecture families and how far each is supported: partial merges and budgets, or full
-    merges (any other timm model is traced too: ``hubmerge inspect MODEL`` shows what it supports). The
+    """Tested architecture families and how far each is supported: partial merges and budgets (of every group,
+    or of some, the others always merged), or full merges (any other timm model is traced too: ``hubmerge inspect MODEL`` shows what it supports). The
     table is what the family test checks; ``--derive`` derives it again from the tracer."""
     rows = []
     try:
@@ -416,7 +419,7 @@ def archs(
                 from hubmerge.arch_specs import build_model, spec_for
 
                 spec = spec_for(build_model(fam.architecture, {**fam.model_args, "num_classes": 10}), fam.input_size)
-                row.update(derived="partial" if spec.partial is None else "full", why_not_partial=spec.partial)
+                row.update(derived=spec.support, why_not_partial=spec.partial or next(iter(spec.fixed.values()), None))
             rows.append(row)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)
@@ -424,7 +427,8 @@ def archs(
         typer.echo(json.dumps(rows))
         return
     for row in rows:
-        level = "partial merges, budgets" if row.get("derived", row["support"]) == "partial" else "full merges"
+        level = {"partial": "partial merges, budgets", "some": "partial (some groups)",
+                 "full": "full merges"}[row.get("derived", row["support"])]
         why = f"  ({row['why_not_partial']})" if row.get("why_not_partial") else ""
         typer.echo(f"{row['family']:14s} {level:24s} tested on {row['architecture']} {row['model_args'] or ''}{why}")
     mismatch = [r["family"] for r in rows if "derived" in r and r["derived"] != r["support"]]

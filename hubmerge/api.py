@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import alignment, build as build_stage, many, partial, repair as repair_stage, tasks as task_stage, zipit
-from .arch_specs import architecture_of, input_size_of, spec_for
+from .arch_specs import architecture_of, calling_layers, input_size_of, spec_for
 from .budget import allocate
 from .cost import CostModel
 from .data import Preprocess, as_batches, batches
@@ -143,6 +143,8 @@ class Prepared:
         self.model_a = model_a.eval().to(options.device)
         self.model_b = model_b.eval().to(options.device)
         self.models = [self.model_a, self.model_b, *(m.eval().to(options.device) for m in n_way or ())]
+        for m in self.models:  # hooks see every layer the statistics pass and REPAIR observe
+            calling_layers(m)
         self.weights = weights or (1 - options.alpha, options.alpha)
         self.endpoints = endpoints or {}
         if preprocess is None and getattr(model_a, "pretrained_cfg", None):
@@ -180,6 +182,10 @@ class Prepared:
                 zipped = zipit.trunk(self.spec, options.zip_depth)
                 if zipped != set(self.spec.groups):
                     partial.check_widenable(self.spec, "a partial zip (zip_depth)")
+                    apart = sorted(set(self.spec.fixed) - zipped)
+                    if apart:
+                        raise UsageError(f"a partial zip to depth {options.zip_depth} keeps groups {apart[:3]} "
+                                         f"apart, which cannot widen ({self.spec.fixed[apart[0]]}); zip deeper")
                 self.matchings = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta,
                                             options.correlation, zipped)
                 self.zip_plans = zipit.plans(self.spec, zipped)
@@ -198,7 +204,10 @@ class Prepared:
             partial.check_widenable(self.spec, "a budget")
         layers = len(self.spec.layers)
         for depth in range(layers + 1):  # the full zip (depth = layers) costs nothing: the loop always stops
-            plans = zipit.plans(self.spec, zipit.trunk(self.spec, depth))
+            zipped = zipit.trunk(self.spec, depth)
+            if set(self.spec.fixed) - zipped:  # a group that cannot widen must be zipped
+                continue
+            plans = zipit.plans(self.spec, zipped)
             increase = self.costs.increase(self.partition(plans))[options.budget_unit]
             if increase <= options.budget + 1e-12:
                 break

@@ -102,8 +102,11 @@ class _Search:
         return {g: v for name, c in self.choices.items() for g, v in c.gammas(k[name]).items()}
 
     def partition(self, k: dict[str, int]) -> dict[str, tuple[int, int, int]]:
-        """k units (heads) of each choice kept apart on both sides: a group's sizes are (k, n − k, k)."""
-        return {g: v for name, c in self.choices.items() for g, v in c.partition(k[name], self.group_widths).items()}
+        """k units (heads) of each choice kept apart on both sides: a group's sizes are (k, n − k, k); groups
+        that cannot widen, (0, n, 0)."""
+        merged = {g: (0, n, 0) for g, n in self.group_widths.items()}
+        return merged | {g: v for name, c in self.choices.items()
+                         for g, v in c.partition(k[name], self.group_widths).items()}
 
     def increase(self, k: dict[str, int]) -> float:
         return self.p.costs.increase(self.partition(k))[self.unit]

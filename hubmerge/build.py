@@ -108,9 +108,9 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
         at = head_layout(heads, partition)
         for key, dim in heads.tables:
             out[key] = at.combine(state_a[key], state_b[key], alpha, dim)
-    for key, t in state_a.items():  # anything outside the spec (buffers with no units) comes from A
+    for key, t in state_a.items():  # tensors with no units (EVA's q bias, whose dims rotary fixes) interpolate
         if key not in covered and key not in out:
-            out[key] = t
+            out[key] = (1 - alpha) * t + alpha * state_b[key] if t.is_floating_point() else t
     return out
 
 

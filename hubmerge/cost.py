@@ -130,11 +130,22 @@ def per_head_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
             for h in spec.heads}
 
 
+def unitless_params(spec: PermutationSpec, net: nn.Module) -> int:
+    """Parameters outside the layers and per-head tables that hold no units (EVA's q bias, whose dims rotary
+    fixes): every merge has them once."""
+    modules = tuple(f"{m}." for l in spec.layers for m in (l.name, l.norm) if m) + tuple(f"{n.name}." for n in spec.norms)
+    tables = {key for h in spec.heads for key, _ in h.tables}
+    return sum(p.numel() for n, p in net.named_parameters()  # (the modules' names hold in a partitioned net too)
+               if n not in spec.axes and n not in tables and not n.startswith(modules))
+
+
 def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[str, Sizes],
-         per_unit: dict[str, int] | None = None, per_head: dict[str, int] | None = None) -> CostReport:
+         per_unit: dict[str, int] | None = None, per_head: dict[str, int] | None = None, unitless: int = 0
+         ) -> CostReport:
     """Cost of the model with ``partition``; ``per_unit[group]``: parameters per unit outside the layers
     (:func:`per_unit_params`), ``per_head[attention]`` per head of its tables (:func:`per_head_params`, counted
-    for each head's first group). A layer's cost counts for the groups of its output rows."""
+    for each head's first group), ``unitless`` those with no units (:func:`unitless_params`). A layer's cost
+    counts for the groups of its output rows."""
     layers, groups = {}, {g: Cost(0, 0) for g in spec.groups}
     for g, k in (per_unit or {}).items():
         groups[g] = Cost(k * sum(partition[g]), 0)
@@ -150,7 +161,7 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
             if g is not None:
                 groups[g] = groups[g] + c
     total = sum(layers.values(), Cost(0, 0))
-    total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()) + tables, 0)
+    total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()) + tables + unitless, 0)
     return CostReport(layers, groups, total)
 
 
@@ -179,12 +190,13 @@ class CostModel:
         self.geo = geometry(net, spec, input_size)
         self.per_unit = per_unit_params(spec, net)
         self.per_head = per_head_params(spec, net)
+        self.unitless = unitless_params(spec, net)
         self.endpoint = self(full_partition(spec)).total
 
     def __call__(self, partition: dict[str, Sizes]) -> CostReport:
         if self.spec.partial is not None:
             return CostReport({}, {g: Cost(0, 0) for g in self.spec.groups}, self.endpoint)
-        return cost(self.spec, self.geo, partition, self.per_unit, self.per_head)
+        return cost(self.spec, self.geo, partition, self.per_unit, self.per_head, self.unitless)
 
     def increase(self, partition: dict[str, Sizes]) -> dict[str, float]:
         """Relative increase over one endpoint, in parameters and in FLOPs."""

@@ -6,6 +6,7 @@ permutation merge, γ=1 keeps every unit of both models (the ensemble).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 from .alignment import lap
 from .errors import UsageError
 from .spec import Axis, Heads, PermutationSpec, positions
+
+log = logging.getLogger("hubmerge")
 
 Sizes = tuple[int, int, int]
 
@@ -184,9 +187,10 @@ def plan_group(scores: torch.Tensor, gamma: float, method: str = "forced", *, ep
 
 
 def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[str, float]:
-    """Expand a scalar γ to every group; check a dict names only known groups or attention modules (whose γ
-    goes to the groups of all their heads: round(γ·heads) kept apart). Tied groups (a grouped conv's blocks)
-    all take the largest γ given to any of them, as the merged conv's blocks widen alike."""
+    """Expand a scalar γ to every group that can widen (fixed groups, :attr:`~hubmerge.spec.PermutationSpec.fixed`,
+    stay merged: γ=0); check a dict names only known groups or attention modules (whose γ goes to the groups of
+    all their heads: round(γ·heads) kept apart), and no fixed group with γ > 0. Tied groups (a grouped conv's
+    blocks) all take the largest γ given to any of them, as the merged conv's blocks widen alike."""
     if isinstance(gamma, dict):
         modules = {h.module: h.groups for h in spec.heads}
         unknown = sorted(set(gamma) - set(spec.groups) - set(modules))
@@ -194,9 +198,13 @@ def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[s
             raise UsageError(f"gamma names unknown groups {unknown}; groups are {list(spec.groups)}"
                              + (f", attention modules {list(modules)}" if modules else ""))
         per_group = {g: float(v) for name, v in gamma.items() for g in modules.get(name, (name,))}
+        fixed = sorted(g for g, v in per_group.items() if v and g in spec.fixed)
+        if fixed:
+            raise UsageError(f"gamma > 0 for groups {fixed}, which cannot widen ({spec.fixed[fixed[0]]}); "
+                             "they are always merged")
         tie = spec.tie_of()
         return {g: max(per_group.get(t, 0.0) for t in tie.get(g, (g,))) for g in spec.groups}
-    return {g: float(gamma) for g in spec.groups}
+    return {g: 0.0 if g in spec.fixed else float(gamma) for g in spec.groups}
 
 
 def check_widenable(spec: PermutationSpec, what: str) -> None:
@@ -217,9 +225,12 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
     many units apart: where adaptive buffers split a different number in each, all keep the largest number
     apart, by forced buffers.
     """
-    gammas = gammas_for(spec, gamma)
-    if any(gammas.values()):
+    if any(gamma.values()) if isinstance(gamma, dict) else gamma:
         check_widenable(spec, "gamma > 0")
+    if not isinstance(gamma, dict) and gamma and spec.fixed:
+        log.info("gamma=%s widens %d of %d groups; the others are always merged (%s)", gamma,
+                 len(spec.widenable()), len(spec.groups), next(iter(spec.fixed.values())))
+    gammas = gammas_for(spec, gamma)
     cache = {} if cache is None else cache
 
     def planned(g: str, gamma: float, method: str, i: int) -> GroupPlan:
@@ -291,11 +302,13 @@ class Choice:
 
 
 def choices(spec: PermutationSpec) -> list[Choice]:
-    """Every :class:`Choice` of ``spec``: its groups, with each attention module's heads as one choice and
-    each set of tied groups as one (named after its first group)."""
+    """Every :class:`Choice` of ``spec``: the groups that can widen, with each attention module's heads as one
+    choice and each set of tied groups as one (named after its first group)."""
     heads, ties = spec.head_of(), spec.tie_of()
     out, seen = [], set()
     for g, grp in spec.groups.items():
+        if g in spec.fixed:  # (with_fixed keeps whole ties and heads together)
+            continue
         h = heads.get(g)
         if g in ties:
             if ties[g][0] == g:

@@ -292,14 +292,14 @@ class PartitionedNorm(nn.Module):
 
 
 def _widen_tensor(net: nn.Module, key: str, dim: int, width: int) -> None:
-    """Give the parameter or buffer ``key`` of ``net`` ``width`` entries along ``dim`` (values come from the
-    merged state dict)."""
+    """Give the parameter or buffer ``key`` of ``net`` ``width`` zeros along ``dim``: the values of state tensors
+    come from the merged state dict, and a constant zero buffer outside the state stays zero."""
     owner, _, name = key.rpartition(".")
     module = net.get_submodule(owner) if owner else net
     t = getattr(module, name)
     shape = list(t.shape)
     shape[dim] = width
-    new = t.new_empty(shape)
+    new = t.new_zeros(shape)
     setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
@@ -382,6 +382,8 @@ class PartialMergedModel(
             if ka and self.spec.partial is not None:
                 raise CheckpointError(f"group {g} is widened, but {self.architecture} cannot be partially merged "
                                       f"({self.spec.partial})")
+            if ka and g in self.spec.fixed:
+                raise CheckpointError(f"group {g} is widened, but cannot widen ({self.spec.fixed[g]})")
         for tie in self.spec.ties:
             if len({tuple(partition[g]) for g in tie}) > 1:
                 raise CheckpointError(f"groups {list(tie)} are the blocks of one grouped conv and must be widened "
@@ -405,6 +407,8 @@ class PartialMergedModel(
             wide = _per_unit_like(template, len(out)) if layer.depthwise else PartitionedLayer(template, out, inp)
             _replace(net, layer.name, wide)
         for h in self.spec.heads:  # a head kept apart is two heads of the merged attention
+            if not h.apart(self.partition):  # (heads of an attention that cannot widen never are)
+                continue
             module = net.get_submodule(h.module)
             HEAD_COUNTS[type(module)].set(module, len(h.heads) + h.apart(self.partition))
             for key, dim in h.tables:  # and has its entry in each per-head table
@@ -413,8 +417,10 @@ class PartialMergedModel(
             widened = sections(norm.axis, self.partition)
             if (widened != 1).any():  # fully merged groups keep the plain norm
                 _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), widened, norm.dim, self.alpha))
-        for vector in self.spec.vectors:
+        for vector in self.spec.vectors + self.spec.zeros:
             _widen_tensor(net, vector.key, vector.dim, len(sections(vector.axis, self.partition)))
+        for width in self.spec.widths:  # a cut keeping every channel keeps every merged channel
+            setattr(net.get_submodule(width.module), width.attribute, len(sections(width.axis, self.partition)))
 
     def partitioned_layers(self) -> tuple[Layer, ...]:
         """The layers stored as partitioned blocks; none where the family only takes full merges, whose

@@ -14,14 +14,17 @@ are the view the partitioned build uses: conv/linear modules whose axes hold who
 positions) and depthwise convs, with the BatchNorm that follows; norms (LayerNorm, GroupNorm(1), GRN,
 layer-scale modules), which become partitioned norms where their group widens; per-unit tensors elsewhere
 (a block's layer-scale vector); attention heads, merged or kept apart whole. Where a model has parameters
-outside that view (a grouped conv, a concatenation) or an op that mixes units and that neither a
-partitioned norm nor whole heads reproduce, ``partial`` says why widening groups is not available yet;
-full merges (γ=0) work for every derived spec.
+outside that view (a channel slice in a concatenation, a weight-standardised conv), ``partial`` says why
+widening groups is not available yet; full merges (γ=0) work for every derived spec. Where only some groups
+cannot widen (an op mixes their units that neither a partitioned norm nor whole heads reproduce: a token-mixing
+MLP on a residual stream; attention whose head count cannot be raised), ``fixed`` says why for each, and
+partial merges widen the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -149,6 +152,16 @@ class Vector:
 
 
 @dataclass(frozen=True)
+class Width:
+    """A module attribute holding the width its forward cuts an output to, where the cut keeps every unit of
+    ``axis`` (GhostNet's ``out[:, :out_chs]``): the partitioned model sets it to the merged width."""
+
+    module: str
+    attribute: str
+    axis: Axis
+
+
+@dataclass(frozen=True)
 class Heads:
     """The heads of one attention module, in order, each as the groups of its q/k dims and of its v dims.
 
@@ -187,6 +200,37 @@ class PermutationSpec:
     heads: tuple[Heads, ...] = ()
     # groups that must widen alike: the blocks of a grouped conv, which the merged conv keeps equally wide
     ties: tuple[tuple[str, ...], ...] = ()
+    # constant zero vectors outside the state (BEiT's k bias) that hold units: the merged model widens them
+    # with zeros, and permutations leave them as they are
+    zeros: tuple[Vector, ...] = ()
+    # groups that keep their width in partial merges (always merged), each with why it cannot widen
+    fixed: dict[str, str] = field(default_factory=dict)
+    # module attributes holding a width the forward cuts to, which the partitioned model sets (GhostNet)
+    widths: tuple[Width, ...] = ()
+
+    @property
+    def support(self) -> str:
+        """``partial`` (every group can widen), ``some`` (the ``fixed`` groups cannot) or ``full`` (full merges
+        only, ``partial`` says why)."""
+        return "full" if self.partial is not None else "some" if self.fixed else "partial"
+
+    def widenable(self) -> list[str]:
+        """The groups a partial merge may widen (none where ``partial`` says why)."""
+        return [] if self.partial is not None else [g for g in self.groups if g not in self.fixed]
+
+    def with_fixed(self, fixed: dict[str, str]) -> PermutationSpec:
+        """The spec with ``fixed`` groups (group → why) kept at their width too, and with what widens alike:
+        the tied blocks of a grouped conv, every group of an attention's heads. Where no group is left to
+        widen, partial merging is unavailable and ``partial`` gives the first reason."""
+        out = {**self.fixed, **{g: why for g, why in fixed.items() if g not in self.fixed}}
+        for together in [*self.ties, *(h.groups for h in self.heads)]:
+            why = next((out[g] for g in together if g in out), None)
+            if why is not None:
+                out.update({g: out.get(g, why) for g in together})
+        partial = self.partial
+        if partial is None and out and len(out) == len(self.groups):
+            partial = next(iter(out.values()))
+        return dataclasses.replace(self, fixed=out, partial=partial)
 
     def tie_of(self) -> dict[str, tuple[str, ...]]:
         """group → the groups it must widen alike with (itself among them), for tied groups."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedModelError
-from .spec import Axis, Group, Heads, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector
+from .spec import Axis, Group, Heads, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector, Width
 
 Factor = np.ndarray  # int64, same ndim as its tensor, each dim of size 1 or the tensor's size
 
@@ -83,6 +83,12 @@ class Trace:
     attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]], tuple[tuple[str, int], ...]]]
     calls: dict[str, int]  # module → times it was called
     cut: set[int]  # classes on a dim some op indexed at constant positions
+    # non-persistent all-zero 1-D buffers (BEiT's and EVA's k bias between trained q and v biases) → class per
+    # entry: zeros are unchanged by any permutation, so their entries take the units they meet
+    zeros: dict[str, np.ndarray] = field(default_factory=dict)
+    kept: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (module, classes) of slices keeping a dim
+    chunks: list[tuple[set[int], list[np.ndarray]]] = field(default_factory=list)  # (classes cut, of each piece)
+    values: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (module, classes) of attention values
 
 
 class _Ids:
@@ -241,6 +247,13 @@ class _Tracer:
         state = set(model.state_dict())
         self.param_names = {id(p): n for n, p in model.named_parameters() if n in state}
         self.param_names.update({id(b): n for n, b in model.named_buffers() if n in state and b.is_floating_point()})
+        # except an all-zero vector, which any permutation leaves as it is: its entries get units of their own
+        self.zero_names = {id(b): n for n, b in model.named_buffers() if n not in state and b.is_floating_point()
+                           and b.dim() == 1 and len(b) > 1 and not b.any()}
+        self.zero_ids: dict[str, np.ndarray] = {}
+        self.kept: list[tuple[str, np.ndarray]] = []  # (module, ids) of a unit dim indexed whole at constant positions
+        self.chunks: list[tuple[list[np.ndarray], list[np.ndarray]]] = []  # (ids cut, ids of each piece) of chunks
+        self.values: list[tuple[str, np.ndarray]] = []  # (module, ids) of every attention's values
         self.param_ids: dict[str, list[np.ndarray | None]] = {}
         self.module_names = {m: n for n, m in model.named_modules()}
         self.stack: list[str] = []
@@ -268,6 +281,10 @@ class _Tracer:
     def get(self, t) -> list[Factor]:
         if not isinstance(t, torch.Tensor):
             return []
+        zero = self.zero_names.get(id(t))
+        if zero is not None and id(t) not in self.units:
+            self.zero_ids[zero] = self.ids.fresh(len(t))
+            self.set(t, [self.zero_ids[zero]])
         name = self.param_names.get(id(t))
         if name is not None and id(t) not in self.units:
             per_dim = []
@@ -483,7 +500,8 @@ class _Tracer:
 
     def select(self, x: torch.Tensor, index, out: torch.Tensor, label: object) -> None:
         """Index ``x`` like ``x[index]``; units taken apart from the rest of their dim get ``label``, and units on
-        a dim the index cuts at constant positions (even all of them, ``x[:, :C]``) are recorded as cut."""
+        a dim the index cuts at constant positions are recorded as cut; where it keeps every position of one unit
+        dim (``x[:, :C]`` of C channels), as kept, with the module doing it (whose C then must follow the width)."""
         factors = []
         cut = _cut_dims(index, x.dim())
         for f in self.get(x):
@@ -493,7 +511,10 @@ class _Tracer:
             if len(taken) < len(np.unique(full)):
                 self.ids.label(taken, label)
             if set(_support(f)) & cut:
-                self.ids.cuts.append(f.reshape(-1))
+                if len(cut) == 1 and _support(f) == tuple(cut) and np.array_equal(part, full):
+                    self.kept.append((self.where(), f.reshape(-1)))  # ``x[:, :C]`` keeping all C: a width
+                else:
+                    self.ids.cuts.append(f.reshape(-1))
             factors.append(np.ascontiguousarray(part))
         self.set(out, factors)
 
@@ -522,8 +543,19 @@ class _Tracer:
         """split / chunk / tensor_split(x, sizes or count, dim): the pieces' own shapes say where they cut."""
         self.pieces(args[0], kwargs.get("dim", args[2] if len(args) > 2 else 0), list(out))
 
-    op_chunk = op_split
     op_tensor_split = op_split
+
+    def op_chunk(self, args, kwargs, out) -> None:
+        """chunk(x, count, dim): cuts where it splits a unit dim, except that a split into pieces that hold the same
+        groups alike (a gated MLP's value and gate halves) follows the widths, as equal pieces of the widened dim
+        are the widened pieces; :func:`derive` decides which, from the pieces' units (``chunks``)."""
+        x, dim = args[0], kwargs.get("dim", args[2] if len(args) > 2 else 0) % args[0].dim()
+        before = len(self.ids.cuts)
+        self.pieces(x, dim, list(out))
+        parts = [self.get(p) for p in out]
+        if len(self.ids.cuts) > before and all(len(f) == 1 and _support(f[0]) == (dim,) for f in parts):
+            self.chunks.append((self.ids.cuts[before:], [f[0].reshape(-1) for f in parts]))
+            del self.ids.cuts[before:]
 
     def op_unbind(self, args, kwargs, out) -> None:
         self.pieces(args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0), list(out))
@@ -793,6 +825,7 @@ class _Tracer:
             self.mix(fq[0], "attention")
         for f in fv:
             self.label_batch(_align(f, v.dim()), op)
+            self.values.append((self.where(), f.reshape(-1)))
         if len(fq) == len(fv) == 1 and q.dim() == v.dim() == 4 and (mask is None or tables is not None):
             # (batch, heads, tokens, head dim): per head, the ids of its q/k dims and of its v dims
             heads = [(_align(fq[0], 4)[0, h, 0], _align(fv[0], 4)[0, h, 0]) for h in range(q.shape[1])]
@@ -928,7 +961,10 @@ def _finish(tracer: _Tracer) -> Trace:
                  {c: tuple(sorted(v)) for c, v in members.items()},
                  [(m, [(cls[qk], cls[v]) for qk, v in heads], _tables(tracer, ids, tied))
                   for m, heads, ids in tracer.attention], dict(tracer.calls),
-                 {int(c) for ids in tracer.ids.cuts for c in np.unique(cls[ids]) if c})
+                 {int(c) for ids in tracer.ids.cuts for c in np.unique(cls[ids]) if c},
+                 {n: cls[ids] for n, ids in tracer.zero_ids.items()}, [(m, cls[ids]) for m, ids in tracer.kept],
+                 [({int(c) for ids in cut for c in np.unique(cls[ids]) if c}, [cls[ids] for ids in pieces])
+                  for cut, pieces in tracer.chunks], [(m, cls[ids]) for m, ids in tracer.values])
 
 
 def interchangeable(tr: Trace) -> dict[int, tuple]:
@@ -979,8 +1015,11 @@ def _segments(classes: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray, na
     return tuple(segs)
 
 
-def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationSpec:
-    """The permutation spec of ``model``, from one traced forward pass on ``example``."""
+def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[type, str] | None = None
+           ) -> PermutationSpec:
+    """The permutation spec of ``model``, from one traced forward pass on ``example``. ``cut_to``: module classes
+    that cut their output to the width an attribute holds (GhostNet's ``out[:, :out_chs]``), which the partitioned
+    model can set to the merged width where the cut keeps every channel; any other slice of channels is a cut."""
     tr = trace(model, example)
     keys = interchangeable(tr)
     group_of_key: dict[tuple, str] = {}
@@ -1027,18 +1066,45 @@ def derive(model: nn.Module, example: torch.Tensor, family: str) -> PermutationS
                 in_order[module] = (dim, segments)
     heads = _heads(tr, group_arr, unit_arr, names, groups)
     whole = {g for h in heads for g in h.groups}
-    # channels taken apart by position (a slice, a split) anywhere outside attention heads: the merged model
-    # would cut its widened tensors at the endpoint's positions, so concatenated axes are not laid out
-    sliced = any(c in unit_of and unit_of[c][0] not in whole for c in tr.cut)
-    view = _layer_view(model, tr, axes, in_order, whole, not sliced)
+    # slices keeping every channel of a module that can follow the width; chunks into alike pieces
+    modules = dict(model.named_modules())
+    widths, cut = [], set(tr.cut)
+    for module, cls in tr.kept:
+        attribute = (cut_to or {}).get(type(modules.get(module)))
+        if attribute is not None and tr.calls.get(module) == 1 and getattr(modules[module], attribute) == len(cls):
+            widths.append(Width(module, attribute, _segments(np.where(cls < n, cls, 0), group_arr, unit_arr, names)))
+        else:
+            cut.update(int(c) for c in np.unique(cls) if c)
+    for classes, pieces in tr.chunks:  # equal pieces of alike groups follow the widths; others cut
+        held = [_segments(np.where(p < n, p, 0), group_arr, unit_arr, names) for p in pieces]
+        if any(h != held[0] or any(s.group is None or s.order is not None for s in h) for h in held):
+            cut.update(classes)
+    # channels taken apart by position (a slice, a split) outside attention heads: widened, the op would take
+    # them apart at the endpoint's positions, so every group of the tensor it cuts keeps its width
+    cut_groups = {unit_of[c][0] for c in cut if c in unit_of} - whole
+    view = _layer_view(model, tr, axes, in_order)
+    zeros, reason = [], view.reason
+    for key, cls in tr.zeros.items():  # zero buffers widen with zeros where their units widen
+        axis = _segments(np.where(cls < n, cls, 0), group_arr, unit_arr, names)
+        if any(s.group for s in axis):
+            zeros.append(Vector(key, axis, 0))
+            if _laid_out(axis, 0) is None or any(s.repeat != 1 for s in axis):
+                reason = reason or f"the zero buffer {key} does not hold whole groups in unit order"
     explained = {norm.name for norm in view.norms} | {h.module for h in heads}
-    mixed = next(((unit_of[c][0], kind, module) for c in sorted(tr.mixers) if c in unit_of
-                  for kind, module in tr.mixers[c] if module not in explained), None)
-    reason = view.reason
-    if mixed is not None:  # widening would change what this op computes for the units it mixes
-        reason = "{1} in {2} mixes the units of group {0}".format(*mixed)
-    return PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors,
-                           heads, view.ties)
+    fixed = {g: "an op takes its channels apart by position (a slice or a split)" for g in sorted(cut_groups)}
+    # and widening would change what an op computes for the units it mixes, or for an attention whose heads are
+    # not known, the units its heads hold
+    for module, cls in tr.values:
+        for c in np.unique(cls).tolist() if module not in explained else ():
+            if c in unit_of:
+                fixed.setdefault(unit_of[c][0], f"attention in {module} has heads hubmerge does not know")
+    for c in sorted(tr.mixers):
+        for kind, module in tr.mixers[c] if c in unit_of else ():
+            if module not in explained:
+                fixed.setdefault(unit_of[c][0], f"{kind} in {module} mixes its units")
+    spec = PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors,
+                           heads, view.ties, tuple(zeros), widths=tuple(widths))
+    return spec.with_fixed(fixed)
 
 
 def _heads(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str], groups: dict[str, Group]
@@ -1164,27 +1230,25 @@ def _tied(sets: list[tuple[str, ...]]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(t) for t in joined if len(t) > 1)
 
 
-def _laid_out(axis: Axis | None, width: int, whole: set[str], joined: bool) -> Axis | None:
+def _laid_out(axis: Axis | None, width: int) -> Axis | None:
     """The axis as complete segments (fixed positions as one segment of group None) where the partitioned
-    build can lay it out: one group in unit order, fixed positions, attention heads' groups (``whole``, which
-    widen whole) in unit order, or, with ``joined``, any groups in unit order (what a concatenation holds:
-    ``torch.cat`` of widened pieces is the per-segment layout); None otherwise (a slice, a shuffled order)."""
+    build can lay it out: groups (one, or what a concatenation holds: ``torch.cat`` of widened pieces is the
+    per-segment layout) and fixed positions, each in unit order; None otherwise (a shuffled order). Where an op
+    takes a tensor's channels apart by position, its groups keep their width (:func:`derive`), so their
+    positions stay the endpoint's."""
     single = _single(axis)
     if single is not None:
         return (Segment(None, width),) if single[0] is None else axis
-    if all(s.order is None and (s.group is None or s.group in whole or joined) for s in axis):
+    if all(s.order is None for s in axis):
         return axis
     return None
 
 
-def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, Axis]], heads: set[str],
-                joined: bool) -> _View:
+def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[int, Axis]]) -> _View:
     """Conv/linear layers whose axes the partitioned build lays out (:func:`_laid_out`), depthwise convs, and
     their BatchNorms; norms (``views``: modules that mix the units of one group along a dim, whose parameters
     must be per-unit vectors of that group); per-unit vectors; and why partial merging is not available when
-    some parameter falls outside that view. ``heads``: the groups of attention heads, merged or kept apart
-    whole; ``joined``: inputs and per-unit tensors may hold several groups (concatenations), which is sound
-    where no op takes channels apart by position (a slice, a split) outside attention heads."""
+    some parameter falls outside that view."""
     modules = dict(model.named_modules())
     norm_after = {producer: norm for norm, kind, producer in tr.norms if kind == "batch_norm"}
     layers, covered, reason, ties = [], set(), None, []
@@ -1195,20 +1259,21 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
             continue
         seen.add(name)
         module = modules.get(name)
+        if not tr.calls.get(name):
+            reason = reason or (f"{name} is not called: its weight is read by another module's forward, which a "
+                                "partitioned layer cannot stand in for")
+            continue
         weight = f"{name}.weight"
         w_axes = axes.get(weight, (None, None))
         shape = module.weight.shape if isinstance(module, (nn.Conv2d, nn.Linear)) else (0, 0)
-        out = _laid_out(w_axes[0], shape[0], heads, joined)
-        inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1], heads, joined)
+        out = _laid_out(w_axes[0], shape[0])
+        inp = _laid_out(w_axes[1] if len(w_axes) > 1 else None, shape[1])
         plain = isinstance(module, (nn.Conv2d, nn.Linear))
         if not plain or out is None or inp is None or any(s.repeat != 1 for s in out):
-            cut = not joined and inp is None and _laid_out(w_axes[1], shape[1], heads, True) is not None
-            reason = reason or (f"{name} ({type(module).__name__}) does not map whole groups to whole groups"
-                                + (" (it reads a concatenation, and an op cuts channels at constant positions)"
-                                   if cut else ""))
+            reason = reason or f"{name} ({type(module).__name__}) does not map whole groups to whole groups"
             continue
         depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
-        single_out = len(out) == 1 and out[0].group is not None
+        single_out = all(s.group is not None for s in out)  # one unit per channel, of any groups
         grouped = 1
         if depthwise and single_out:  # resized as a copy, so a subclass keeps its own forward
             inp = out
@@ -1236,12 +1301,12 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
         params = dict(modules[name].named_parameters())
         per_unit = all("." not in p and axes.get(f"{name}.{p}", (None,))[0] == axis and t.dim() == 1
                        for p, t in params.items())
-        if per_unit and not list(modules[name].buffers()) and _laid_out(axis, 0, heads, joined) is not None:
+        if per_unit and not list(modules[name].buffers()) and _laid_out(axis, 0) is not None:
             norms.append(Norm(name, axis, dim))
             covered.update(f"{name}.{p}" for p in params)
     vectors = []
     for key, key_axes in axes.items():
-        held = [(d, _laid_out(a, 0, heads, joined)) for d, a in enumerate(key_axes) if a is not None]
+        held = [(d, _laid_out(a, 0)) for d, a in enumerate(key_axes) if a is not None]
         if (key not in covered and len(held) == 1 and held[0][1] is not None and all(s.repeat == 1 for s in held[0][1])
                 and any(s.group for s in held[0][1])):
             vectors.append(Vector(key, held[0][1], held[0][0]))

@@ -1,10 +1,17 @@
 import pytest
 import timm
 import torch
+from timm.models import register_model
+from torch import nn
 
-from hubmerge.arch_specs import architecture_of, build_model, spec_for
+import hubmerge
+from hubmerge.arch_specs import architecture_of, build_model, randomize_, spec_for
+from hubmerge.arch_specs.literature import finish
+from hubmerge.arch_specs.widths import CUT_TO
 from hubmerge.errors import UnsupportedModelError
+from hubmerge.evaluate import Ensemble
 from hubmerge.spec import permute_state
+from hubmerge.trace import derive
 
 from conftest import inputs, make
 
@@ -72,8 +79,13 @@ def test_a_python_model_without_model_args_is_rebuilt_only_when_that_is_exact():
 
 
 def test_families_without_partial_support_say_why():
-    model = timm.create_model("mixer_s32_224", num_classes=3, img_size=64, mlp_ratio=(0.05, 0.05))
-    assert "along another unit axis" in spec_for(model, (3, 64, 64)).partial
+    spec = spec_for(timm.create_model("test_nfnet", num_classes=3), (3, 32, 32))
+    assert "stem.conv2.weight lies outside conv/linear layers" in spec.partial and not spec.widenable()
+    # a token-mixing MLP keeps the stream it mixes merged; its own hidden units and the channel MLPs' widen
+    spec = spec_for(timm.create_model("mixer_s32_224", num_classes=3, img_size=64, mlp_ratio=(0.05, 0.05)),
+                    (3, 64, 64))
+    assert spec.partial is None and list(spec.fixed) == ["stem.proj"]
+    assert "along another unit axis in blocks.0.mlp_tokens.fc1" in spec.fixed["stem.proj"]
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
 
@@ -87,3 +99,56 @@ def test_the_trace_input_follows_model_args_where_timms_default_cfg_does_not():
     model.model_args = {"num_classes": 3}
     with pytest.raises(UnsupportedModelError, match=r"tracing VisionTransformer on an example input of shape"):
         spec_for(model)
+
+
+class _ZeroPadded(nn.Module):
+    """A layer whose bias is a trained half and a constant zero half (BEiT's q and v biases around a zero k bias):
+    the zero buffer takes the units of the rows it is added to, and widens with them."""
+
+    def __init__(self, num_classes: int = 2, **kwargs):
+        super().__init__()
+        self.fc1 = nn.Linear(4 * 4, 6, bias=False)
+        self.b = nn.Parameter(torch.randn(3))
+        self.register_buffer("z", torch.zeros(3), persistent=False)
+        self.head = nn.Linear(6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc1(x.flatten(1)) + torch.cat([self.b, self.z])))
+
+
+@register_model
+def hubmerge_test_zero_padded(pretrained: bool = False, num_classes: int = 2, in_chans: int = 1, img_size: int = 4,
+                              **kwargs) -> _ZeroPadded:
+    args = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    return finish(_ZeroPadded(num_classes), "hubmerge_test_zero_padded", args, kwargs, first_conv="fc1")
+
+
+def test_a_constant_zero_buffer_takes_units_and_widens_with_zeros():
+    a, b = (randomize_(timm.create_model("hubmerge_test_zero_padded"), s).double().eval() for s in (1, 2))
+    spec = spec_for(a)
+    assert [(z.key, [s.group for s in z.axis]) for z in spec.zeros] == [("z", ["fc1#2"])]
+    assert spec.support == "partial" and [s.group for s in spec.axes["fc1.weight"][0]] == ["fc1", "fc1#2"]
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    calib = [(torch.randn(8, 1, 4, 4, dtype=torch.float64), None)]
+    ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
+    assert torch.equal(ensemble.net.z, torch.zeros(6, dtype=torch.float64))  # 3 of A's and 3 of B's
+    assert ((ensemble(x) - Ensemble(a, b)(x)).abs().max() / Ensemble(a, b)(x).abs().max()).item() <= 1e-10
+    at_a = hubmerge.merge(a, b, calib, gamma=0.5, alpha=0.0, repair=None, partial="topk").model
+    assert ((at_a(x) - a(x)).abs().max() / a(x).abs().max()).item() <= 1e-10
+
+
+def test_a_ghost_module_keeping_every_channel_follows_the_width_and_one_cutting_some_refuses():
+    from timm.models.ghostnet import GhostModule
+
+    def ghost(out_chs: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), GhostModule(4, out_chs), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(out_chs, 2)).eval()
+
+    spec = derive(ghost(6), torch.randn(2, 3, 8, 8), "test", CUT_TO)
+    assert spec.support == "partial" and [(w.module, w.attribute) for w in spec.widths] == [("1", "out_chs")]
+    assert [s.size for s in spec.widths[0].axis] == [3, 3]  # the primary features, then the cheap ones
+    unknown = derive(ghost(6), torch.randn(2, 3, 8, 8), "test")  # a module not known to follow the width
+    assert set(unknown.fixed) == {"1.primary_conv.0"} and unknown.widenable() == ["0"]
+    assert "takes its channels apart by position" in unknown.fixed["1.primary_conv.0"]
+    cutting = derive(ghost(5), torch.randn(2, 3, 8, 8), "test", CUT_TO)  # 6 channels cut to 5
+    assert set(cutting.fixed) == {"1.primary_conv.0", "1.primary_conv.0#2"} and cutting.widenable() == ["0"]

@@ -150,6 +150,18 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
         assert family in archs
 
 
+def test_inspect_marks_the_groups_that_cannot_widen(tmp_path):
+    args = dict(img_size=64, mlp_ratio=(0.05, 0.05), num_classes=3)
+    save_timm(timm.create_model("mixer_s32_224", **args), tmp_path / "mixer", "mixer_s32_224", args)
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "mixer"), "--json"]).stdout)
+    assert info["support"] == "some"
+    fixed = {g["name"]: g["cannot_widen_because"] for g in info["groups"] if g["cannot_widen_because"]}
+    assert list(fixed) == ["stem.proj"] and "mixes its units" in fixed["stem.proj"]
+    text = runner.invoke(app, ["inspect", str(tmp_path / "mixer")]).output
+    assert "17 groups; partial merges and budgets, 1 of the groups always merged (marked *)" in text
+    assert "* a linear layer along another unit axis in blocks.0.mlp_tokens.fc1 mixes its units" in text
+
+
 def test_archs_derive_traces_every_family_and_agrees_with_the_table():
     result = runner.invoke(app, ["archs", "--derive", "--json"])
     assert result.exit_code == 0, result.output
@@ -158,7 +170,9 @@ def test_archs_derive_traces_every_family_and_agrees_with_the_table():
     assert rows["convnext"]["derived"] == "partial" and rows["convnext"]["why_not_partial"] is None
     assert rows["vit"]["derived"] == "partial"  # heads kept apart whole
     assert rows["densenet"]["derived"] == "partial"  # concatenations widen piece by piece
-    assert "does not map whole groups" in rows["ghostnet"]["why_not_partial"]  # a channel cut by position
+    assert rows["ghostnet"]["derived"] == "partial"  # its channel cut keeps every channel, and follows the width
+    assert "lies outside conv/linear layers" in rows["nfnet"]["why_not_partial"]  # weight standardisation
+    assert rows["mixer"]["derived"] == "some" and "mixes its units" in rows["mixer"]["why_not_partial"]
 
 
 def test_eval_command(local):

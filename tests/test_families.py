@@ -4,13 +4,12 @@ the family supports exactly what the table declares.
 For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR and
 ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
 independently computed permute-and-average merge, which zip alignment at β=0 gives bit for bit (a zip at
-β=0.5 loads into plain timm too). Families
-declared ``partial`` also give the logit-averaged ensemble at γ=1 and A's function at γ=0.5 with α=0, count
-their parameters as the cost model says, and run a ``budget=0.1`` merge (benefit-allocated; uniformly for the
-one family where the table says why) that saves, reloads strictly and computes the same outputs; families
-declared ``full`` refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family
-is skipped).
-"""
+β=0.5 loads into plain timm too). Families declared ``partial`` also give the logit-averaged ensemble at γ=1;
+those declared ``some`` (some groups cannot widen) instead give B's function at γ=0.5 with α=1, leave their
+fixed groups merged and refuse a γ for one. Both give A's function at γ=0.5 with α=0, count their parameters
+as the cost model says, and run a ``budget=0.1`` merge (benefit-allocated; uniformly for the families where
+the table says why) that saves, reloads strictly and computes the same outputs; families declared ``full``
+refuse γ>0 and budgets with the reason, and that refusal is what the test checks (no family is skipped)."""
 
 import pytest
 import timm
@@ -50,7 +49,8 @@ def test_family(name, tmp_path):
     x = batch(name)
     calib = [(batch(name, seed=s), None) for s in (1, 2)]
     spec = spec_for(a, FAMILIES[name].input_size)
-    assert (spec.partial is None) == (FAMILIES[name].support == "partial"), spec.partial
+    support = FAMILIES[name].support
+    assert spec.support == support, spec.partial or spec.fixed
 
     # random permutations of every group leave the function unchanged
     gen = torch.Generator().manual_seed(3)
@@ -83,9 +83,19 @@ def test_family(name, tmp_path):
     plain.load_state_dict(zipped.materialize().state_dict(), strict=True)
     assert torch.isfinite(zipped(x)).all() and relative(plain(x), zipped(x)) <= 1e-10
 
-    if FAMILIES[name].support == "partial":
-        ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
-        assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
+    if support in ("partial", "some"):
+        if support == "partial":
+            ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
+            assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
+        else:  # the fixed groups are always merged, so no γ is the ensemble: at α=1 shared units are B's
+            at_b = hubmerge.merge(a, b, calib, gamma=0.5, alpha=1.0, repair=None, cross="interpolate",
+                                  partial="topk").model
+            assert any(ka for ka, _, _ in at_b.partition.values())
+            assert not any(at_b.partition[g][0] for g in spec.fixed)
+            assert relative(at_b(x), b(x)) <= 1e-10
+            fixed = next(iter(spec.fixed))
+            with pytest.raises(UsageError, match="cannot widen"):
+                hubmerge.merge(a, b, calib, gamma={fixed: 0.5}, repair=None)
         # half the units apart: at α=0 every shared unit and every view of a partitioned norm is A's
         at_a = hubmerge.merge(a, b, calib, gamma=0.5, alpha=0.0, repair=None, cross="interpolate",
                               partial="topk").model  # topk: one plain assignment per group, fast
@@ -177,7 +187,8 @@ class _Concat(nn.Module):
 @pytest.mark.parametrize("cut", [6, 8])
 def test_a_concatenation_widens_unless_channels_are_cut_by_position(cut):
     """Widened pieces concatenate in the per-piece layout; a cut at the endpoint's channel position would
-    take the wrong channels of the widened tensor, even a cut that keeps every channel, so a model with one
-    keeps its concatenations merged."""
-    assert spec_for(_Concat(cut=None), (3, 4, 4)).partial is None
-    assert "does not map whole groups" in spec_for(_Concat(cut=cut), (3, 4, 4)).partial
+    take the wrong channels of the widened tensor, even a cut that keeps every channel (its module is not
+    known to follow the width), so the groups of the tensor it cuts keep their width."""
+    assert spec_for(_Concat(cut=None), (3, 4, 4)).support == "partial"
+    spec = spec_for(_Concat(cut=cut), (3, 4, 4))
+    assert not spec.widenable() and "takes its channels apart by position" in spec.partial

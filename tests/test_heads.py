@@ -68,7 +68,7 @@ def test_a_head_kept_apart_in_part_is_refused(deit):
         PartialMergedModel(model.architecture, model.model_args, partition, input_size=model.input_size)
 
 
-def test_an_attention_module_of_unknown_head_count_takes_full_merges_only():
+def test_an_attention_module_of_unknown_head_count_keeps_its_heads_and_input_merged():
     class OwnAttention(Attention):  # a subclass may compute its shapes otherwise: not known
         pass
 
@@ -78,7 +78,10 @@ def test_an_attention_module_of_unknown_head_count_takes_full_merges_only():
         own.load_state_dict(block.attn.state_dict())
         block.attn = own
     spec = spec_for(model, FAMILIES["deit"].input_size)
-    assert spec.heads and "OwnAttention, whose head count hubmerge does not know" in spec.partial
+    assert spec.heads and spec.partial is None
+    fixed = {g for h in spec.heads for g in h.groups} | {"patch_embed.proj"}  # its heads and its input stream
+    assert set(spec.fixed) == fixed and "OwnAttention, whose head count hubmerge does not know" in spec.fixed["patch_embed.proj"]
+    assert spec.widenable() == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
 
 
 def test_inspect_shows_the_heads_of_a_merge(deit, tmp_path):
@@ -178,9 +181,37 @@ class _Biased(nn.Module):
 @pytest.mark.parametrize("tables", [1, 2])
 def test_a_score_bias_follows_the_heads_only_from_one_table(tables):
     """The tracer knows the heads of an attention whose bias comes head by head from one table; a bias summed
-    from two tables is not one table's, so that attention's heads are not derived (and its q/k units mix)."""
+    from two tables is not one table's, so that attention's heads are not derived: its q/k and v units keep
+    their width, while the rest widens."""
     spec = derive(_Biased(tables), torch.randn(2, 4, 6), "test")
     if tables == 1:
-        assert [h.tables for h in spec.heads] == [(("tables.0", 1),)] and spec.partial is None
+        assert [h.tables for h in spec.heads] == [(("tables.0", 1),)] and spec.support == "partial"
     else:
-        assert spec.heads == () and "attention" in spec.partial
+        held = {s.group for s in spec.axes["qkv.weight"][0]}
+        assert spec.heads == () and set(spec.fixed) == held and spec.widenable() == ["proj"]
+
+
+
+class _Separate(nn.Module):
+    """Two-head attention over 4 tokens with separate q, k and v projections (nothing cuts them) and a score bias
+    from two tables: its heads are not known, so neither its q/k nor its v units may widen."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+        self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(2, 4, 4)) for _ in range(2)])
+
+    def forward(self, x):
+        q, k, v = (p(x).reshape(x.shape[0], 4, 2, 2).transpose(1, 2) for p in (self.q, self.k, self.v))
+        bias = (self.tables[0] + self.tables[1]).unsqueeze(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.head(self.proj(y.transpose(1, 2).reshape(x.shape[0], 4, 4)).mean(1))
+
+
+def test_the_values_of_an_attention_of_unknown_heads_keep_their_width():
+    spec = derive(_Separate(), torch.randn(2, 4, 6), "test")
+    values = {s.group for s in spec.axes["v.weight"][0]}
+    assert spec.heads == () and values and values <= set(spec.fixed)
+    assert all("has heads hubmerge does not know" in spec.fixed[g] for g in values)
+    assert "proj" in spec.widenable()
