@@ -43,6 +43,12 @@ class Moments:
         self.sumsq = q if self.sumsq is None else self.sumsq + q
         self.count += x.numel() // x.shape[dim]
 
+    def add_sums(self, count: int, s: torch.Tensor, q: torch.Tensor) -> None:
+        """Add ``count`` samples whose per-unit Σx and Σx² are ``s`` and ``q``."""
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = q if self.sumsq is None else self.sumsq + q
+        self.count += count
+
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.sum + other.sum, self.sumsq + other.sumsq)
 
@@ -89,13 +95,18 @@ class PairMoments:
     within_b: torch.Tensor | None = None
 
     def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
-        """Add one batch's matching samples × units matrices of A and B."""
-        self.a.add(xa)
-        self.b.add(xb)
-        ddof = 1 if len(xa) > 1 else 0  # the code's torch.std is the unbiased one
+        """Add one batch's matching samples × units matrices of A and B. Column sums are products with a
+        ones vector and a batch's std comes from its sums: reductions down the samples of a (samples × units)
+        matrix are several times slower (measured), and the batch sums are needed anyway."""
+        n = len(xa)
+        ddof = 1 if n > 1 else 0  # the code's torch.std is the unbiased one
+        ones = xa.new_ones(n)
+        for x, moments, key in ((xa, self.a, "batch_std_a"), (xb, self.b, "batch_std_b")):
+            s, q = ones @ x, ones @ x.square()
+            moments.add_sums(n, s, q)
+            std = ((q - s * s / n).clamp_min(0) / (n - ddof)).sqrt()
+            setattr(self, key, _plus(getattr(self, key), std))
         self.cross = _plus(self.cross, xa.T @ xb)
-        self.batch_std_a = _plus(self.batch_std_a, xa.std(0, correction=ddof))
-        self.batch_std_b = _plus(self.batch_std_b, xb.std(0, correction=ddof))
         if self.within:
             self.within_a = _plus(self.within_a, xa.T @ xa)
             self.within_b = _plus(self.within_b, xb.T @ xb)
