@@ -4,7 +4,7 @@ Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves
 from different seeds, a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
 streams, widened through partitioned norms), a small ViT (patch 4, depth 4, width 64, 2 heads: heads
 kept apart whole), a small ResNeXt (grouped convs), a small Swin (relative position bias tables, patch
-merging), a small MLP-Mixer (its stream always merged) and GhostNet from different seeds, all on Fashion-MNIST. For budgets {0.05,
+merging) and GhostNet (ghost modules) from different seeds, all on Fashion-MNIST. For budgets {0.05,
 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on
 held-out data, the measured parameter increase and each allocation's wall time, and writes a PNG plot per
 pair.
@@ -13,7 +13,7 @@ pair.
     python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs vit-seeds --budgets 0.1 0.22 --allocators uniform benefit --cross interpolate
     python examples/budget.py --pairs resnext-seeds swin-seeds --budgets 0.1 0.22 --allocators uniform benefit
-    python examples/budget.py --pairs mixer-seeds ghostnet-seeds --budgets 0.1 0.22 --allocators uniform benefit
+    python examples/budget.py --pairs ghostnet-seeds --budgets 0.1 0.22 --allocators uniform benefit
 """
 
 from __future__ import annotations
@@ -50,10 +50,6 @@ PAIRS = {
     "swin-seeds": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
                                                         depths=[2, 2], num_heads=[2, 4], in_chans=1, num_classes=10),
                    "seeds"),
-    # an MLP-Mixer (patch 4, 4 blocks, width 64): token MLPs mix the stream, which stays merged; the token and
-    # channel MLPs' hidden units widen
-    "mixer-seeds": ("mixer_s32_224", dict(img_size=32, patch_size=4, num_blocks=4, embed_dim=64, mlp_ratio=(0.5, 2.0),
-                                          in_chans=1, num_classes=10), "seeds"),
     # a GhostNet at width 0.5 (ghost modules: concatenated primary and cheap features, cut to out_chs)
     "ghostnet-seeds": ("ghostnet_050", dict(in_chans=1, num_classes=10), "seeds"),
 }
