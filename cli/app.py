@@ -342,8 +342,8 @@ def inspect(
         net = _load_any(model)
         merged = isinstance(net, PartialMergedModel)
         spec = net.spec if merged else spec_for(net)
-        info = {"model": model, "family": spec.family, "support": spec.support, "partial_merging": spec.partial is None,
-                "partial_unavailable_because": spec.partial, "groups": []}
+        info = {"model": model, "family": spec.family, "support": spec.support,
+                "partial_merging": spec.partial is None, "partial_unavailable_because": spec.partial, "groups": []}
         for g, grp in spec.groups.items():
             touched = list(dict.fromkeys(n for n, _ in spec.group_axes(g)))
             info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
@@ -406,8 +406,9 @@ def archs(
     debug: bool = typer.Option(False),
 ) -> None:
     """Tested architecture families and how far each is supported: partial merges and budgets (of every group,
-    or of some, the others always merged), or full merges (any other timm model is traced too: ``hubmerge inspect MODEL`` shows what it supports). The
-    table is what the family test checks; ``--derive`` derives it again from the tracer."""
+    or of some, the others always merged), or full merges (any other timm model is traced too: ``hubmerge
+    inspect MODEL`` shows what it supports). The table is what the family test checks; ``--derive`` derives it
+    again from the tracer."""
     rows = []
     try:
         from hubmerge.arch_specs import families

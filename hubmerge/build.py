@@ -110,8 +110,13 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
             out[key] = at.combine(state_a[key], state_b[key], alpha, dim)
     for key, t in state_a.items():  # tensors with no units (EVA's q bias, whose dims rotary fixes) interpolate
         if key not in covered and key not in out:
-            out[key] = (1 - alpha) * t + alpha * state_b[key] if t.is_floating_point() else t
+            out[key] = _interpolated(t, state_b[key], alpha)
     return out
+
+
+def _interpolated(ta: torch.Tensor, tb: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1−α)·A + α·B for a float tensor; A's for an integer buffer (a BatchNorm's batch count)."""
+    return (1 - alpha) * ta + alpha * tb if ta.is_floating_point() else ta
 
 
 def full_merge_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: dict, state_b: dict,
@@ -120,7 +125,7 @@ def full_merge_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a
     the shared order along every axis of the spec, then interpolated (integer buffers from A)."""
     pa = permute_state(spec, state_a, {g: p.shared_a for g, p in plans.items()})
     pb = permute_state(spec, state_b, {g: p.shared_b for g, p in plans.items()})
-    return {k: (1 - alpha) * v + alpha * pb[k] if v.is_floating_point() else v for k, v in pa.items()}
+    return {k: _interpolated(v, pb[k], alpha) for k, v in pa.items()}
 
 
 def build(spec: PermutationSpec, plans: dict[str, GroupPlan] | Matchings, model_a: nn.Module,

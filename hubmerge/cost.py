@@ -133,7 +133,8 @@ def per_head_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
 def unitless_params(spec: PermutationSpec, net: nn.Module) -> int:
     """Parameters outside the layers and per-head tables that hold no units (EVA's q bias, whose dims rotary
     fixes): every merge has them once."""
-    modules = tuple(f"{m}." for l in spec.layers for m in (l.name, l.norm) if m) + tuple(f"{n.name}." for n in spec.norms)
+    modules = tuple(f"{m}." for m in [*(n for l in spec.layers for n in (l.name, l.norm) if n),
+                                       *(n.name for n in spec.norms)])
     tables = {key for h in spec.heads for key, _ in h.tables}
     return sum(p.numel() for n, p in net.named_parameters()  # (the modules' names hold in a partitioned net too)
                if n not in spec.axes and n not in tables and not n.startswith(modules))

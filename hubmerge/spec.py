@@ -222,7 +222,9 @@ class PermutationSpec:
         """The spec with ``fixed`` groups (group → why) kept at their width too, and with what widens alike:
         the tied blocks of a grouped conv, every group of an attention's heads. Where no group is left to
         widen, partial merging is unavailable and ``partial`` gives the first reason."""
-        out = {**self.fixed, **{g: why for g, why in fixed.items() if g not in self.fixed}}
+        out = dict(self.fixed)
+        for g, why in fixed.items():
+            out.setdefault(g, why)
         for together in [*self.ties, *(h.groups for h in self.heads)]:
             why = next((out[g] for g in together if g in out), None)
             if why is not None:

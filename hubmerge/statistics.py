@@ -38,10 +38,7 @@ class Moments:
         moving the units to the last dim first: measured about twice as fast on conv maps)."""
         x = out.detach().double()
         others = [d for d in range(x.dim()) if d != dim % x.dim()]
-        s, q = x.sum(others), torch.linalg.vector_norm(x, dim=others).square()
-        self.sum = s if self.sum is None else self.sum + s
-        self.sumsq = q if self.sumsq is None else self.sumsq + q
-        self.count += x.numel() // x.shape[dim]
+        self.add_sums(x.numel() // x.shape[dim], x.sum(others), torch.linalg.vector_norm(x, dim=others).square())
 
     def add_sums(self, count: int, s: torch.Tensor, q: torch.Tensor) -> None:
         """Add ``count`` samples whose per-unit Σx and Σx² are ``s`` and ``q``."""
@@ -99,13 +96,15 @@ class PairMoments:
         ones vector and a batch's std comes from its sums: reductions down the samples of a (samples × units)
         matrix are several times slower (measured), and the batch sums are needed anyway."""
         n = len(xa)
-        ddof = 1 if n > 1 else 0  # the code's torch.std is the unbiased one
         ones = xa.new_ones(n)
-        for x, moments, key in ((xa, self.a, "batch_std_a"), (xb, self.b, "batch_std_b")):
+
+        def batch_std(x: torch.Tensor, moments: Moments) -> torch.Tensor:
             s, q = ones @ x, ones @ x.square()
             moments.add_sums(n, s, q)
-            std = ((q - s * s / n).clamp_min(0) / (n - ddof)).sqrt()
-            setattr(self, key, _plus(getattr(self, key), std))
+            return ((q - s * s / n).clamp_min(0) / max(n - 1, 1)).sqrt()  # the code's torch.std: unbiased
+
+        self.batch_std_a = _plus(self.batch_std_a, batch_std(xa, self.a))
+        self.batch_std_b = _plus(self.batch_std_b, batch_std(xb, self.b))
         self.cross = _plus(self.cross, xa.T @ xb)
         if self.within:
             self.within_a = _plus(self.within_a, xa.T @ xa)

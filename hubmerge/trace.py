@@ -1067,16 +1067,19 @@ def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[ty
     heads = _heads(tr, group_arr, unit_arr, names, groups)
     whole = {g for h in heads for g in h.groups}
     # slices keeping every channel of a module that can follow the width; chunks into alike pieces
+    def axis_of(cls: np.ndarray) -> Axis:  # classes seen outside parameters (buffers, slices) count as fixed
+        return _segments(np.where(cls < n, cls, 0), group_arr, unit_arr, names)
+
     modules = dict(model.named_modules())
     widths, cut = [], set(tr.cut)
     for module, cls in tr.kept:
         attribute = (cut_to or {}).get(type(modules.get(module)))
         if attribute is not None and tr.calls.get(module) == 1 and getattr(modules[module], attribute) == len(cls):
-            widths.append(Width(module, attribute, _segments(np.where(cls < n, cls, 0), group_arr, unit_arr, names)))
+            widths.append(Width(module, attribute, axis_of(cls)))
         else:
             cut.update(int(c) for c in np.unique(cls) if c)
     for classes, pieces in tr.chunks:  # equal pieces of alike groups follow the widths; others cut
-        held = [_segments(np.where(p < n, p, 0), group_arr, unit_arr, names) for p in pieces]
+        held = [axis_of(p) for p in pieces]
         if any(h != held[0] or any(s.group is None or s.order is not None for s in h) for h in held):
             cut.update(classes)
     # channels taken apart by position (a slice, a split) outside attention heads: widened, the op would take
@@ -1085,7 +1088,7 @@ def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[ty
     view = _layer_view(model, tr, axes, in_order)
     zeros, reason = [], view.reason
     for key, cls in tr.zeros.items():  # zero buffers widen with zeros where their units widen
-        axis = _segments(np.where(cls < n, cls, 0), group_arr, unit_arr, names)
+        axis = axis_of(cls)
         if any(s.group for s in axis):
             zeros.append(Vector(key, axis, 0))
             if _laid_out(axis, 0) is None or any(s.repeat != 1 for s in axis):

@@ -80,7 +80,8 @@ def test_an_attention_module_of_unknown_head_count_keeps_its_heads_and_input_mer
     spec = spec_for(model, FAMILIES["deit"].input_size)
     assert spec.heads and spec.partial is None
     fixed = {g for h in spec.heads for g in h.groups} | {"patch_embed.proj"}  # its heads and its input stream
-    assert set(spec.fixed) == fixed and "OwnAttention, whose head count hubmerge does not know" in spec.fixed["patch_embed.proj"]
+    assert set(spec.fixed) == fixed
+    assert "OwnAttention, whose head count hubmerge does not know" in spec.fixed["patch_embed.proj"]
     assert spec.widenable() == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
 
 
