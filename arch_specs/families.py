@@ -4,8 +4,7 @@ be widened; attention heads merge or stay apart whole), ``some`` = partial merge
 groups, while others are always merged (an op mixes their units that no partitioned module reproduces: a
 token-mixing MLP on the residual stream, attention whose output is sized by its input), ``full`` = full merges
 (γ=0) with exact invariants; widening these groups needs partitioned versions of the constructs named by
-``hubmerge inspect`` (channel slices, attention with rotary dims or interleaved heads, weight-standardised
-convs), which are not built yet."""
+``hubmerge inspect`` (a weight-standardised conv without a gain), which are not built yet."""
 
 from __future__ import annotations
 
@@ -65,6 +64,8 @@ FAMILIES = {
     "mixer": Family("mixer_s32_224", dict(img_size=64, mlp_ratio=(0.05, 0.05)), (3, 64, 64), "some"),
     "resmlp": Family("resmlp_12_224", dict(img_size=32), support="some"),
     "poolformer": Family("poolformer_s12", support="partial"),
-    "nfnet": Family("test_nfnet"),
+    "nfnet": Family("test_nfnet", support="partial"),
+    # BiT: weight-standardised convs without a gain (timm's StdConv2d), which REPAIR could not scale either
+    "resnetv2_bit": Family("resnetv2_50x1_bit", dict(channels=(128, 128, 128, 128), stem_chs=32), (3, 64, 64)),
     "maxvit": Family("test_maxvit", input_size=(3, 160, 160), support="some"),
 }

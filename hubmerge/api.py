@@ -180,7 +180,7 @@ class Prepared:
                 if options.budget is not None:
                     self.options = options = self._zip_depth(options)
                 zipped = zipit.trunk(self.spec, options.zip_depth)
-                if zipped != set(self.spec.groups):
+                if options.zip_depth is not None:  # (a spec without partial merging lists no layers to count)
                     partial.check_widenable(self.spec, "a partial zip (zip_depth)")
                     apart = sorted(set(self.spec.fixed) - zipped)
                     if apart:

@@ -41,7 +41,9 @@ def _wide(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict, alpha: 
     rows, cols = layout(layer.out_axis, plans), layout(layer.in_axis, plans)
     # coefficients of A's and B's weights per (row kind, column section): the table in the module docstring;
     # row kind 3 is the logits (fixed rows), which always interpolate their cross blocks
-    c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" else (1.0, 1.0)
+    # a weight-standardised conv stores A's and B's own weights in its cross blocks: it standardises each
+    # endpoint's view of its inputs and applies the rule to the standardised views (PartitionedStdConv)
+    c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" and not layer.standardised else (1.0, 1.0)
     from_a = ((1.0, 1.0, 0.0), (c_a, 1 - alpha, 0.0), (0.0, 0.0, 0.0), (1 - alpha, 1 - alpha, 0.0))
     from_b = ((0.0, 0.0, 0.0), (0.0, alpha, c_b), (0.0, 1.0, 1.0), (0.0, alpha, alpha))
     kind = torch.where(rows.fixed, 3, rows.section)
@@ -69,6 +71,10 @@ def _layer_blocks(layer: Layer, plans: dict[str, GroupPlan], sa: dict, sb: dict,
     weight, bias, rows, cols = _wide(layer, plans, sa, sb, alpha, cross)
     blocks = BlockLayout.of(rows.section, cols.section, layer.blocks)
     out = {}
+    if layer.standardised:  # per-unit gain and bias of every row, in the natural order
+        out["gain"] = rows.combine(sa[f"{layer.name}.gain"], sb[f"{layer.name}.gain"], alpha)
+        if bias is not None:
+            out["bias"], bias = bias, None
     for block in blocks.extent:
         r = blocks.rows(block)
         out[f"{block}.weight"] = weight[r][:, blocks.cols(block)]
@@ -85,11 +91,11 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
     for layer in spec.layers:
         per_unit = [(layer.norm, p) for p in ("weight", "bias", "running_mean", "running_var") if layer.norm]
         if layer.depthwise:  # one filter per unit: laid out like a norm's parameters
-            per_unit += [(layer.name, "weight"), (layer.name, "bias")]
+            per_unit += [(layer.name, p) for p in ("weight", "bias", "gain")]
         else:
             for key, t in _layer_blocks(layer, plans, state_a, state_b, alpha, cross).items():
                 out[f"{layer.name}.{key}"] = t
-        covered.update({f"{layer.name}.weight", f"{layer.name}.bias"})
+        covered.update(f"{layer.name}.{p}" for p in ("weight", "bias", "gain"))
         rows = layout(layer.out_axis, plans) if per_unit else None
         for module, p in per_unit:
             key = f"{module}.{p}"

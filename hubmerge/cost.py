@@ -27,7 +27,7 @@ class LayerGeometry:
     kernel: int  # weights per (output unit, input entry) pair: kh·kw for a conv, 1 for a linear
     positions: int  # output spatial positions per sample at the probed resolution
     bias: bool
-    norm_params: int  # affine parameters per unit of the following norm
+    unit_params: int  # other parameters per unit: the following norm's affine ones, a standardised conv's gain
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,13 @@ def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...])
     _probe(net, {l.name: count(l.name) for l in spec.layers}, input_size)
     geo = {}
     for l in spec.layers:
-        w = _weighted(net.get_submodule(l.name))
-        norm = net.get_submodule(l.norm) if l.norm else None
+        module = net.get_submodule(l.name)
+        w, norm = _weighted(module), net.get_submodule(l.norm) if l.norm else None
+        # a partitioned weight-standardised conv holds its bias and gain itself, its blocks only weights
+        bias = getattr(module, "bias", None) is not None or w.bias is not None
         geo[l.name] = LayerGeometry(
-            kernel=w.weight[0, 0].numel(), positions=positions[l.name], bias=w.bias is not None,
-            norm_params=2 if norm is not None and norm.affine else 0,
+            kernel=w.weight[0, 0].numel(), positions=positions[l.name], bias=bias,
+            unit_params=(2 if norm is not None and norm.affine else 0) + (getattr(module, "gain", None) is not None),
         )
     return geo
 
@@ -89,7 +91,7 @@ def layer_cost(layer: Layer, geo: LayerGeometry, partition: dict[str, Sizes]) ->
             weights = units * geo.kernel
         else:
             weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
-        cost = Cost(weights + units * (geo.bias + geo.norm_params), 2 * weights * geo.positions)
+        cost = Cost(weights + units * (geo.bias + geo.unit_params), 2 * weights * geo.positions)
         out[seg.group] = out[seg.group] + cost if seg.group in out else cost
     return out
 

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from timm.layers import Conv2dSame
+from timm.layers import pad_same
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from . import __version__
 from .arch_specs import build_model, spec_for
@@ -45,6 +47,7 @@ from .errors import CheckpointError, UsageError
 from .hub import load_checkpoint
 from .partial import Sizes, sections
 from .spec import Layer
+from .trace import STANDARDISED
 from .tasks import Task, union_labels
 
 BLOCKS = ("whole", "a_side", "shared_from_b", "b_only")
@@ -144,7 +147,8 @@ class PartitionedLayer(nn.Module):
     grouped conv's blocks (:class:`BlockLayout`) cut every block of its input and output alike.
     """
 
-    def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor):
+    def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor,
+                 block_bias: bool = True):
         super().__init__()
         groups = template.groups if isinstance(template, nn.Conv2d) else 1
         self.layout = BlockLayout.of(out_sections, in_sections, groups)
@@ -155,31 +159,35 @@ class PartitionedLayer(nn.Module):
         self.register_buffer("out_order", out_order, persistent=False)
         self.register_buffer("out_inverse", None if out_order is None else torch.argsort(out_order), persistent=False)
         self.register_buffer("in_order", in_order, persistent=False)
-        bias = template.bias is not None
+        bias = template.bias is not None and block_bias
         for block, ((r0, r1), (c0, c1)) in self.layout.extent.items():
             self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
         self.execution = "blocks"  # or "dense" (see :meth:`PartialMergedModel.plan_execution`)
-        # (block tensors, their versions when joined, the joined layer): a cache, not state
-        self.__dict__["_joined"] = (None, None, None)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The present sub-layers, ``whole`` alone or in the order ``a_side``, ``shared_from_b``, ``b_only``;
         the first one carries the bias of every row it covers."""
         return [(b, getattr(self, b)) for b in BLOCKS if hasattr(self, b)]
 
+    def scaled_rows(self) -> list[tuple[nn.Module, torch.Tensor]]:
+        """The sub-layers whose weight rows scale the layer's outputs and whose biases shift them (where REPAIR
+        folds its corrections), each with the natural output positions of its rows."""
+        return [(sub, self.layout.rows(block)) for block, sub in self.blocks()]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "dense" and not torch.is_grad_enabled() and not hasattr(self, "whole"):
             return self._dense().forward(x)  # (its hooks machinery is not needed: it is never hooked)
         if self.in_order is not None:
             x = x.index_select(self.unit_dim, self.in_order)
-        out = self._blocks(x)
+        out = self._blocks(x, lambda block, t: getattr(self, block)(t))
         return out if self.out_inverse is None else out.index_select(self.unit_dim, self.out_inverse)
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The blocks on an input in section order; the output in section order. Slices are taken along the
-        unit dim, or for a grouped conv along each of its blocks (a view with the blocks as one more dim)."""
+    def _blocks(self, x: torch.Tensor, run) -> torch.Tensor:
+        """The blocks on an input in section order (``run(block, input)`` applies one); the output in section
+        order. Slices are taken along the unit dim, or for a grouped conv along each of its blocks (a view with
+        the blocks as one more dim)."""
         if hasattr(self, "whole"):
-            return self.whole(x)
+            return run("whole", x)
         d, g = self.unit_dim, self.layout.groups
         at = d + 1 if g > 1 else d  # the dim of units within a block
 
@@ -193,41 +201,148 @@ class PartitionedLayer(nn.Module):
         width = x.shape[at]
         extent = self.layout.extent
         cols = extent["a_side"][1][1]
-        out = self.a_side(joined(x.narrow(at, 0, cols)))
+        out = run("a_side", joined(x.narrow(at, 0, cols)))
         if hasattr(self, "shared_from_b"):
             (r0, r1), (c0, _) = extent["shared_from_b"]
-            blocked(out).narrow(at, r0, r1 - r0).add_(blocked(self.shared_from_b(joined(x.narrow(at, c0, width - c0)))))
+            from_b = run("shared_from_b", joined(x.narrow(at, c0, width - c0)))
+            blocked(out).narrow(at, r0, r1 - r0).add_(blocked(from_b))
         if hasattr(self, "b_only"):
             c0 = extent["b_only"][1][0]
-            out = joined(torch.cat([blocked(out), blocked(self.b_only(joined(x.narrow(at, c0, width - c0))))], at))
+            out = joined(torch.cat([blocked(out), blocked(run("b_only", joined(x.narrow(at, c0, width - c0))))], at))
         return out
 
+    def _cached(self, slot: str, make):
+        """``make()``, made again whenever one of the layer's tensors changed: REPAIR folds corrections in
+        place, ``load_state_dict`` copies into them, ``.to`` gives them new storage, and each of these changes a
+        tensor's version or address (the check costs a few µs per call). A cache, not state."""
+        key = [(t.data_ptr(), t._version) for t in self.parameters()]
+        held = self.__dict__.get(slot)
+        if held is None or held[0] != key:
+            self.__dict__[slot] = held = (key, make())
+        return held[1]
+
     def _dense(self) -> nn.Module:
-        """The zero-padded layer joined from the blocks, joined again whenever a block's tensor changed: REPAIR
-        folds corrections in place, ``load_state_dict`` copies into them, ``.to`` gives them new storage, and
-        each of these changes a tensor's version or address (the check costs a few µs per call)."""
-        tensors, key, dense = self._joined
-        if tensors is None or key != [(t.data_ptr(), t._version) for t in tensors]:
-            tensors = [t for b in self.layout.extent for t in (getattr(self, b).weight, getattr(self, b).bias)
-                       if t is not None]
-            dense = self.dense()
-            self.__dict__["_joined"] = (tensors, [(t.data_ptr(), t._version) for t in tensors], dense)
-        return dense
+        """The zero-padded layer joined from the blocks (:meth:`dense`), cached."""
+        return self._cached("_joined", self.dense)
+
+    def wide_weight(self) -> torch.Tensor:
+        """The stored blocks' weights in the wide layer's natural order, zero blocks included."""
+        w = self.blocks()[0][1].weight
+        out = w.new_zeros(sum(self.layout.out_sizes) * self.layout.groups, self.width_in, *w.shape[2:])
+        for block, module in self.blocks():
+            r, c = self.layout.rows(block).to(w.device), self.layout.cols(block).to(w.device)
+            out[r[:, None], c[None, :]] = module.weight
+        return out
 
     def dense(self) -> nn.Module:
         """The equivalent plain layer, zero blocks included (for inspection and export)."""
         template = self.blocks()[0][1]
         w = template.weight
-        rows = sum(self.layout.out_sizes)
-        out = _like(template, self.width_in, rows, template.bias is not None).to(w.device, w.dtype)
+        out = _like(template, self.width_in, sum(self.layout.out_sizes), template.bias is not None)
+        out = out.to(w.device, w.dtype)
         with torch.no_grad():
-            out.weight.zero_()
+            out.weight.copy_(self.wide_weight())
             for block, module in self.blocks():
-                r, c = self.layout.rows(block).to(w.device), self.layout.cols(block).to(w.device)
-                out.weight[r[:, None], c[None, :]] = module.weight
                 if module.bias is not None:
-                    out.bias[r] = module.bias
+                    out.bias[self.layout.rows(block).to(w.device)] = module.bias
         return out
+
+
+class PartitionedStdConv(PartitionedLayer):
+    """A weight-standardised conv (timm's ``ScaledStdConv2d``, NF-Nets) stored as blocks of raw weights, with
+    its per-unit gain and bias in the natural order of its rows.
+
+    Each endpoint standardises a unit's weights over its own inputs (mean 0, variance 1 over the fan-in, times
+    ``gain · γ/√fan-in``), so every row is standardised over the A-view of its columns (A-only and shared) and
+    over the B-view (shared and B-only) on its own, each as wide as the endpoints' fan-in. A-only rows take the
+    A-view, B-only rows the B-view, and shared rows combine the two as the build table combines A's and B's
+    weights: ``c_A``·A-view on A-only columns, ``(1−α)``·A-view + ``α``·B-view on shared ones, ``c_B``·B-view
+    on B-only ones (``c_A, c_B = 1−α, α`` for ``cross="interpolate"``, ``1, 1`` for ``"fill"``; the stored
+    shared rows hold A's raw weights on A-only columns and B's on B-only ones). With no input apart both views
+    are the whole row: the plain layer on the interpolated raw weights, as timm computes a full merge; with
+    nothing shared each endpoint's own layer (the ensemble); at α=0 A's. REPAIR scales the outputs through the
+    gain (scaling a standardised weight changes nothing)."""
+
+    def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor, alpha: float,
+                 cross: str):
+        super().__init__(template, out_sections, in_sections, block_bias=False)
+        self.scale, self.eps = template.scale, template.eps
+        self.same_pad = getattr(template, "same_pad", False)
+        rows = len(out_sections)
+        self.gain = nn.Parameter(template.gain.new_empty(rows, *template.gain.shape[1:]))
+        self.bias = None if template.bias is None else nn.Parameter(template.bias.new_empty(rows))
+        c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" else (1.0, 1.0)
+        per_view = torch.tensor([[[1.0, 1.0, 0.0], [c_a, 1 - alpha, 0.0], [0.0, 0.0, 0.0]],
+                                 [[0.0, 0.0, 0.0], [0.0, alpha, c_b], [0.0, 1.0, 1.0]]], dtype=torch.float64)
+        # per view (A, B): each (row, column)'s weight on the view's standardised row, and the view's columns
+        self.register_buffer("view_weights", per_view[:, out_sections][:, :, in_sections], persistent=False)
+        self.register_buffer("views", torch.stack([in_sections <= 1, in_sections >= 1]), persistent=False)
+        self.single_view = bool((in_sections == 1).all())
+        view = copy.deepcopy(template)
+        for name in ("weight", "bias", "gain"):
+            view.register_parameter(name, None)
+        self.__dict__["view"] = view  # hyper-parameters only: not a submodule, it holds no tensors
+
+    def scaled_rows(self) -> list[tuple[nn.Module, torch.Tensor]]:
+        return [(self, torch.arange(len(self.gain)))]
+
+    def standardised(self) -> torch.Tensor:
+        """The wide standardised weight in natural order (the weight the layer computes with)."""
+        w = self.wide_weight()
+        out = torch.zeros_like(w)
+        for columns, weight in zip(self.views, self.view_weights):
+            mask = columns.view(1, -1, *([1] * (w.dim() - 2))).to(w)
+            n = mask.sum() * w[0, 0].numel()
+            mean = (w * mask).sum(tuple(range(1, w.dim())), keepdim=True) / n
+            var = ((w - mean) * mask).square().sum(tuple(range(1, w.dim())), keepdim=True) / n
+            out = out + weight.to(w).view(*weight.shape, *([1] * (w.dim() - 2))) * (w - mean) * mask \
+                * torch.rsqrt(var + self.eps)
+        return out * (self.gain * self.scale)
+
+    def _block_weights(self) -> dict[str, torch.Tensor]:
+        e = self.standardised()
+        return {b: e[self.layout.rows(b).to(e.device)][:, self.layout.cols(b).to(e.device)] for b in self.layout.extent}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "dense" and not torch.is_grad_enabled() and not hasattr(self, "whole"):
+            return self._dense().forward(x)
+        weights = self._block_weights() if torch.is_grad_enabled() else self._cached("_standardised",
+                                                                                     self._block_weights)
+        v = self.view
+        if self.same_pad:
+            x = pad_same(x, v.kernel_size, v.stride, v.dilation)
+        if self.in_order is not None:
+            x = x.index_select(1, self.in_order)
+        out = self._blocks(x, lambda block, t: F.conv2d(t, weights[block], None, v.stride, v.padding, v.dilation,
+                                                        self.layout.groups))
+        out = out if self.out_inverse is None else out.index_select(1, self.out_inverse)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def dense(self) -> nn.Module:
+        """The equivalent plain layer: where no input is apart, the template's type on the wide raw weights
+        (a full merge is timm's own layer), else a plain conv holding the standardised weight."""
+        w = self.wide_weight()
+        if self.single_view:
+            out = copy.deepcopy(self.view)
+            out.weight, out.gain = nn.Parameter(w.detach().clone()), nn.Parameter(self.gain.detach().clone())
+            out.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
+            out.in_channels, out.out_channels = w.shape[1] * self.layout.groups, w.shape[0]
+            return out
+        v = self.view
+        plain = Conv2dSame if self.same_pad else nn.Conv2d
+        out = plain(w.shape[1] * v.groups, w.shape[0], v.kernel_size, v.stride, 0 if self.same_pad else v.padding,
+                    v.dilation, groups=v.groups, bias=self.bias is not None).to(w.device, w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.standardised())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+def output_scale(module: nn.Module) -> torch.Tensor:
+    """The tensor whose rows scale a layer's outputs: a weight-standardised conv's gain (scaling weights that
+    are standardised changes nothing), else its weight."""
+    return module.gain if isinstance(module, (PartitionedStdConv, *STANDARDISED)) else module.weight
 
 
 class PartitionedNorm(nn.Module):
@@ -404,7 +519,12 @@ class PartialMergedModel(
             template = net.get_submodule(layer.name)
             if layer.norm:
                 _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), len(out)))
-            wide = _per_unit_like(template, len(out)) if layer.depthwise else PartitionedLayer(template, out, inp)
+            if layer.depthwise:
+                wide = _per_unit_like(template, len(out))
+            elif layer.standardised:
+                wide = PartitionedStdConv(template, out, inp, self.alpha, self.cross)
+            else:
+                wide = PartitionedLayer(template, out, inp)
             _replace(net, layer.name, wide)
         for h in self.spec.heads:  # a head kept apart is two heads of the merged attention
             if not h.apart(self.partition):  # (heads of an attention that cannot widen never are)

@@ -29,7 +29,7 @@ from .data import Batches, batches, progress_bar
 from .distributed import total
 from .errors import UsageError
 from .partial import GroupPlan, Layout, layout
-from .partitioned import PartialMergedModel, PartitionedLayer
+from .partitioned import PartialMergedModel, PartitionedLayer, output_scale
 from .spec import Axis, Layer
 from .statistics import Moments, Statistics, unit_dim
 from .matching import MatchedLayout, Matchings, is_matching
@@ -95,7 +95,7 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchin
             continue
         part = model.layer(layer.name)
         if isinstance(part, PartitionedLayer):
-            rows = [(sub, part.layout.rows(block)) for block, sub in part.blocks()]
+            rows = part.scaled_rows()
         else:  # a depthwise conv is stored plainly
             rows = [(part, torch.arange(part.out_channels))]
         at, mean, std = _targets(layer.out_axis, plans, [moments[layer.name] for moments in layers], weights)
@@ -128,7 +128,7 @@ def affine(c: Correction, got: Moments) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def fold(net: nn.Module, c: Correction, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make a layer's output behave as ``scale·x + shift`` without changing module types: into the
-    BatchNorm that reads it, else into its sub-layers' weights and biases."""
+    BatchNorm that reads it, else into its sub-layers' weights (a weight-standardised conv's gain) and biases."""
     if c.norm:
         bn = net.get_submodule(c.norm)
         # BN(s·x + t) = (γ·s)·(x − (μ_run − t)/s)/√(σ²_run + ε) + β
@@ -137,7 +137,8 @@ def fold(net: nn.Module, c: Correction, scale: torch.Tensor, shift: torch.Tensor
         return
     for sub, index in c.rows:
         s, t = scale[index], shift[index]
-        sub.weight.mul_(s.view(-1, *([1] * (sub.weight.dim() - 1))).to(sub.weight.dtype))
+        scaled = output_scale(sub)
+        scaled.mul_(s.view(-1, *([1] * (scaled.dim() - 1))).to(scaled.dtype))
         if sub.bias is not None:
             sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
 

@@ -14,7 +14,7 @@ are the view the partitioned build uses: conv/linear modules whose axes hold who
 positions) and depthwise convs, with the BatchNorm that follows; norms (LayerNorm, GroupNorm(1), GRN,
 layer-scale modules), which become partitioned norms where their group widens; per-unit tensors elsewhere
 (a block's layer-scale vector); attention heads, merged or kept apart whole. Where a model has parameters
-outside that view (a channel slice in a concatenation, a weight-standardised conv), ``partial`` says why
+outside that view (a weight read by another module's forward, a conv applied twice), ``partial`` says why
 widening groups is not available yet; full merges (γ=0) work for every derived spec. Where only some groups
 cannot widen (an op mixes their units that neither a partitioned norm nor whole heads reproduce: a token-mixing
 MLP on a residual stream; attention whose head count cannot be raised), ``fixed`` says why for each, and
@@ -85,6 +85,9 @@ class Layer:
     weight is per unit, like a norm's, and widens without zero blocks. ``blocks``: a grouped conv's blocks
     (ResNeXt, RegNet), each writing one segment of ``out_axis`` from its own copy of ``in_axis`` (the
     weight's input axis is one block's); widened, every block is laid out ``[A-only | shared | B-only]``.
+    ``standardised``: a weight-standardised conv (timm's ``ScaledStdConv2d``, NF-Nets), which standardises
+    each output unit's weights over its inputs and scales them by a per-unit gain; partitioned, it
+    standardises each endpoint's view of the inputs on its own (:class:`~hubmerge.partitioned.PartitionedStdConv`).
     """
 
     name: str
@@ -93,6 +96,7 @@ class Layer:
     norm: str | None = None
     depthwise: bool = False
     blocks: int = 1
+    standardised: bool = False
 
     @property
     def groups(self) -> set[str]:

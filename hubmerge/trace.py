@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from timm.layers import Conv2dSame, Linear as TimmLinear
+from timm.layers import Conv2dSame, Linear as TimmLinear, ScaledStdConv2d, ScaledStdConv2dSame
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -89,6 +89,8 @@ class Trace:
     kept: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (module, classes) of slices keeping a dim
     chunks: list[tuple[set[int], list[np.ndarray]]] = field(default_factory=list)  # (classes cut, of each piece)
     values: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (module, classes) of attention values
+    # convs whose forward computes the weight it convolves with from their own (other than STANDARDISED ones)
+    computed: set[str] = field(default_factory=set)
 
 
 class _Ids:
@@ -256,6 +258,8 @@ class _Tracer:
         self.values: list[tuple[str, np.ndarray]] = []  # (module, ids) of every attention's values
         self.param_ids: dict[str, list[np.ndarray | None]] = {}
         self.module_names = {m: n for n, m in model.named_modules()}
+        self.modules = dict(model.named_modules())
+        self.computed: set[str] = set()  # convs convolving with a weight computed from their own (StdConv2d)
         self.stack: list[str] = []
         self.points: dict[str, list[Factor]] = {}
         self.point_kind: dict[str, str] = {}
@@ -633,13 +637,25 @@ class _Tracer:
         return self.factor_on(w, dim)
 
     def record_layer(self, w: torch.Tensor, b, kind: str, out) -> None:
-        """Remember a conv/linear op whose weight is a module's own parameter, and whether its bias is the
-        module's own (``own``), absent (``none``) or computed (``other``): REPAIR folds only into the first."""
-        if id(w) in self.param_names:
-            module = self.param_names[id(w)].rpartition(".")[0]
+        """Remember a conv/linear op whose weight is a module's own parameter (or, in a weight-standardised
+        conv's forward, its standardised weight), and whether its bias is the module's own (``own``), absent
+        (``none``) or computed (``other``): REPAIR folds only into the first."""
+        module = self.param_names[id(w)].rpartition(".")[0] if id(w) in self.param_names else self.standardising(w)
+        if module is not None:
             bias = "none" if b is None else "own" if self.param_names.get(id(b)) == f"{module}.bias" else "other"
             self.layers.append((module, kind, bias))
             self.producer[id(out)] = module
+
+    def standardising(self, w: torch.Tensor) -> str | None:
+        """The weight-standardised conv whose forward is running, where ``w`` is its weight standardised (any
+        other conv that convolves with a weight of its own shape but not its own is remembered as computing it)."""
+        module = self.modules.get(self.where())
+        if not isinstance(module, nn.Conv2d) or w.shape != module.weight.shape:
+            return None
+        if isinstance(module, STANDARDISED):
+            return self.where()
+        self.computed.add(self.where())
+        return None
 
     def op_conv(self, args, kwargs, out, kind: str) -> None:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -964,7 +980,7 @@ def _finish(tracer: _Tracer) -> Trace:
                  {int(c) for ids in tracer.ids.cuts for c in np.unique(cls[ids]) if c},
                  {n: cls[ids] for n, ids in tracer.zero_ids.items()}, [(m, cls[ids]) for m, ids in tracer.kept],
                  [({int(c) for ids in cut for c in np.unique(cls[ids]) if c}, [cls[ids] for ids in pieces])
-                  for cut, pieces in tracer.chunks], [(m, cls[ids]) for m, ids in tracer.values])
+                  for cut, pieces in tracer.chunks], [(m, cls[ids]) for m, ids in tracer.values], tracer.computed)
 
 
 def interchangeable(tr: Trace) -> dict[int, tuple]:
@@ -979,6 +995,8 @@ OBSERVE_PREFERENCE = ("act", "norm", "weight")
 # cast, and timm's Conv2dSame pads by the input's size, kernel and stride, which no channel count changes
 PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward, TimmLinear.forward, Conv2dSame.forward)
 PARTIAL_NORMS = (nn.modules.batchnorm._BatchNorm,)  # incl. timm's BatchNormAct2d: per-unit, resizable
+# weight-standardised convs with a per-unit gain (NF-Nets), which hubmerge.partitioned.PartitionedStdConv reproduces
+STANDARDISED = (ScaledStdConv2d, ScaledStdConv2dSame)
 
 
 def _segments(classes: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray, names: list[str]) -> Axis:
@@ -1288,14 +1306,18 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
                 continue
             grouped = module.groups
             ties.append(blocks)
-        if type(module).forward not in PLAIN_FORWARDS and not (depthwise and single_out):
+        standardised = isinstance(module, STANDARDISED)
+        if type(module).forward not in PLAIN_FORWARDS and not (depthwise and single_out) and not standardised:
             reason = reason or f"{name} is a {type(module).__name__}, whose forward partitioned blocks would lose"
+            continue
+        if standardised and not single_out:
+            reason = reason or f"{name} is a weight-standardised conv writing outputs without units"
             continue
         norm = norm_after.get(name)
         if norm is not None and not isinstance(modules.get(norm), PARTIAL_NORMS):  # per unit: any layout widens it
             reason = reason or f"{norm} ({type(modules.get(norm)).__name__}) after {name}"
             continue
-        layers.append(Layer(name, out, inp, norm, depthwise and single_out, grouped))
+        layers.append(Layer(name, out, inp, norm, depthwise and single_out, grouped, standardised))
         covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
         if norm is not None:
             covered.update(f"{norm}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))
@@ -1315,6 +1337,12 @@ def _layer_view(model: nn.Module, tr: Trace, axes: dict, views: dict[str, tuple[
             vectors.append(Vector(key, held[0][1], held[0][0]))
             covered.add(key)
     left = [n for n in axes if n not in covered]
+    computed = [n for n in left if n.rpartition(".")[0] in tr.computed]
+    if computed:
+        module = computed[0].rpartition(".")[0]
+        reason = reason or (f"{module} ({type(modules[module]).__name__}) convolves with a weight its forward computes "
+                            "from its own (as weight standardisation without a gain does), which no partitioned layer "
+                            "reproduces")
     if left:
         reason = reason or f"{left[0]} lies outside conv/linear layers, norms and per-unit vectors"
     return _View(tuple(layers), tuple(norms), tuple(vectors), reason, _tied(ties))

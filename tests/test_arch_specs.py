@@ -79,8 +79,10 @@ def test_a_python_model_without_model_args_is_rebuilt_only_when_that_is_exact():
 
 
 def test_families_without_partial_support_say_why():
-    spec = spec_for(timm.create_model("test_nfnet", num_classes=3), (3, 32, 32))
-    assert "stem.conv2.weight lies outside conv/linear layers" in spec.partial and not spec.widenable()
+    bit = timm.create_model("resnetv2_50x1_bit", num_classes=3, channels=(128, 128, 128, 128), stem_chs=32)
+    spec = spec_for(bit, (3, 64, 64))
+    assert "stages.0.blocks.0.downsample.conv (StdConv2d) convolves with a weight its forward computes" in spec.partial
+    assert not spec.widenable()
     # a token-mixing MLP keeps the stream it mixes merged; its own hidden units and the channel MLPs' widen
     spec = spec_for(timm.create_model("mixer_s32_224", num_classes=3, img_size=64, mlp_ratio=(0.05, 0.05)),
                     (3, 64, 64))

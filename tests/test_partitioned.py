@@ -133,3 +133,33 @@ def test_planned_execution_computes_the_same_and_keeps_the_blocks(saved):
     layers[0].execution = "dense"
     model(x).sum().backward()  # with gradients the blocks run, so they receive them
     assert layers[0].a_side.weight.grad is not None
+
+
+@pytest.mark.parametrize("cross", ["interpolate", "fill"])
+def test_a_partitioned_standardised_conv_runs_alike_in_every_form(cross):
+    """An NF-Net's weight-standardised convs standardise each endpoint's view of their inputs: the blocks,
+    the zero-padded form and the materialised model compute the same, a gain changed in place (as REPAIR
+    folds) is standardised again, and gradients reach the raw blocks and the gain."""
+    from test_families import batch, make
+    from hubmerge.partitioned import PartitionedStdConv
+    import hubmerge
+
+    a, b = make("nfnet", 1), make("nfnet", 2)
+    x = batch("nfnet")
+    model = hubmerge.merge(a, b, [(batch("nfnet", seed=1), None)], gamma=0.5, repair=None, cross=cross).model
+    layers = [m for m in model.net.modules() if isinstance(m, PartitionedStdConv) and not hasattr(m, "whole")]
+    assert len(layers) >= 10
+    with torch.no_grad():
+        want = model(x)
+        assert (model.materialize()(x) - want).abs().max() <= 1e-12 * want.abs().max()
+        for m in layers:
+            m.execution = "dense"
+        assert (model(x) - want).abs().max() <= 1e-12 * want.abs().max()
+        layers[0].gain.mul_(2.0)
+        changed = model(x)
+        for m in layers:
+            m.execution = "blocks"
+        assert (changed - want).abs().max() > 1e-6
+        assert (model(x) - changed).abs().max() <= 1e-12 * changed.abs().max()
+    model(x).sum().backward()
+    assert layers[0].a_side.weight.grad is not None and layers[0].gain.grad is not None

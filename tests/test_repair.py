@@ -241,3 +241,19 @@ def test_repair_of_a_full_merge_corrects_every_output(family):
     folded = first.norm or first.name  # where the first correction was folded (partitioned or plain)
     before, after = plain.net.get_submodule(folded).state_dict(), model.net.get_submodule(folded).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_repair_scales_a_weight_standardised_conv_through_its_gain():
+    """An NF-Net standardises every conv's weights, so scaling them changes nothing: REPAIR folds the scale
+    into the per-unit gain, and every corrected output of a partial merge (kept-apart units toward their
+    endpoint) then has its target mean and std."""
+    p = family_prepared("nfnet")
+    plans = p.plans(0.3)
+    model = p.build(plans)
+    todo = corrections(model, plans, p.stats, unmerged=True)
+    assert sum(type(model.layer(c.name)).__name__ == "PartitionedStdConv" for c in todo) >= 20
+    got = layer_moments(model.net, [c.name for c in todo], p.calibration)
+    for c in todo:
+        live = c.mask & (c.std > 1e-6)
+        assert torch.allclose(got[c.name].std[live], c.std[live], rtol=1e-8), c.name
+        assert torch.allclose(got[c.name].mean[c.mask], c.mean[c.mask], atol=1e-8 * float(c.std.max())), c.name

@@ -141,10 +141,10 @@ def test_a_partial_zip_runs_from_the_ensemble_to_the_full_zip(name, tmp_path):
     assert torch.equal(loaded(x), half.model(x)) and loaded.settings["zip_depth"] == layers // 2
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet", "nfnet"])
+@pytest.mark.parametrize("name", ["cifar_resnet", "resnetv2_bit"])
 def test_a_zipped_merge_saves_reloads_and_says_so(name, tmp_path):
-    """A zip of a partially mergeable family and of one held in the plain architecture (weight-standardised
-    convs)."""
+    """A zip of a partially mergeable family and of one held in the plain architecture (BiT's weight-standardised
+    convs without a gain)."""
     a, b = make_family(name, 1), make_family(name, 2)
     calib = [(batch(name, seed=s), None) for s in (1, 2)]
     x = batch(name)
@@ -167,11 +167,11 @@ def test_what_a_zip_refuses():
             hubmerge.merge(a, b, calib, align="zip", **bad)
     with pytest.raises(UsageError, match="zip_depth is a depth of zip alignment"):
         hubmerge.merge(a, b, calib, zip_depth=2)
-    full_only = [make_family("nfnet", s) for s in (1, 2)]
+    full_only = [make_family("resnetv2_bit", s) for s in (1, 2)]
     with pytest.raises(UsageError, match="partial zip"):  # the plain architecture holds full merges only
-        hubmerge.merge(*full_only, [(batch("nfnet", seed=1), None)], align="zip", zip_depth=3)
+        hubmerge.merge(*full_only, [(batch("resnetv2_bit", seed=1), None)], align="zip", zip_depth=3)
     with pytest.raises(UsageError, match="a budget needs partial merging"):
-        hubmerge.merge(*full_only, [(batch("nfnet", seed=1), None)], align="zip", budget=0.5)
+        hubmerge.merge(*full_only, [(batch("resnetv2_bit", seed=1), None)], align="zip", budget=0.5)
 
 
 @pytest.mark.parametrize("unit", ["params", "flops"])
