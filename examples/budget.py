@@ -4,16 +4,17 @@ Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves
 from different seeds, a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
 streams, widened through partitioned norms), a small ViT (patch 4, depth 4, width 64, 2 heads: heads
 kept apart whole), a small ResNeXt (grouped convs), a small Swin (relative position bias tables, patch
-merging) and GhostNet (ghost modules) from different seeds, all on Fashion-MNIST. For budgets {0.05,
-0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit / greedy, prints accuracy and loss barrier on
-held-out data, the measured parameter increase and each allocation's wall time, and writes a PNG plot per
-pair.
+merging), GhostNet (ghost modules) and timm's test NF-Net (weight-standardised convs) from different seeds,
+all on Fashion-MNIST. For budgets {0.05, 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit /
+greedy, prints accuracy and loss barrier on held-out data, the measured parameter increase and each
+allocation's wall time, and writes a PNG plot per pair.
 
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
     python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs vit-seeds --budgets 0.1 0.22 --allocators uniform benefit --cross interpolate
     python examples/budget.py --pairs resnext-seeds swin-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs ghostnet-seeds --budgets 0.1 0.22 --allocators uniform benefit
+    python examples/budget.py --pairs nfnet-seeds --budgets 0.1 0.22 --allocators uniform benefit
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ PAIRS = {
                    "seeds"),
     # a GhostNet at width 0.5 (ghost modules: concatenated primary and cheap features, cut to out_chs)
     "ghostnet-seeds": ("ghostnet_050", dict(in_chans=1, num_classes=10), "seeds"),
+    # timm's test NF-Net (weight-standardised convs with a gain, grouped convs, SE; no norms at all)
+    "nfnet-seeds": ("test_nfnet", dict(in_chans=1, num_classes=10), "seeds"),
 }
 
 
