@@ -56,6 +56,8 @@ PAIRS = {
     # timm's test NF-Net (weight-standardised convs with a gain, grouped convs, SE; no norms at all)
     "nfnet-seeds": ("test_nfnet", dict(in_chans=1, num_classes=10), "seeds"),
 }
+# norm-free networks diverge at the demo's learning rate without adaptive gradient clipping (as NF-Nets train)
+AGC = {"nfnet-seeds": 0.04}
 
 
 def main() -> None:
@@ -85,7 +87,8 @@ def main() -> None:
                                     tag="-fashion-mnist-halves", train_sets=sets)
         else:  # timm architectures are cached by their model_args, as examples/full_merge.py caches them
             tag = "-fashion-mnist" + ("" if arch.startswith("hubmerge_") else f"-{demo.args_tag(model_args)}")
-            fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs, tag=tag)
+            fa, fb = demo.endpoints(arch, model_args, train, args.cache, epochs=args.epochs, tag=tag,
+                                    agc=AGC.get(pair))
         a, b = load_endpoint(str(fa)).model, load_endpoint(str(fb)).model
         calib = demo.subset(train, args.calib_samples, seed=1)
         ref = hubmerge.merge(a, b, calib, evaluation=evaluation, gamma=0.0, cross=args.cross).report

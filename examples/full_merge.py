@@ -10,7 +10,8 @@ full merge and the full merge + REPAIR / RESET, with the barriers.
         --model-args '{"patch_size": 4, "img_size": 32, "depth": 4, "embed_dim": 64, "num_heads": 2}'
 
 Any timm architecture works with ``--model-args`` (``in_chans`` and ``num_classes`` are added); families
-without partial merging (see the README) still take full merges with REPAIR.
+without partial merging (see the README) still take full merges with REPAIR. For a model with attention
+heads, activation matching is also run with the heads kept in their order (``match_heads=False``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 import hubmerge
 from hubmerge import demo
+from hubmerge.arch_specs import spec_for
 from hubmerge.evaluate import barrier
 from hubmerge.hub import load_endpoint
 
@@ -63,14 +65,18 @@ def main() -> None:
 
     rows = {}
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
-    for align in ("activation", "weight"):
+    has_heads = bool(spec_for(a).heads)
+    runs = [("activation", True), ("weight", True)] + ([("activation", False)] if has_heads else [])
+    for align, heads in runs:
         for repair in (None, "repair", "reset") if has_bn else (None, "repair"):
-            result = hubmerge.merge(a, b, calib, evaluation=evaluation, align=align, repair=repair, gamma=0.0)
+            result = hubmerge.merge(a, b, calib, evaluation=evaluation, align=align, repair=repair, gamma=0.0,
+                                    match_heads=heads)
             m = result.report.metrics
             rows.setdefault("A", m["a"])
             rows.setdefault("B", m["b"])
             rows.setdefault("ensemble", m["ensemble"])
-            rows[f"full merge ({align}, {repair or 'no repair'})"] = m["merged"]
+            kept = "" if heads or align != "activation" else ", heads in order"
+            rows[f"full merge ({align}{kept}, {repair or 'no repair'})"] = m["merged"]
     size = json.dumps(args.model_args) if args.model_args is not None else f"×{args.width}"
     print(f"\n{args.arch} {size} on {args.dataset}: {args.train_samples} training samples, "
           f"{args.epochs} epochs, calibration {args.calib_samples}, evaluation {args.eval_samples}")

@@ -44,6 +44,35 @@ def activation_scores(spec: PermutationSpec, stats: Statistics, state_a: dict[st
     return {g: scores[g] for g in spec.groups}
 
 
+def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pooled") -> dict[str, torch.Tensor]:
+    """Per attention, B's heads in the order that best matches A's (entry i: the B head matched to A head i),
+    where it is not the identity. Heads are interchangeable as wholes, so B head j can take A head i's place:
+    a pair of heads scores the mean correlation of their units matched within the head (q/k and v each by
+    linear assignment, over the groups observed), and the heads are matched by linear assignment on those
+    scores (Git Re-Basin's head permutation, here by activations). Attentions whose heads are observed at
+    no point, or not alike, keep their order."""
+    orders = {}
+    for h in spec.heads:
+        roles = [r for r in range(len(h.heads[0])) if all(spec.groups[head[r]].observe for head in h.heads)]
+        alike = all(len({(len(spec.groups[head[r]].observe), spec.groups[head[r]].width) for head in h.heads}) == 1
+                    for r in roles)
+        if len(h.heads) < 2 or not roles or not alike:
+            continue
+        score = np.zeros((len(h.heads), len(h.heads)))
+        for i, mine in enumerate(h.heads):
+            for j, theirs in enumerate(h.heads):
+                for r in roles:
+                    c = stats.correlation(spec.groups[mine[r]], estimator, other=spec.groups[theirs[r]]).double()
+                    score[i, j] += c[torch.arange(len(c)), lap(c)].mean().item() / len(roles)
+        order = lap(torch.from_numpy(score))
+        if not torch.equal(order, torch.arange(len(order))):
+            orders[h.module] = order
+    if orders:
+        log.info("B's attention heads reordered to match A's in %d of %d attention modules", len(orders),
+                 len(spec.heads))
+    return orders
+
+
 def _weight_axes(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
     """group → [(param, dim)]: every weight/bias axis the group acts on (not running stats)."""
     return {g: [(n, d) for n, d in spec.group_axes(g) if not n.endswith(("running_mean", "running_var"))]

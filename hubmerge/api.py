@@ -7,6 +7,7 @@ fixed between candidate merges (statistics, scores, costs), which the budget all
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from .evaluate import Barrier, Ensemble, Metrics, endpoint_names, evaluate, eval
 from .matching import Matchings
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
+from .spec import head_sources, permute_heads
 from .statistics import collect, collect_many
 
 log = logging.getLogger("hubmerge")
@@ -52,6 +54,8 @@ class MergeReport:
     weights: list[float] = field(default_factory=list)  # the endpoints' weights (1−α, α for two)
     tasks: list[dict] = field(default_factory=list)  # separate tasks: each endpoint's outputs (Task.to_dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # per attention module whose heads B's matched in another order: entry i is the B head matched to A head i
+    head_orders: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -170,8 +174,12 @@ class Prepared:
                                              progress="statistics pass")
                     self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
+            self.head_orders: dict[str, torch.Tensor] = {}
+            if options.match_heads and self.stats is not None and n_way is None and options.align in ("activation",
+                                                                                                     "zip"):
+                self._order_heads(options)
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
-                                          state_a=model_a.state_dict(), state_b=model_b.state_dict(),
+                                          state_a=self.model_a.state_dict(), state_b=self.model_b.state_dict(),
                                           seed=options.seed, correlation=options.correlation)
             self.matchings = None
             # the endpoints merged and their REPAIR statistics: a zip merges virtual endpoints in its order
@@ -196,6 +204,17 @@ class Prepared:
                                             options.correlation, self.scores)
         self._plans: dict = {}
         self._owned: dict[tuple, list[nn.Module]] = {}
+
+    def _order_heads(self, options: MergeOptions) -> None:
+        """Match B's attention heads to A's as wholes (:func:`~hubmerge.alignment.head_orders`): B becomes the
+        same function with its heads in that order and its statistics are moved alike, so every later stage
+        aligns A's head i with B's head i, as before, but with the head that suits it."""
+        self.head_orders = alignment.head_orders(self.spec, self.stats, options.correlation)
+        if self.head_orders:
+            moved = copy.deepcopy(self.model_b)
+            moved.load_state_dict(permute_heads(self.spec, self.model_b.state_dict(), self.head_orders))
+            self.model_b = self.models[1] = moved
+            self.stats = self.stats.with_b_moved(self.spec, head_sources(self.spec, self.head_orders))
 
     def _zip_depth(self, options: MergeOptions) -> MergeOptions:
         """The options with the zip depth a budget affords: the least depth (the most layers kept apart) whose
@@ -433,7 +452,7 @@ def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluati
         options=prepared.options.model_dump(mode="json"), endpoints=prepared.endpoints, allocation=allocation,
         trace=trace, within=_within(prepared), weights=list(prepared.weights),
         tasks=[t.to_dict() for t in prepared.tasks or ()],
-        timings=prepared.timings,
+        timings=prepared.timings, head_orders={m: o.tolist() for m, o in prepared.head_orders.items()},
     )
     return MergeResult(model, report)
 

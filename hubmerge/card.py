@@ -151,6 +151,14 @@ def _within(report: MergeReport | None) -> str:
             "B; the rest pair a unit of A with one of B.")
 
 
+def _heads(report: MergeReport | None, model: PartialMergedModel) -> str:
+    """Which attention modules had B's heads matched to A's in another order, from the report of the merge."""
+    if report is None or not report.head_orders:
+        return ""
+    return (f"\n\nB's attention heads were matched to A's as wholes before their units; {len(report.head_orders)} of "
+            f"the {len(model.spec.heads)} attention modules took B's heads in another order.")
+
+
 BARRIER = """The *barrier* is how much worse the merge is than its endpoints: the α-weighted mean of the endpoints'
 accuracy minus the merge's (percentage points), and the merge's cross-entropy minus the endpoints' weighted
 mean. Lower is better; 0 means no loss, and the ensemble is usually below 0."""
@@ -280,7 +288,7 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     what = (NWAY if n_way else ZIPPED if zipped else PARTIAL).format(
         a=named[0][0], b=named[1][0], names=names, hubmerge=HUBMERGE, version=__version__, within=_within(report),
         depth=_depth(settings.get("zip_depth")),
-        weights=", ".join(f"{w:.3g}" for w in model.weights))
+        weights=", ".join(f"{w:.3g}" for w in model.weights)) + _heads(report, model)
     tasks = _tasks(model)
     data = ModelCardData(
         base_model=hub_models or None, base_model_relation="merge" if hub_models else None,

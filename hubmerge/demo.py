@@ -15,6 +15,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from timm.utils import adaptive_clip_grad
 from torch.utils.data import DataLoader, TensorDataset
 
 from .arch_specs import build_model
@@ -68,8 +69,9 @@ def subset(ds: TensorDataset, n: int, seed: int = 0) -> TensorDataset:
 
 
 def train(architecture: str, model_args: dict, data: TensorDataset, *, seed: int, epochs: int = 3,
-          lr: float = 0.05, batch_size: int = 128) -> torch.nn.Module:
-    """SGD with momentum and a one-cycle schedule; deterministic for a seed on CPU."""
+          lr: float = 0.05, batch_size: int = 128, agc: float | None = None) -> torch.nn.Module:
+    """SGD with momentum and a one-cycle schedule; deterministic for a seed on CPU. ``agc``: timm's adaptive
+    gradient clipping at that factor, which norm-free networks (NF-Nets) need to train at this rate."""
     torch.manual_seed(seed)
     model = build_model(architecture, model_args)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -80,6 +82,8 @@ def train(architecture: str, model_args: dict, data: TensorDataset, *, seed: int
         for x, y in progress_bar(loader, f"training {architecture} seed {seed} epoch {epoch + 1}/{epochs}"):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            if agc is not None:
+                adaptive_clip_grad(model.parameters(), agc)
             opt.step()
             sched.step()
     return model.eval()
@@ -103,16 +107,19 @@ def args_tag(model_args: dict) -> str:
 
 def endpoints(architecture: str, model_args: dict, train_data: TensorDataset, cache: Path, *,
               seeds: tuple[int, int] = (0, 1), epochs: int = 3, tag: str = "",
-              train_sets: tuple[TensorDataset, TensorDataset] | None = None) -> tuple[Path, Path]:
-    """Two endpoint folders, trained from different seeds (or on different data) unless already cached."""
+              train_sets: tuple[TensorDataset, TensorDataset] | None = None, agc: float | None = None
+              ) -> tuple[Path, Path]:
+    """Two endpoint folders, trained from different seeds (or on different data) unless already cached
+    (``agc``: see :func:`train`; it is part of the folder's name)."""
+    tag += "" if agc is None else f"-agc{agc:g}"
     folders = []
     for i, seed in enumerate(seeds):
         folder = cache / f"{architecture}{tag}-seed{seed}"
         if not (folder / "model.safetensors").is_file():
             log.info("training endpoint %s", folder.name)
             data = train_sets[i] if train_sets else train_data
-            save_timm(train(architecture, model_args, data, seed=seed, epochs=epochs), folder, architecture,
-                      model_args)
+            save_timm(train(architecture, model_args, data, seed=seed, epochs=epochs, agc=agc), folder,
+                      architecture, model_args)
         folders.append(folder)
     return folders[0], folders[1]
 

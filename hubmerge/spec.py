@@ -188,6 +188,11 @@ class Heads:
         """How many heads ``partition`` keeps apart (each of A and B then runs its own)."""
         return sum(partition[head[0]][0] > 0 for head in self.heads)
 
+    def sources(self, order: torch.Tensor) -> dict[str, str]:
+        """For the heads reordered so that head i holds what head ``order[i]`` held: group → the group whose
+        units it takes (the same role, q/k or v, of the source head)."""
+        return {g: s for i, j in enumerate(order.tolist()) for g, s in zip(self.heads[i], self.heads[j]) if g != s}
+
 
 @dataclass(frozen=True)
 class PermutationSpec:
@@ -278,6 +283,32 @@ class PermutationSpec:
         return torch.cat(parts)
 
 
+    def moved(self, name: str, dim: int, sources: dict[str, str]) -> torch.Tensor | None:
+        """Index along ``dim`` of ``name`` that moves whole groups: the k-th segment of group g takes the
+        entries of the k-th segment of ``sources[g]`` on the same axis (the heads of one attention, alike in
+        shape); None where no moved group lies on it."""
+        axis = self.axes[name][dim]
+        if not axis or not any(seg.group in sources for seg in axis):
+            return None
+        found: dict[str | None, list[tuple[int, Segment]]] = {}
+        start = 0
+        for seg in axis:
+            found.setdefault(seg.group, []).append((start, seg))
+            start += seg.size
+        seen: dict[str | None, int] = {}
+        parts, start = [], 0
+        for seg in axis:
+            k = seen[seg.group] = seen.get(seg.group, -1) + 1
+            begin = start
+            if seg.group in sources:
+                begin, src = found[sources[seg.group]][k]
+                if (src.width, src.repeat, src.order) != (seg.width, seg.repeat, seg.order):
+                    raise ValueError(f"{name}: groups {seg.group} and {src.group} are laid out differently")
+            parts.append(torch.arange(begin, begin + seg.size))
+            start += seg.size
+        return torch.cat(parts)
+
+
 def positions(seg: Segment, start: int = 0) -> torch.Tensor:
     """(width, repeat) positions of one segment's units (the segment begins at ``start``), row u for unit u."""
     inverse = torch.empty(seg.width, dtype=torch.long)
@@ -290,6 +321,32 @@ def expand(index: torch.Tensor, repeat: int) -> torch.Tensor:
     if repeat == 1:
         return index
     return (index[:, None] * repeat + torch.arange(repeat, device=index.device)).reshape(-1)
+
+
+def head_sources(spec: PermutationSpec, orders: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Every group that a reordering of heads (``orders[module][i]``: the head that head i takes) moves, and
+    the group it takes its units from."""
+    return {g: src for h in spec.heads if h.module in orders for g, src in h.sources(orders[h.module]).items()}
+
+
+def permute_heads(spec: PermutationSpec, state: dict[str, torch.Tensor], orders: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """A state dict whose attention heads are reordered: head i of module m becomes the head that was head
+    ``orders[m][i]`` (its q/k and v units with it, and its entry of every per-head table). Heads are
+    interchangeable as wholes, so the function of the model is unchanged."""
+    sources = head_sources(spec, orders)
+    out = dict(state)
+    for name in spec.axes:
+        if name in state:
+            for dim in range(state[name].dim()):
+                index = spec.moved(name, dim, sources)
+                if index is not None:
+                    out[name] = out[name].index_select(dim, index.to(state[name].device))
+    for h in spec.heads:
+        if h.module in orders:
+            for key, dim in h.tables:
+                out[key] = out[key].index_select(dim, orders[h.module].to(out[key].device))
+    return out
 
 
 def permute_state(

@@ -134,6 +134,13 @@ class PairMoments:
             self.within_b = _plus(self.within_b, product(pb, pb))
         self.batches += 1
 
+    def moved_b(self, index: torch.Tensor) -> PairMoments:
+        """These moments with B's units taken in the order ``index`` (B's unit i is the old unit index[i])."""
+        b = Moments(self.b.count, self.b.sum[index], self.b.sumsq[index])
+        within_b = None if self.within_b is None else self.within_b[index][:, index]
+        return PairMoments(self.a, b, self.cross[:, index], self.batch_std_a, self.batch_std_b[index], self.batches,
+                           self.within, self.within_a, within_b)
+
     def __add__(self, other: PairMoments) -> PairMoments:
         return PairMoments(self.a + other.a, self.b + other.b, self.cross + other.cross,
                            self.batch_std_a + other.batch_std_a, self.batch_std_b + other.batch_std_b,
@@ -193,17 +200,37 @@ class Statistics:
         """Model ``model``'s (0 = A, 1 = B) per-unit moments of each REPAIR output."""
         return (self.layers_a, self.layers_b)[model]
 
-    def correlation(self, group: Group, estimator: str = "pooled", pair: str = "ab") -> torch.Tensor:
+    def correlation(self, group: Group, estimator: str = "pooled", pair: str = "ab", other: Group | None = None
+                    ) -> torch.Tensor:
         """Correlation matrix of a group (by :meth:`PairMoments.correlation`'s ``estimator``: A × B, or within
         one model by ``pair``), averaged over its observation points and the places it occupies at each
-        (method §2: residual streams are judged at every point they are observed, not only the last)."""
+        (method §2: residual streams are judged at every point they are observed, not only the last). With
+        ``other``, A's units of ``group`` against B's of ``other``, a group observed at the same points alike
+        (another head of the same attention)."""
         mats = []
-        for point in group.observe:
+        for point, theirs in zip(group.observe, (other or group).observe):
             full = self.points[(point.module, point.dim)].correlation(estimator, pair)
-            for where in point.positions:
-                index = torch.tensor(where)
-                mats.append(full[index][:, index])
+            for where, there in zip(point.positions, theirs.positions):
+                mats.append(full[torch.tensor(where)][:, torch.tensor(there)])
         return torch.stack(mats).mean(0)
+
+    def with_b_moved(self, spec: PermutationSpec, sources: dict[str, str]) -> Statistics:
+        """The statistics of A and of B with whole groups moved (:func:`~hubmerge.spec.permute_heads`: B's
+        group g takes the units of ``sources[g]``), as a pass over the moved B would measure them."""
+        indexes: dict[tuple[str, int], torch.Tensor] = {}
+        for g, src in sources.items():
+            for point, theirs in zip(spec.groups[g].observe, spec.groups[src].observe):
+                key = (point.module, point.dim)
+                index = indexes.setdefault(key, torch.arange(len(self.points[key].b.sum)))
+                for where, there in zip(point.positions, theirs.positions):
+                    index[torch.tensor(where)] = torch.tensor(there)
+        points = {key: pm.moved_b(indexes[key]) if key in indexes else pm for key, pm in self.points.items()}
+        layers_b = dict(self.layers_b)
+        for name, m in layers_b.items():
+            index = spec.moved(f"{name}.weight", 0, sources)
+            if index is not None:
+                layers_b[name] = Moments(m.count, m.sum[index], m.sumsq[index])
+        return Statistics(points, self.layers_a, layers_b, self.samples)
 
 
 def unit_dim(module: nn.Module) -> int:

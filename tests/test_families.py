@@ -22,7 +22,7 @@ from hubmerge.cost import CostModel
 from hubmerge.errors import UnsupportedModelError, UsageError
 from hubmerge.evaluate import Ensemble
 from hubmerge.partitioned import PartitionedNorm
-from hubmerge.spec import permute_state
+from hubmerge.spec import permute_heads, permute_state
 
 FAMILIES = families()
 
@@ -52,12 +52,13 @@ def test_family(name, tmp_path):
     support = FAMILIES[name].support
     assert spec.support == support, spec.partial or spec.fixed
 
-    # random permutations of every group leave the function unchanged
+    # random permutations of every group, and of every attention's heads as wholes, leave the function unchanged
     gen = torch.Generator().manual_seed(3)
     perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
     assert any((p != torch.arange(len(p))).any() for p in perms.values())
+    orders = {h.module: torch.randperm(len(h.heads), generator=gen) for h in spec.heads}
     moved = make(name, 1)
-    moved.load_state_dict(permute_state(spec, moved.state_dict(), perms))
+    moved.load_state_dict(permute_heads(spec, permute_state(spec, moved.state_dict(), perms), orders))
     assert relative(moved(x), a(x)) <= 1e-10
 
     # α=1, γ=0, interpolate, no REPAIR: B exactly

@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 import hubmerge
 from hubmerge.arch_specs import spec_for
+from hubmerge.card import build
 from hubmerge.cli.app import app
 from hubmerge.errors import CheckpointError
 from hubmerge.evaluate import Ensemble
 from hubmerge.partitioned import PartialMergedModel, PartitionedLayer, PartitionedNorm
+from hubmerge.spec import permute_heads
 from hubmerge.trace import derive
 
 from test_families import FAMILIES, batch, make, relative
@@ -123,8 +125,11 @@ def test_a_relative_position_bias_follows_the_heads(swin, tmp_path):
     a, b, calib = swin
     spec = spec_for(a, FAMILIES["swin"].input_size)
     assert [h.tables for h in spec.heads] == [((f"{h.module}.relative_position_bias_table", 1),) for h in spec.heads]
-    model = hubmerge.merge(a, b, calib, gamma=0.5, repair=None, alpha=0.25).model
-    sa, sb = a.state_dict(), b.state_dict()
+    result = hubmerge.merge(a, b, calib, gamma=0.5, repair=None, alpha=0.25)
+    model = result.model
+    # B's heads in the order the merge matched them to A's
+    sa, sb = a.state_dict(), permute_heads(spec, b.state_dict(), {m: torch.tensor(o) for m, o in
+                                                                    result.report.head_orders.items()})
     for h in model.spec.heads:
         key = h.tables[0][0]
         table = model.state_dict()[f"net.{key}"]
@@ -216,3 +221,42 @@ def test_the_values_of_an_attention_of_unknown_heads_keep_their_width():
     assert spec.heads == () and values and values <= set(spec.fixed)
     assert all("has heads hubmerge does not know" in spec.fixed[g] for g in values)
     assert "proj" in spec.widenable()
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "mobilevit"])
+def test_heads_are_matched_as_wholes(name):
+    """B's heads are matched to A's as wholes before their units are: a model merged with a copy of itself
+    whose heads are reordered (and every group's units permuted) is the model again, where matching head i
+    to head i could not recover it; the statistics moved with B's heads are those of the moved B."""
+    from hubmerge.alignment import head_orders
+    from hubmerge.spec import head_sources, permute_state
+    from hubmerge.statistics import collect
+
+    a = make(name, 1)
+    spec = spec_for(a, FAMILIES[name].input_size)
+    gen = torch.Generator().manual_seed(5)
+    perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
+    orders = {h.module: torch.roll(torch.arange(len(h.heads)), 1) for h in spec.heads}
+    b = make(name, 1)
+    b.load_state_dict(permute_heads(spec, permute_state(spec, a.state_dict(), perms), orders))
+    x, calib = batch(name), [(batch(name, 16, seed=s), None) for s in (1, 2)]
+    assert relative(b(x), a(x)) <= 1e-10
+    result = hubmerge.merge(a, b, calib, repair=None)
+    merged = result.model
+    assert relative(merged(x), a(x)) <= 1e-10
+    assert set(result.report.head_orders) == set(orders)
+    text = str(build(merged, result.report, repo_id="user/merged"))
+    assert f"{len(orders)} of the {len(spec.heads)} attention modules took B's heads in another order" in text
+    stats = collect(a, b, spec, calib)
+    found = head_orders(spec, stats)
+    assert found.keys() == orders.keys()
+    back = {m: torch.argsort(o) for m, o in orders.items()}  # B's head i is A's head i-1: B's heads in A's order
+    assert all(torch.equal(found[m], back[m]) for m in orders)
+    moved = make(name, 1)
+    moved.load_state_dict(permute_heads(spec, b.state_dict(), found))
+    want, got = collect(a, moved, spec, calib), stats.with_b_moved(spec, head_sources(spec, found))
+    for key, pm in want.points.items():
+        assert torch.allclose(got.points[key].cross, pm.cross, rtol=1e-10, atol=1e-10), key
+        assert torch.allclose(got.points[key].b.sumsq, pm.b.sumsq, rtol=1e-10, atol=1e-10), key
+    for name_, m in want.layers_b.items():
+        assert torch.allclose(got.layers_b[name_].sum, m.sum, rtol=1e-10, atol=1e-10), name_
