@@ -51,18 +51,23 @@ def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pool
     linear assignment, over the groups observed), and the heads are matched by linear assignment on those
     scores (Git Re-Basin's head permutation, here by activations). Attentions whose heads are observed at
     no point, or not alike, keep their order."""
-    orders = {}
+    orders, cache = {}, {}
+
+    def where(g: str) -> tuple:
+        grp = spec.groups[g]
+        return grp.width, tuple((p.module, p.dim, len(p.positions)) for p in grp.observe)
+
     for h in spec.heads:
         roles = [r for r in range(len(h.heads[0])) if all(spec.groups[head[r]].observe for head in h.heads)]
-        alike = all(len({(len(spec.groups[head[r]].observe), spec.groups[head[r]].width) for head in h.heads}) == 1
-                    for r in roles)
+        alike = all(len({where(head[r]) for head in h.heads}) == 1 for r in roles)
         if len(h.heads) < 2 or not roles or not alike:
             continue
         score = np.zeros((len(h.heads), len(h.heads)))
         for i, mine in enumerate(h.heads):
             for j, theirs in enumerate(h.heads):
                 for r in roles:
-                    c = stats.correlation(spec.groups[mine[r]], estimator, other=spec.groups[theirs[r]]).double()
+                    c = stats.correlation(spec.groups[mine[r]], estimator, other=spec.groups[theirs[r]],
+                                          cache=cache).double()
                     score[i, j] += c[torch.arange(len(c)), lap(c)].mean().item() / len(roles)
         order = lap(torch.from_numpy(score))
         if not torch.equal(order, torch.arange(len(order))):

@@ -19,9 +19,10 @@ fully merged, or the fixed input/logits) is stored and run as one block, ``whole
 add ops, and joining blocks into one weight on every forward costs a weight copy per call (measured at batch
 1 on a VGG11 merge with half its groups fully merged: 24 ms joined, 14 ms whole). At inference a layer may
 instead run as one zero-padded op joined from its blocks (:meth:`PartialMergedModel.plan_execution` times
-both forms per layer and keeps the faster; storage stays partitioned). BatchNorms become per-unit norms of
-the wider group, LayerNorms over widened groups :class:`PartitionedNorm` s, per-unit vectors (layer
-scales) widen, and so do per-head tables (a relative position bias) where heads are kept apart.
+both forms per layer and keeps the faster; storage stays partitioned). A weight-standardised conv becomes a
+:class:`PartitionedStdConv`, which standardises each endpoint's view of its inputs. BatchNorms become
+per-unit norms of the wider group, LayerNorms over widened groups :class:`PartitionedNorm` s, per-unit vectors
+(layer scales) widen, and so do per-head tables (a relative position bias) where heads are kept apart.
 The rest of the architecture (activations, pooling, residual adds) is the base model's own code.
 """
 
@@ -34,8 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
-from timm.layers import Conv2dSame
-from timm.layers import pad_same
+from timm.layers import Conv2dSame, pad_same
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F

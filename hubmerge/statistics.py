@@ -113,7 +113,7 @@ class PairMoments:
         n = len(xa)
         ones = xa.new_ones(n)
 
-        def centred(x: torch.Tensor, moments: Moments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        def centred(x: torch.Tensor, moments: Moments) -> tuple[torch.Tensor, ...]:
             mu = ones @ x / n
             c = x - mu
             mu, s, q = mu.double(), (ones @ c).double(), (ones @ c.square()).double()
@@ -200,16 +200,23 @@ class Statistics:
         """Model ``model``'s (0 = A, 1 = B) per-unit moments of each REPAIR output."""
         return (self.layers_a, self.layers_b)[model]
 
-    def correlation(self, group: Group, estimator: str = "pooled", pair: str = "ab", other: Group | None = None
-                    ) -> torch.Tensor:
+    def correlation(self, group: Group, estimator: str = "pooled", pair: str = "ab", other: Group | None = None,
+                    cache: dict | None = None) -> torch.Tensor:
         """Correlation matrix of a group (by :meth:`PairMoments.correlation`'s ``estimator``: A × B, or within
         one model by ``pair``), averaged over its observation points and the places it occupies at each
         (method §2: residual streams are judged at every point they are observed, not only the last). With
         ``other``, A's units of ``group`` against B's of ``other``, a group observed at the same points alike
-        (another head of the same attention)."""
+        (another head of the same attention). ``cache`` keeps each point's whole correlation matrix for later
+        calls (scoring every pair of heads reads the same points many times)."""
         mats = []
         for point, theirs in zip(group.observe, (other or group).observe):
-            full = self.points[(point.module, point.dim)].correlation(estimator, pair)
+            key = (point.module, point.dim)
+            if (theirs.module, theirs.dim) != key:
+                raise ValueError(f"groups {group.name} and {other.name} are observed at different points")
+            cache = {} if cache is None else cache
+            if (key, estimator, pair) not in cache:
+                cache[(key, estimator, pair)] = self.points[key].correlation(estimator, pair)
+            full = cache[(key, estimator, pair)]
             for where, there in zip(point.positions, theirs.positions):
                 mats.append(full[torch.tensor(where)][:, torch.tensor(there)])
         return torch.stack(mats).mean(0)
@@ -221,6 +228,8 @@ class Statistics:
         for g, src in sources.items():
             for point, theirs in zip(spec.groups[g].observe, spec.groups[src].observe):
                 key = (point.module, point.dim)
+                if (theirs.module, theirs.dim) != key:
+                    raise ValueError(f"groups {g} and {src} are observed at different points")
                 index = indexes.setdefault(key, torch.arange(len(self.points[key].b.sum)))
                 for where, there in zip(point.positions, theirs.positions):
                     index[torch.tensor(where)] = torch.tensor(there)
