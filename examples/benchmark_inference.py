@@ -13,21 +13,23 @@ The last column, time ratio ÷ FLOP ratio, separates what the layout computes fr
 kernels run it: 1.00 means the model runs at the endpoint's speed per FLOP.
 
     python examples/benchmark_inference.py --arch hubmerge_vgg11 --width 0.5 --batch 64 [--channels-last]
+    python examples/benchmark_inference.py --arch vit_tiny_patch16_224 --batch 64 \
+        --model-args '{"patch_size": 4, "img_size": 32, "depth": 4, "embed_dim": 64, "num_heads": 4}'
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 
-import timm
 import torch
 
 import hubmerge
 from hubmerge.api import Prepared
-from hubmerge.arch_specs import randomize_
+from hubmerge.arch_specs import build_model, input_size_of, randomize_
 from hubmerge.evaluate import Ensemble
 from hubmerge.options import MergeOptions
 
@@ -35,7 +37,8 @@ from hubmerge.options import MergeOptions
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="hubmerge_vgg11")
-    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--width", type=float, default=0.5, help="width multiplier of hubmerge's VGG / ResNet")
+    ap.add_argument("--model-args", type=json.loads, default=None, help="timm model_args (JSON) instead of --width")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gammas", nargs="+", type=float, default=[0.1, 0.22, 0.5])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.1, 0.22])
@@ -44,10 +47,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--channels-last", action="store_true", help="run every model in channels_last memory format")
     args = ap.parse_args()
-    margs = dict(width_multiplier=args.width) if "resnet" not in args.arch else dict(width_multiplier=int(args.width))
-    a = randomize_(timm.create_model(args.arch, **margs), 1).eval()
-    b = randomize_(timm.create_model(args.arch, **margs), 2).eval()
-    size = a.pretrained_cfg["input_size"]
+    if args.model_args is not None:
+        margs = args.model_args
+    else:
+        margs = dict(width_multiplier=args.width if "resnet" not in args.arch else int(args.width))
+    a = randomize_(build_model(args.arch, margs), 1).eval()  # (records its model_args, which a merge rebuilds by)
+    b = randomize_(build_model(args.arch, margs), 2).eval()
+    size = input_size_of(a) or a.pretrained_cfg["input_size"]  # a model built with img_size takes that size
     calib = [torch.randn(64, *size) for _ in range(2)]
     x = torch.randn(args.batch, *size)
     prepared = Prepared(a, b, calib, MergeOptions.parse(repair=None))
@@ -84,7 +90,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["endpoint"])
-    print(f"{args.arch} ×{args.width}, batch {args.batch} at {tuple(size)}, {args.device}, "
+    print(f"{args.arch} {json.dumps(margs)}, batch {args.batch} at {tuple(size)}, {args.device}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds")
     print(f"{'model':28s} {'+params':>8s} {'+FLOPs':>8s} {'ms':>8s} {'× endpoint':>11s} {'target ≤':>9s} {'÷ FLOPs':>8s}")

@@ -70,7 +70,8 @@ def test_family(name, tmp_path):
     assert all(ka == kb == 0 for ka, _, kb in result.model.partition.values())
     plain = make(name, 0)
     plain.load_state_dict(result.model.materialize().state_dict(), strict=True)
-    sb = permute_state(spec, b.state_dict(), result_perms(result, spec, calib, a, b))
+    heads = {m: torch.tensor(o) for m, o in result.report.head_orders.items()}  # B's heads as matched to A's
+    sb = permute_state(spec, permute_heads(spec, b.state_dict(), heads), result_perms(result, spec, calib, a, b))
     reference = make(name, 0)
     reference.load_state_dict({k: (v + sb[k]) / 2 if v.is_floating_point() else v for k, v in a.state_dict().items()})
     assert relative(plain(x), reference(x)) <= 1e-10

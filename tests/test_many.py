@@ -28,9 +28,11 @@ def endpoints(name: str, count: int) -> tuple[list[torch.nn.Module], list]:
 
 @pytest.mark.parametrize("name", ["mlp", "resnet", "swin"])
 def test_two_endpoints_give_the_two_way_merge_bit_for_bit(name):
+    """N-way merges keep the attention heads' order (no head matching yet), so Swin's two-way merge is taken
+    with ``match_heads=False``."""
     (a, b), calib = endpoints(name, 2)
     for repair in (None, "repair"):
-        two = hubmerge.merge(a, b, calib, repair=repair, alpha=0.3).model.state_dict()
+        two = hubmerge.merge(a, b, calib, repair=repair, alpha=0.3, match_heads=False).model.state_dict()
         many = hubmerge.merge_many([a, b], calib, repair=repair, alpha=0.3).model.state_dict()
         assert many.keys() == two.keys() and all(torch.equal(many[k], v) for k, v in two.items()), repair
 
