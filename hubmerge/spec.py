@@ -335,13 +335,7 @@ def permute_heads(spec: PermutationSpec, state: dict[str, torch.Tensor], orders:
     ``orders[m][i]`` (its q/k and v units with it, and its entry of every per-head table). Heads are
     interchangeable as wholes, so the function of the model is unchanged."""
     sources = head_sources(spec, orders)
-    out = dict(state)
-    for name in spec.axes:
-        if name in state:
-            for dim in range(state[name].dim()):
-                index = spec.moved(name, dim, sources)
-                if index is not None:
-                    out[name] = out[name].index_select(dim, index.to(state[name].device))
+    out = _reindexed(spec, state, lambda name, dim: spec.moved(name, dim, sources))
     for h in spec.heads:
         if h.module in orders:
             for key, dim in h.tables:
@@ -356,13 +350,19 @@ def permute_state(
 
     Groups missing from ``perms`` stay as they are. The function of the model is unchanged.
     """
+    return _reindexed(spec, state, lambda name, dim: spec.gather(name, dim, perms))
+
+
+def _reindexed(spec: PermutationSpec, state: dict[str, torch.Tensor], index_of) -> dict[str, torch.Tensor]:
+    """A state dict with every tensor of the spec's table taken along each dim in the order ``index_of(name,
+    dim)`` gives (None: as it is)."""
     out = dict(state)
     for name in spec.axes:
         if name not in state:
             continue
         t = state[name]
         for dim in range(t.dim()):
-            index = spec.gather(name, dim, perms)
+            index = index_of(name, dim)
             if index is not None:
                 t = t.index_select(dim, index.to(t.device))
         out[name] = t
