@@ -122,12 +122,16 @@ def _known_heads(model: nn.Module, spec: PermutationSpec) -> PermutationSpec:
         if type(module) in SIZED_BY_INPUT:
             outputs = [s.group for layer in spec.layers if layer.name.startswith(f"{name}.") for s in layer.out_axis]
             keep(name, outputs, f"attention {name} ({type(module).__name__}) sizes its output by its input's width")
+    whole = set()
     for h in spec.heads:
         module = model.get_submodule(h.module)
         count = HEAD_COUNTS.get(type(module))
         if count is None or getattr(module, count.heads, None) != len(h.heads):
             keep(h.module, h.groups, f"attention {h.module} is a {type(module).__name__}, whose head count hubmerge "
                  "does not know how to raise (arch_specs/attention.py)")
+        elif count.head_by_head(module):
+            whole.add(h.module)
+    spec = spec.with_whole_heads(whole) if whole else spec
     return spec.with_fixed(fixed) if fixed else spec
 
 

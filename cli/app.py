@@ -351,6 +351,8 @@ def inspect(
         info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads],
                               "tables": [key for key, _ in h.tables]} for h in spec.heads]
         info["tied"] = [list(tie) for tie in spec.ties]  # a grouped conv's blocks, widened alike
+        # layers run along another axis (token MLPs), one copy per section of the groups passing them by
+        info["across"] = [{"layer": a.layer, "groups": [s.group for s in a.axis]} for a in spec.across]
         info["layers"] = [layer.name for layer in spec.layers]  # forward order: what zip_depth counts
         if merged:
             for row, h in zip(info["attention"], spec.heads):
@@ -370,7 +372,8 @@ def inspect(
         typer.echo(json.dumps(info))
         return
     fixed = sum(row["cannot_widen_because"] is not None for row in info["groups"])
-    support = {"partial": "partial merges and budgets",
+    support = {"partial": "partial merges and budgets" + (f", {fixed} of the groups keep their width (marked *)"
+                                                         if fixed else ""),
                "some": f"partial merges and budgets, {fixed} of the groups always merged (marked *)",
                "full": f"full merges only (partial merging needs: {info['partial_unavailable_because']})"}
     typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups; {support[info['support']]}")
@@ -388,6 +391,8 @@ def inspect(
                    f"or kept apart whole{apart}{tables}")
     for tie in info["tied"]:
         typer.echo(f"  grouped conv blocks {tie[0]} … {tie[-1]} ({len(tie)} groups): widened alike")
+    for row in info["across"]:
+        typer.echo(f"  {row['layer']} runs along another axis: one copy per section of {', '.join(row['groups'])}")
     if info["layers"]:
         typer.echo("layers in forward order (--zip-depth N zips the groups the first N write): "
                    + ", ".join(f"{i} {name}" for i, name in enumerate(info["layers"])))
@@ -420,7 +425,9 @@ def archs(
                 from hubmerge.arch_specs import build_model, spec_for
 
                 spec = spec_for(build_model(fam.architecture, {**fam.model_args, "num_classes": 10}), fam.input_size)
-                row.update(derived=spec.support, why_not_partial=spec.partial or next(iter(spec.fixed.values()), None))
+                copied = spec.copied()
+                row.update(derived=spec.support, why_not_partial=spec.partial or next(
+                    (why for g, why in spec.fixed.items() if g not in copied), None))
             rows.append(row)
     except Exception as exc:  # noqa: BLE001
         _fail(exc, debug)

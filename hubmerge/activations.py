@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .data import Batches, batches
 from .errors import UnsupportedModelError
-from .partitioned import PartitionedLayer, PartitionedNorm
+from .partitioned import PartitionedLayer, PartitionedNorm, SectionwiseLayer
 
 
 class _Tracer(fx.Tracer):
@@ -41,7 +41,7 @@ class _Tracer(fx.Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
-        self.leaves = (PartitionedLayer, PartitionedNorm, *get_notrace_modules())
+        self.leaves = (PartitionedLayer, PartitionedNorm, SectionwiseLayer, *get_notrace_modules())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)

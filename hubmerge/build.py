@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .partial import GroupPlan, Layout, head_layout, layout
-from .partitioned import BlockLayout, PartialMergedModel
+from .partial import GroupPlan, Layout, head_layout, layout, sections
+from .partitioned import SECTIONS, BlockLayout, PartialMergedModel
 from .spec import Layer, PermutationSpec, permute_state
 from .matching import Matchings, is_matching, matched_state
 
@@ -88,10 +88,20 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
     """The partitioned state dict of the merged network (keys as in ``PartialMergedModel.net``)."""
     out: dict[str, torch.Tensor] = {}
     covered = set()
+    partition = {g: p.sizes for g, p in plans.items()}
+    across = {a.layer: sections(a.axis, partition) for a in spec.across}
     for layer in spec.layers:
         per_unit = [(layer.norm, p) for p in ("weight", "bias", "running_mean", "running_var") if layer.norm]
+        passing = across.get(layer.name)
         if layer.depthwise:  # one filter per unit: laid out like a norm's parameters
             per_unit += [(layer.name, p) for p in ("weight", "bias", "gain")]
+        elif passing is not None and (passing != 1).any():  # a copy per section of the units passing by
+            for section, (name, at) in enumerate(zip(SECTIONS, (0.0, alpha, 1.0))):
+                if (passing == section).any():  # (its own groups keep their width: one block, A's, merged, B's)
+                    weight, bias, _, _ = _wide(layer, plans, state_a, state_b, at, cross)
+                    out[f"{layer.name}.{name}.weight"] = weight
+                    if bias is not None:
+                        out[f"{layer.name}.{name}.bias"] = bias
         else:
             for key, t in _layer_blocks(layer, plans, state_a, state_b, alpha, cross).items():
                 out[f"{layer.name}.{key}"] = t
@@ -109,7 +119,6 @@ def merged_state(spec: PermutationSpec, plans: dict[str, GroupPlan], state_a: di
     per_unit = [(key, spec.axes[key][0], 0) for key in state_a if key.rpartition(".")[0] in norms]
     for key, axis, dim in per_unit + [(v.key, v.axis, v.dim) for v in spec.vectors]:
         out[key] = layout(axis, plans).combine(state_a[key], state_b[key], alpha, dim)
-    partition = {g: p.sizes for g, p in plans.items()}
     for heads in spec.heads:  # per-head tables (a relative position bias) follow the merged attention's heads
         at = head_layout(heads, partition)
         for key, dim in heads.tables:

@@ -3,7 +3,9 @@
 Per layer and group of its output rows, non-zero weights = (k_A·(k_A′+m′) + m·w′ + k_B·(m′+k_B′)) × kernel
 size (primes: the sections of the input axis, summed over its segments, times the flatten stride), plus one
 bias per output unit and two affine norm parameters per unit; norms, layer scales and other per-unit
-tensors outside the layers add their parameters per unit of their group. FLOPs
+tensors outside the layers add their parameters per unit of their group. A layer run along another axis than
+units passing it by (a token MLP, :class:`~hubmerge.spec.Across`) has a copy per section of those units, and
+runs on as many positions as they have; both count for their group. FLOPs
 count 2 per multiply-accumulate of conv/linear layers at the given input resolution (norms, activations
 and pooling are left out, which the relative increase barely notices).
 """
@@ -163,6 +165,13 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
         for g, c in by_group.items():
             if g is not None:
                 groups[g] = groups[g] + c
+    for a in spec.across:  # one copy per section of the units passing by, each run on its section's positions
+        one, width = layers[a.layer], sum(seg.width for seg in a.axis)
+        sizes = [partition[seg.group] for seg in a.axis]
+        copies = sum(any(s[i] for s in sizes) for i in range(3))
+        for seg, (ka, _, _) in zip(a.axis, sizes):  # a widened segment's A-only units are the positions it adds
+            extra = Cost(one.params * (copies - 1) if seg is a.axis[0] else 0, one.flops * ka // width)
+            layers[a.layer], groups[seg.group] = layers[a.layer] + extra, groups[seg.group] + extra
     total = sum(layers.values(), Cost(0, 0))
     total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()) + tables + unitless, 0)
     return CostReport(layers, groups, total)

@@ -104,34 +104,56 @@ def head_layout(heads: Heads, partition: dict[str, Sizes]) -> Layout:
     return Layout(secs, from_a, from_b, torch.zeros(len(secs), dtype=torch.bool))
 
 
+def _runs(axis: Axis) -> list[list[int]]:
+    """The axis's segments (indices) in runs laid out together, each ``[A-only | shared | B-only]`` over the
+    whole run: a segment ``joined`` to the one before it (q, k and v of one attention head, which a head kept
+    apart lays out whole) shares its run; every other segment is a run of its own."""
+    runs: list[list[int]] = []
+    for i, seg in enumerate(axis):
+        if seg.joined and runs:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def sections(axis: Axis, partition: dict[str, Sizes]) -> torch.Tensor:
     """The section (0 A-only, 1 shared, 2 B-only) of every position of ``axis`` in the merged model."""
     parts = []
-    for seg in axis:
-        sizes = partition[seg.group] if seg.group is not None else (0, seg.width, 0)
-        parts += [torch.full((n * seg.repeat,), i, dtype=torch.long) for i, n in enumerate(sizes)]
+    for run in _runs(axis):
+        for i in range(3):
+            for seg in (axis[j] for j in run):
+                n = (partition[seg.group] if seg.group is not None else (0, seg.width, 0))[i]
+                parts.append(torch.full((n * seg.repeat,), i, dtype=torch.long))
     return torch.cat(parts)
 
 
 def layout(axis: Axis, plans: dict[str, GroupPlan]) -> Layout:
     """The :class:`Layout` of ``axis`` (from the spec's table) under ``plans``."""
-    secs, from_a, from_b, fixed, start = [], [], [], [], 0
+    per_segment, start = [], 0
     for seg in axis:
         rows = positions(seg, start)
         plan = plans.get(seg.group) if seg.group is not None else None
         if plan is None:
             every = rows.reshape(-1)
-            parts = [(1, every, every)]
+            parts = [(0, None, None), (1, every, every), (2, None, None)]
         else:
             parts = [(0, rows[plan.a_only].reshape(-1), None), (1, rows[plan.shared_a].reshape(-1),
                      rows[plan.shared_b].reshape(-1)), (2, None, rows[plan.b_only].reshape(-1))]
-        for section, a, b in parts:
-            n = len(a if a is not None else b)
-            secs.append(torch.full((n,), section, dtype=torch.long))
-            from_a.append(a if a is not None else torch.zeros(n, dtype=torch.long))
-            from_b.append(b if b is not None else torch.zeros(n, dtype=torch.long))
-            fixed.append(torch.full((n,), seg.group is None))
+        per_segment.append((seg, parts))
         start += seg.size
+    secs, from_a, from_b, fixed = [], [], [], []
+    for run in _runs(axis):
+        for i in range(3):
+            for seg, parts in (per_segment[j] for j in run):
+                section, a, b = parts[i]
+                if a is None and b is None:
+                    continue
+                n = len(a if a is not None else b)
+                secs.append(torch.full((n,), section, dtype=torch.long))
+                from_a.append(a if a is not None else torch.zeros(n, dtype=torch.long))
+                from_b.append(b if b is not None else torch.zeros(n, dtype=torch.long))
+                fixed.append(torch.full((n,), seg.group is None))
     return Layout(torch.cat(secs), torch.cat(from_a), torch.cat(from_b), torch.cat(fixed))
 
 

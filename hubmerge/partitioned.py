@@ -22,7 +22,9 @@ instead run as one zero-padded op joined from its blocks (:meth:`PartialMergedMo
 both forms per layer and keeps the faster; storage stays partitioned). A weight-standardised conv becomes a
 :class:`PartitionedStdConv`, which standardises each endpoint's view of its inputs. BatchNorms become
 per-unit norms of the wider group, LayerNorms over widened groups :class:`PartitionedNorm` s, per-unit vectors
-(layer scales) widen, and so do per-head tables (a relative position bias) where heads are kept apart.
+(layer scales) widen, and so do per-head tables (a relative position bias) where heads are kept apart. A layer
+run along another axis than a widened group passing it by (a token-mixing MLP) becomes a
+:class:`SectionwiseLayer`, one copy per section of that group.
 The rest of the architecture (activations, pooling, residual adds) is the base model's own code.
 """
 
@@ -345,6 +347,43 @@ def output_scale(module: nn.Module) -> torch.Tensor:
     return module.gain if isinstance(module, (PartitionedStdConv, *STANDARDISED)) else module.weight
 
 
+SECTIONS = ("a_only", "shared", "b_only")
+
+
+class SectionwiseLayer(nn.Module):
+    """A layer applied along another dim than the units passing it by (:class:`~hubmerge.spec.Across`: a
+    token-mixing MLP, the same weights for every channel), where those units widen: each section of them runs
+    its own copy of the layer on its positions along ``dim`` of the input, as each endpoint ran its own:
+    ``a_only`` (A's layer) on A-only units, ``shared`` (the merged one) on shared ones, ``b_only`` (B's) on
+    B-only ones. At γ=1 there is no shared section, so the layer is the two endpoints' side by side."""
+
+    def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int):
+        super().__init__()
+        self.dim = dim
+        order = torch.argsort(sections, stable=True)
+        natural = torch.equal(order, torch.arange(len(order)))  # one segment: the sections lie in order
+        self.register_buffer("order", None if natural else order, persistent=False)
+        self.register_buffer("inverse", None if natural else torch.argsort(order), persistent=False)
+        self.sizes = tuple(torch.bincount(sections, minlength=3).tolist())
+        for name, n in zip(SECTIONS, self.sizes):
+            if n:
+                self.add_module(name, copy.deepcopy(template))
+
+    def copies(self) -> list[tuple[str, nn.Module]]:
+        """The present copies, in section order."""
+        return [(name, getattr(self, name)) for name, n in zip(SECTIONS, self.sizes) if n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order is not None:
+            x = x.index_select(self.dim, self.order)
+        parts, start = [], 0
+        for (_, copy_), n in zip(self.copies(), [n for n in self.sizes if n]):
+            parts.append(copy_(x.narrow(self.dim, start, n)))
+            start += n
+        out = torch.cat(parts, self.dim)
+        return out if self.inverse is None else out.index_select(self.dim, self.inverse)
+
+
 class PartitionedNorm(nn.Module):
     """A norm over widened groups along ``dim``: any module whose only interaction between units is a
     normalisation over its axis (LayerNorm, GroupNorm(1), ConvNeXt-V2's GRN) and whose parameters are per-unit
@@ -514,13 +553,18 @@ class PartialMergedModel(
 
     def _partition(self, net: nn.Module) -> None:
         """Replace the base model's layers, norms and per-unit tensors by their partitioned versions."""
+        across = {a.layer: a for a in self.spec.across}
         for layer in self.spec.layers:
             out, inp = sections(layer.out_axis, self.partition), sections(layer.in_axis, self.partition)
             template = net.get_submodule(layer.name)
             if layer.norm:
                 _replace(net, layer.norm, _per_unit_like(net.get_submodule(layer.norm), len(out)))
+            passing = across.get(layer.name)
+            passing = None if passing is None else sections(passing.axis, self.partition)
             if layer.depthwise:
                 wide = _per_unit_like(template, len(out))
+            elif passing is not None and (passing != 1).any():
+                wide = SectionwiseLayer(template, passing, across[layer.name].dim)
             elif layer.standardised:
                 wide = PartitionedStdConv(template, out, inp, self.alpha, self.cross)
             else:
@@ -592,11 +636,13 @@ class PartialMergedModel(
         return self.net.get_submodule(name)
 
     def materialize(self) -> nn.Module:
-        """An equivalent plain model (zero-padded wide layers); for γ=0 it is the base timm model."""
+        """An equivalent plain model (zero-padded wide layers; a :class:`SectionwiseLayer` stays one, as no plain
+        layer runs copies on sections); for γ=0 it is the base timm model."""
         net = copy.deepcopy(self.net)
         for layer in self.partitioned_layers():
-            if not layer.depthwise:
-                _replace(net, layer.name, net.get_submodule(layer.name).dense())
+            module = net.get_submodule(layer.name)
+            if isinstance(module, PartitionedLayer):
+                _replace(net, layer.name, module.dense())
         return net
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:

@@ -29,7 +29,7 @@ from .data import Batches, batches, progress_bar
 from .distributed import total
 from .errors import UsageError
 from .partial import GroupPlan, Layout, layout
-from .partitioned import PartialMergedModel, PartitionedLayer, output_scale
+from .partitioned import PartialMergedModel, PartitionedLayer, SectionwiseLayer, output_scale
 from .spec import Axis, Layer
 from .statistics import Moments, Statistics, unit_dim
 from .matching import MatchedLayout, Matchings, is_matching
@@ -94,6 +94,11 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchin
         if layer.name not in layers[0] or (layer.norm and not normed):
             continue
         part = model.layer(layer.name)
+        if isinstance(part, SectionwiseLayer):
+            # copies of a layer run along another axis, one per section of the units passing by: A-only and
+            # B-only sections run their endpoint's copy as it was, and the shared one's statistics are not
+            # measured apart from theirs, so it is left as built
+            continue
         if isinstance(part, PartitionedLayer):
             rows = part.scaled_rows()
         else:  # a depthwise conv is stored plainly

@@ -16,9 +16,10 @@ layer-scale modules), which become partitioned norms where their group widens; p
 (a block's layer-scale vector); attention heads, merged or kept apart whole. Where a model has parameters
 outside that view (a weight read by another module's forward, a conv applied twice), ``partial`` says why
 widening groups is not available yet; full merges (γ=0) work for every derived spec. Where only some groups
-cannot widen (an op mixes their units that neither a partitioned norm nor whole heads reproduce: a token-mixing
-MLP on a residual stream; attention whose head count cannot be raised), ``fixed`` says why for each, and
-partial merges widen the others.
+cannot widen (an op mixes their units that neither a partitioned norm nor whole heads reproduce: attention whose
+head count cannot be raised), ``fixed`` says why for each, and partial merges widen the others. ``across``: layers
+run along another axis than units passing them by (a token-mixing MLP on a residual stream), of which every
+section of those units runs its own copy.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class Segment:
     width: int
     repeat: int = 1
     order: tuple[int, ...] | None = None
+    # laid out with the segment before it: both hold one attention head's dims, which a head kept apart lays out
+    # whole, A's head then B's (a fused qkv of q, k, v head by head: MaxViT); else each segment on its own
+    joined: bool = False
 
     @property
     def size(self) -> int:
@@ -166,6 +170,19 @@ class Width:
 
 
 @dataclass(frozen=True)
+class Across:
+    """A layer of the view applied along another dim than the one holding the units of ``axis``, at ``dim`` of
+    its input (a Mixer's or ResMLP's token-mixing MLP: the same weights for every channel of the stream). Where
+    those units widen, every section of them runs its own copy of the layer, as each endpoint ran its own: A's
+    on A-only units, B's on B-only ones, the merged layer on shared ones
+    (:class:`~hubmerge.partitioned.SectionwiseLayer`); the layer's own groups keep their width."""
+
+    layer: str
+    axis: Axis
+    dim: int
+
+
+@dataclass(frozen=True)
 class Heads:
     """The heads of one attention module, in order, each as the groups of its q/k dims and of its v dims.
 
@@ -216,12 +233,20 @@ class PermutationSpec:
     fixed: dict[str, str] = field(default_factory=dict)
     # module attributes holding a width the forward cuts to, which the partitioned model sets (GhostNet)
     widths: tuple[Width, ...] = ()
+    # layers applied along another dim than units passing them by, which run one copy per section of those
+    across: tuple[Across, ...] = ()
 
     @property
     def support(self) -> str:
         """``partial`` (every group can widen), ``some`` (the ``fixed`` groups cannot) or ``full`` (full merges
         only, ``partial`` says why)."""
-        return "full" if self.partial is not None else "some" if self.fixed else "partial"
+        return "full" if self.partial is not None else "some" if set(self.fixed) - self.copied() else "partial"
+
+    def copied(self) -> set[str]:
+        """Groups of the layers that every section of the units passing them by runs a copy of (:class:`Across`):
+        they keep their width, yet γ=1 is still the ensemble, as each endpoint's section runs its own copy."""
+        names = {a.layer for a in self.across}
+        return {g for layer in self.layers if layer.name in names for g in layer.groups}
 
     def widenable(self) -> list[str]:
         """The groups a partial merge may widen (none where ``partial`` says why)."""
@@ -242,6 +267,27 @@ class PermutationSpec:
         if partial is None and out and len(out) == len(self.groups):
             partial = next(iter(out.values()))
         return dataclasses.replace(self, fixed=out, partial=partial)
+
+    def with_whole_heads(self, modules: set[str]) -> PermutationSpec:
+        """The spec with the heads of the attention ``modules`` laid out whole wherever their dims lie side by side
+        (a fused projection read head by head): consecutive segments of one head are ``joined``, so a head kept
+        apart is A's head, then B's (:func:`~hubmerge.partial.layout`)."""
+        head = {g: (h.module, i) for h in self.heads if h.module in modules for i, dims in enumerate(h.heads)
+                for g in dims}
+
+        def join(axis: Axis | None) -> Axis | None:
+            if axis is None:
+                return None
+            out: list[Segment] = []
+            for seg in axis:
+                together = bool(out) and seg.group in head and head.get(out[-1].group) == head[seg.group]
+                out.append(dataclasses.replace(seg, joined=together))
+            return tuple(out)
+
+        layers = tuple(dataclasses.replace(layer, out_axis=join(layer.out_axis), in_axis=join(layer.in_axis))
+                       for layer in self.layers)
+        axes = {name: tuple(join(a) for a in held) for name, held in self.axes.items()}
+        return dataclasses.replace(self, layers=layers, axes=axes)
 
     def tie_of(self) -> dict[str, tuple[str, ...]]:
         """group → the groups it must widen alike with (itself among them), for tied groups."""

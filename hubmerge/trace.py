@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedModelError
-from .spec import Axis, Group, Heads, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector, Width
+from .spec import Across, Axis, Group, Heads, Layer, Norm, Output, PermutationSpec, Point, Segment, Vector, Width
 
 Factor = np.ndarray  # int64, same ndim as its tensor, each dim of size 1 or the tensor's size
 
@@ -91,6 +91,8 @@ class Trace:
     values: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (module, classes) of attention values
     # convs whose forward computes the weight it convolves with from their own (other than STANDARDISED ones)
     computed: set[str] = field(default_factory=set)
+    # (module, input dim, classes there) of linear layers applied along another dim than the units of that one
+    across: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
 
 
 class _Ids:
@@ -260,6 +262,7 @@ class _Tracer:
         self.module_names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
         self.computed: set[str] = set()  # convs convolving with a weight computed from their own (StdConv2d)
+        self.across: list[tuple[str, int, np.ndarray]] = []  # (module, input dim, ids) of units a linear passes by
         self.stack: list[str] = []
         self.points: dict[str, list[Factor]] = {}
         self.point_kind: dict[str, str] = {}
@@ -716,6 +719,8 @@ class _Tracer:
         others = [f for f in self.get(x) if f.shape[-1] == 1]
         for f in others:  # widened on both axes, the wide input's cross blocks (A's channels × B's tokens) are
             self.mix(f, "a linear layer along another unit axis")  # not zero, and this layer would mix them in
+            if len(_support(f)) == 1:  # unless every section of those units runs its own copy (Across)
+                self.across.append((self.where(), _support(f)[0] - x.dim(), f.reshape(-1)))
         shape = [1] * out.dim()
         shape[-1] = w.shape[0]
         self.set(out, others + [ids_out.reshape(shape)])
@@ -980,7 +985,8 @@ def _finish(tracer: _Tracer) -> Trace:
                  {int(c) for ids in tracer.ids.cuts for c in np.unique(cls[ids]) if c},
                  {n: cls[ids] for n, ids in tracer.zero_ids.items()}, [(m, cls[ids]) for m, ids in tracer.kept],
                  [({int(c) for ids in cut for c in np.unique(cls[ids]) if c}, [cls[ids] for ids in pieces])
-                  for cut, pieces in tracer.chunks], [(m, cls[ids]) for m, ids in tracer.values], tracer.computed)
+                  for cut, pieces in tracer.chunks], [(m, cls[ids]) for m, ids in tracer.values], tracer.computed,
+                 [(m, d, cls[ids]) for m, d, ids in tracer.across])
 
 
 def interchangeable(tr: Trace) -> dict[int, tuple]:
@@ -1111,8 +1117,13 @@ def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[ty
             zeros.append(Vector(key, axis, 0))
             if _laid_out(axis, 0) is None or any(s.repeat != 1 for s in axis):
                 reason = reason or f"the zero buffer {key} does not hold whole groups in unit order"
-    explained = {norm.name for norm in view.norms} | {h.module for h in heads}
+    across = _across(tr, view.layers, group_arr, unit_arr, names)
+    explained = {norm.name for norm in view.norms} | {h.module for h in heads} | {a.layer for a in across}
     fixed = {g: "an op takes its channels apart by position (a slice or a split)" for g in sorted(cut_groups)}
+    for a in across:  # every section of the units passing by runs its own copy of the layer, of one width
+        for g in sorted(next(l for l in view.layers if l.name == a.layer).groups):
+            fixed.setdefault(g, f"{a.layer} runs along another axis, one copy per section of the units passing it "
+                                "by, so its own units keep their width")
     # and widening would change what an op computes for the units it mixes, or for an attention whose heads are
     # not known, the units its heads hold
     for module, cls in tr.values:
@@ -1124,8 +1135,29 @@ def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[ty
             if module not in explained:
                 fixed.setdefault(unit_of[c][0], f"{kind} in {module} mixes its units")
     spec = PermutationSpec(family, groups, axes, view.layers, reason, _outputs(tr, axes), view.norms, view.vectors,
-                           heads, view.ties, tuple(zeros), widths=tuple(widths))
+                           heads, view.ties, tuple(zeros), widths=tuple(widths), across=across)
     return spec.with_fixed(fixed)
+
+
+def _across(tr: Trace, layers: tuple[Layer, ...], group_of: np.ndarray, unit_of: np.ndarray, names: list[str]
+            ) -> tuple[Across, ...]:
+    """Layers of the view, called once, applied along another dim than the one holding units that pass them by
+    (a token-mixing MLP: the same weights for every channel), where those units are whole groups in unit order
+    on one dim: widened, each section of them runs its own copy of the layer (:class:`~hubmerge.spec.Across`)."""
+    n, seen = len(group_of), defaultdict(list)
+    for module, dim, cls in tr.across:
+        seen[module].append((dim, cls))
+    out = []
+    for layer in layers:
+        found = seen.get(layer.name, [])
+        if len(found) != 1 or tr.calls.get(layer.name) != 1:
+            continue
+        dim, cls = found[0]
+        if (cls < n).all() and (group_of[cls] >= 0).all():
+            axis = _segments(cls, group_of, unit_of, names)
+            if all(s.group is not None and s.order is None and s.repeat == 1 for s in axis):
+                out.append(Across(layer.name, axis, dim))
+    return tuple(out)
 
 
 def _heads(tr: Trace, group_of: np.ndarray, unit_of: np.ndarray, names: list[str], groups: dict[str, Group]

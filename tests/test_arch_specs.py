@@ -83,11 +83,18 @@ def test_families_without_partial_support_say_why():
     spec = spec_for(bit, (3, 64, 64))
     assert "stages.0.blocks.0.downsample.conv (StdConv2d) convolves with a weight its forward computes" in spec.partial
     assert not spec.widenable()
-    # a token-mixing MLP keeps the stream it mixes merged; its own hidden units and the channel MLPs' widen
+    # a token-mixing MLP runs one copy per section of the stream, which widens; its own hidden units keep their width
     spec = spec_for(timm.create_model("mixer_s32_224", num_classes=3, img_size=64, mlp_ratio=(0.05, 0.05)),
                     (3, 64, 64))
-    assert spec.partial is None and list(spec.fixed) == ["stem.proj"]
-    assert "along another unit axis in blocks.0.mlp_tokens.fc1" in spec.fixed["stem.proj"]
+    assert spec.support == "partial" and "stem.proj" in spec.widenable()
+    assert sorted(spec.fixed) == [f"blocks.{i}.mlp_tokens.fc1" for i in range(8)] == sorted(spec.copied())
+    assert "runs along another axis, one copy per section" in spec.fixed["blocks.0.mlp_tokens.fc1"]
+    assert {(a.layer, a.dim, a.axis[0].group) for a in spec.across} == {
+        (f"blocks.{i}.mlp_tokens.fc{j}", -2, "stem.proj") for i in range(8) for j in (1, 2)}
+    # BEiT's attention sizes its output by its input: heads and stream stay merged, the MLP hidden units widen
+    spec = spec_for(timm.create_model("beit_base_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=24,
+                                      num_heads=2), (3, 32, 32))
+    assert spec.support == "some" and "sizes its output by its input's width" in spec.fixed["patch_embed.proj"]
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
 

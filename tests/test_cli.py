@@ -151,15 +151,21 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
 
 
 def test_inspect_marks_the_groups_that_cannot_widen(tmp_path):
-    args = dict(img_size=64, mlp_ratio=(0.05, 0.05), num_classes=3)
-    save_timm(timm.create_model("mixer_s32_224", **args), tmp_path / "mixer", "mixer_s32_224", args)
-    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "mixer"), "--json"]).stdout)
+    args = dict(img_size=32, depth=2, embed_dim=24, num_heads=2, num_classes=3)
+    save_timm(timm.create_model("beit_base_patch16_224", **args), tmp_path / "beit", "beit_base_patch16_224", args)
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "beit"), "--json"]).stdout)
     assert info["support"] == "some"
     fixed = {g["name"]: g["cannot_widen_because"] for g in info["groups"] if g["cannot_widen_because"]}
-    assert list(fixed) == ["stem.proj"] and "mixes its units" in fixed["stem.proj"]
+    assert len(fixed) == 9 and "sizes its output by its input's width" in fixed["patch_embed.proj"]
+    text = runner.invoke(app, ["inspect", str(tmp_path / "beit")]).output
+    assert "11 groups; partial merges and budgets, 9 of the groups always merged (marked *)" in text
+    assert "* attention blocks.0.attn (Attention) sizes its output by its input's width" in text
+    # a token MLP's hidden units keep their width, yet the family takes partial merges: it runs a copy per section
+    args = dict(img_size=64, mlp_ratio=(0.05, 0.05), num_classes=3)
+    save_timm(timm.create_model("mixer_s32_224", **args), tmp_path / "mixer", "mixer_s32_224", args)
     text = runner.invoke(app, ["inspect", str(tmp_path / "mixer")]).output
-    assert "17 groups; partial merges and budgets, 1 of the groups always merged (marked *)" in text
-    assert "* a linear layer along another unit axis in blocks.0.mlp_tokens.fc1 mixes its units" in text
+    assert "17 groups; partial merges and budgets, 8 of the groups keep their width (marked *)" in text
+    assert "blocks.0.mlp_tokens.fc1 runs along another axis: one copy per section of stem.proj" in text
 
 
 def test_archs_derive_traces_every_family_and_agrees_with_the_table():
@@ -173,7 +179,8 @@ def test_archs_derive_traces_every_family_and_agrees_with_the_table():
     assert rows["ghostnet"]["derived"] == "partial"  # its channel cut keeps every channel, and follows the width
     assert rows["nfnet"]["derived"] == "partial"  # each endpoint's view standardised on its own
     assert "weight its forward computes" in rows["resnetv2_bit"]["why_not_partial"]  # standardised, no gain
-    assert rows["mixer"]["derived"] == "some" and "mixes its units" in rows["mixer"]["why_not_partial"]
+    assert rows["mixer"]["derived"] == rows["maxvit"]["derived"] == "partial"  # token MLP copies; heads whole
+    assert rows["beit"]["derived"] == "some" and "sizes its output" in rows["beit"]["why_not_partial"]
 
 
 def test_eval_command(local):

@@ -21,7 +21,7 @@ from hubmerge.arch_specs import families, randomize_, spec_for
 from hubmerge.cost import CostModel
 from hubmerge.errors import UnsupportedModelError, UsageError
 from hubmerge.evaluate import Ensemble
-from hubmerge.partitioned import PartitionedNorm
+from hubmerge.partitioned import PartitionedNorm, SectionwiseLayer
 from hubmerge.spec import permute_heads, permute_state
 
 FAMILIES = families()
@@ -194,3 +194,36 @@ def test_a_concatenation_widens_unless_channels_are_cut_by_position(cut):
     assert spec_for(_Concat(cut=None), (3, 4, 4)).support == "partial"
     spec = spec_for(_Concat(cut=cut), (3, 4, 4))
     assert not spec.widenable() and "takes its channels apart by position" in spec.partial
+
+
+class _TokenMix(nn.Module):
+    """Two convs concatenated on channels, then a linear along the tokens with the same weights for every channel
+    (a token-mixing layer), a residual, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 3, 1)
+        self.tokens = nn.Linear(16, 16)
+        self.head = nn.Linear(7, 2)
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], 1).flatten(2)
+        return self.head((y + self.tokens(y)).mean(2))
+
+
+def test_a_token_layer_runs_one_copy_per_section_of_the_units_passing_it_by():
+    """The traced spec records the token layer with both concatenated groups on its channel dim, so both widen;
+    the partitioned copies, given an interleaved order of sections (two segments), compute each channel with its
+    section's copy, as each endpoint computed its own channels."""
+    spec = spec_for(_TokenMix(), (3, 4, 4))
+    assert spec.support == "partial" and spec.widenable() == ["left", "right"]
+    (across,) = spec.across
+    assert across.layer == "tokens" and across.dim == -2 and [s.group for s in across.axis] == ["left", "right"]
+    sections = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2])  # two segments, each [A-only | shared | B-only]
+    layer = SectionwiseLayer(nn.Linear(5, 3).double(), sections, -2)
+    assert layer.order is not None and [name for name, _ in layer.copies()] == ["a_only", "shared", "b_only"]
+    for _, copy in layer.copies():
+        torch.nn.init.normal_(copy.weight)
+    x = torch.randn(2, len(sections), 5, dtype=torch.float64)
+    expected = torch.stack([layer.copies()[int(s)][1](x[:, i]) for i, s in enumerate(sections)], 1)
+    assert torch.allclose(layer(x), expected, rtol=1e-12, atol=0)
