@@ -61,9 +61,18 @@ def _probe(net: nn.Module, hooks: dict[str, object], input_size: tuple[int, ...]
 def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...]) -> dict[str, LayerGeometry]:
     """Probe one forward pass at ``input_size`` (C, H, W) to learn each layer's output positions."""
     positions: dict[str, int] = {}
+    # a layer run along another axis holds the units passing it by there: counted at one endpoint's width, so a
+    # merged net (whose copies run on the widened units) probes to the same geometry
+    across = {a.layer: (a.dim, sum(seg.width for seg in a.axis)) for a in spec.across}
+
     def count(name: str):
         dim = unit_dim(net.get_submodule(name))
-        return lambda _m, _i, out: positions.__setitem__(name, out[0].numel() // out.shape[dim])
+        passing, width = across.get(name, (None, 1))
+
+        def record(_m, _i, out):
+            n = out[0].numel() // out.shape[dim]
+            positions[name] = n if passing is None else n // out.shape[passing] * width
+        return record
 
     _probe(net, {l.name: count(l.name) for l in spec.layers}, input_size)
     geo = {}

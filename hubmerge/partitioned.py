@@ -347,19 +347,20 @@ def output_scale(module: nn.Module) -> torch.Tensor:
     return module.gain if isinstance(module, (PartitionedStdConv, *STANDARDISED)) else module.weight
 
 
-SECTIONS = ("a_only", "shared", "b_only")
+SECTIONS = ("of_a", "merged", "of_b")  # a SectionwiseLayer's copies, one per section
 
 
 class SectionwiseLayer(nn.Module):
     """A layer applied along another dim than the units passing it by (:class:`~hubmerge.spec.Across`: a
     token-mixing MLP, the same weights for every channel), where those units widen: each section of them runs
     its own copy of the layer on its positions along ``dim`` of the input, as each endpoint ran its own:
-    ``a_only`` (A's layer) on A-only units, ``shared`` (the merged one) on shared ones, ``b_only`` (B's) on
+    ``of_a`` (A's layer) on A-only units, ``merged`` (the merged one) on shared ones, ``of_b`` (B's) on
     B-only ones. At γ=1 there is no shared section, so the layer is the two endpoints' side by side."""
 
     def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int):
         super().__init__()
         self.dim = dim
+        self.unit_dim = 1 if isinstance(template, nn.Conv2d) else -1  # where its own outputs hold units
         order = torch.argsort(sections, stable=True)
         natural = torch.equal(order, torch.arange(len(order)))  # one segment: the sections lie in order
         self.register_buffer("order", None if natural else order, persistent=False)

@@ -45,7 +45,8 @@ Rows = list[tuple[nn.Module, torch.Tensor]]  # a sub-layer and the output positi
 @dataclass(frozen=True)
 class Correction:
     """One conv/linear output REPAIR renormalises: ``index`` in the spec's layers (or outputs, for a merge held
-    in the plain architecture), the BatchNorm reading it, the sub-layers covering its output rows with the
+    in the plain architecture), the module measured (the layer, or a token layer's shared copy), the BatchNorm
+    reading it, the sub-layers covering its output rows with the
     output position of each of their rows (the shift goes into the one bias each row has), and the target
     mean/std of its units with the mask of units to correct."""
 
@@ -93,19 +94,21 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchin
         # only outputs with units and a bias or BatchNorm to fold into (the logits are the output, not units)
         if layer.name not in layers[0] or (layer.norm and not normed):
             continue
-        part = model.layer(layer.name)
+        part, name = model.layer(layer.name), layer.name
         if isinstance(part, SectionwiseLayer):
-            # copies of a layer run along another axis, one per section of the units passing by: A-only and
-            # B-only sections run their endpoint's copy as it was, and the shared one's statistics are not
-            # measured apart from theirs, so it is left as built
-            continue
+            # a layer run along another axis, one copy per section of the units passing by: the merged copy on the
+            # shared units is measured and corrected (toward the endpoints' statistics over all their units); the
+            # A-only and B-only sections run their own endpoint's copy, left as built
+            if not part.sizes[1]:
+                continue
+            part, name = part.merged, f"{layer.name}.merged"
         if isinstance(part, PartitionedLayer):
             rows = part.scaled_rows()
-        else:  # a depthwise conv is stored plainly
-            rows = [(part, torch.arange(part.out_channels))]
+        else:  # a depthwise conv is stored plainly, a token layer's copy is a plain layer
+            rows = [(part, torch.arange(part.weight.shape[0]))]
         at, mean, std = _targets(layer.out_axis, plans, [moments[layer.name] for moments in layers], weights)
         mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed
-        out.append(Correction(i, layer.name, layer.norm, rows, mean, std, mask))
+        out.append(Correction(i, name, layer.norm, rows, mean, std, mask))
     return out
 
 

@@ -35,3 +35,24 @@ def test_flops_scale_with_spatial_size():
     p = prepared("cifar_resnet20")
     first = p.costs.geo["conv1"]
     assert first.positions == 16 * 16 and first.kernel == 9
+
+
+def test_a_token_layer_costs_a_copy_per_stream_section_probed_on_either_net():
+    """A Mixer whose stream widens runs a copy of each token layer per stream section on as many channels as the
+    merge has: its parameters are what the merged model stores, its FLOPs grow with the widened stream (γ=1:
+    twice an endpoint's), and probing the merged net gives the same costs as probing an endpoint."""
+    import hubmerge
+    from hubmerge.arch_specs import spec_for
+    from test_families import FAMILIES, batch, make
+
+    a, b = make("mixer", 1), make("mixer", 2)
+    calib = [(batch("mixer", seed=s), None) for s in (1, 2)]
+    size = FAMILIES["mixer"].input_size
+    spec = spec_for(a, size)
+    for gamma in (0.3, 1.0):
+        merged = hubmerge.merge(a, b, calib, gamma=gamma, repair=None).model
+        on_a, on_merged = CostModel(spec, a, size), CostModel(spec, merged.net, size)
+        total = on_a(merged.partition).total
+        assert total == on_merged(merged.partition).total and on_a.endpoint == on_merged.endpoint
+        assert total.params == sum(p.numel() for p in merged.parameters())
+    assert total.flops == 2 * on_a.endpoint.flops

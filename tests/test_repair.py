@@ -257,3 +257,25 @@ def test_repair_scales_a_weight_standardised_conv_through_its_gain():
         live = c.mask & (c.std > 1e-6)
         assert torch.allclose(got[c.name].std[live], c.std[live], rtol=1e-8), c.name
         assert torch.allclose(got[c.name].mean[c.mask], c.mean[c.mask], atol=1e-8 * float(c.std.max())), c.name
+
+
+def test_repair_corrects_a_token_layers_shared_copy_and_leaves_the_endpoints_copies():
+    """A Mixer with its stream widened runs a copy of each token MLP layer per stream section: REPAIR measures
+    the merged copy on the shared channels and sets its outputs to their targets, the one-pass sweep doing what
+    a pass from the input per layer does; A's and B's copies keep their endpoint's weights."""
+    p = family_prepared("mixer")
+    plans = p.plans(0.3)
+    plain, model = p.build(plans, repair=None), p.build(plans)
+    todo = {c.name: c for c in corrections(plain, plans, p.stats)}
+    shared = [name for name in todo if name.endswith(".merged")]
+    assert len(shared) == 8  # every token MLP's fc1 (fc2 writes tokens, which are no units)
+    got = layer_moments(model.net, shared, p.calibration)
+    for name in shared:
+        c = todo[name]
+        assert torch.allclose(got[name].std[c.mask], c.std[c.mask], rtol=1e-8), name
+        assert torch.allclose(got[name].mean[c.mask], c.mean[c.mask], atol=1e-8 * float(c.std.max())), name
+    stepped = layer_by_layer(p.build(plans, repair=None), plans, p.stats, p.calibration, True).state_dict()
+    for k, v in model.state_dict().items():
+        assert (v - stepped[k]).abs().max() <= 1e-10 * stepped[k].abs().max().clamp_min(1e-300), k
+        if ".of_a." in k or ".of_b." in k:
+            assert torch.equal(v, plain.state_dict()[k]), k
