@@ -1150,7 +1150,8 @@ def _across(tr: Trace, layers: tuple[Layer, ...], group_of: np.ndarray, unit_of:
     out = []
     for layer in layers:
         found = seen.get(layer.name, [])
-        if len(found) != 1 or tr.calls.get(layer.name) != 1:
+        plain = layer.norm is None and not layer.depthwise and layer.blocks == 1 and not layer.standardised
+        if len(found) != 1 or tr.calls.get(layer.name) != 1 or not plain:  # (a BatchNorm after it would mix them)
             continue
         dim, cls = found[0]
         if (cls < n).all() and (group_of[cls] >= 0).all():
