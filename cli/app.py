@@ -190,7 +190,8 @@ def run(
     model_a: Optional[str] = typer.Argument(None, help="endpoint A: hub id[@revision] or local folder"),
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
     more_models: Optional[list[str]] = typer.Argument(
-        None, help="further endpoints: an N-way full merge of all of them (MergeMany alignment to endpoint A)"),
+        None, help="further endpoints: an N-way merge of all of them (MergeMany alignment to endpoint A; "
+        "partial with --gamma)"),
     weights: Optional[str] = typer.Option(None, help="N-way merge: the endpoints' weights, comma-separated "
                                                      "(default equal; normalised to sum 1)"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),

@@ -25,7 +25,8 @@ from .cost import CostModel
 from .data import Preprocess, as_batches, batches
 from .distributed import require_everywhere
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
-from .evaluate import Barrier, Ensemble, Metrics, endpoint_names, evaluate, evaluate_all, weighted_barrier
+from .evaluate import Barrier, Ensemble, Metrics, evaluate, evaluate_all, weighted_barrier
+from .partial import endpoint_names
 from .matching import Matchings
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
@@ -181,7 +182,7 @@ class Prepared:
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=self.model_a.state_dict(), state_b=self.model_b.state_dict(),
                                           seed=options.seed, correlation=options.correlation)
-            self.matchings = None
+            self.matchings = self.unit_scores = None
             # the endpoints merged and their REPAIR statistics: a zip merges virtual endpoints in its order
             self.merging, self.merging_stats = (self.model_a, self.model_b), self.stats
             if options.align == "zip":
@@ -279,12 +280,18 @@ class Prepared:
     def plans(self, gamma: float | dict[str, float], method: str | None = None,
               epsilon: float | None = None) -> dict[str, partial.GroupPlan]:
         """Plans for ``gamma`` with the options' partial method (or the one given); a zip's plans (of its
-        virtual endpoints: zipped groups merged, the others apart)."""
+        virtual endpoints: zipped groups merged, the others apart); for more than two endpoints, the plans of
+        their N-way alignment (:func:`~hubmerge.partial.plan_group`: the merged units that score least apart)."""
         o = self.options
         if o.align == "zip":
             return self.zip_plans
-        return partial.plan(self.spec, self.scores, gamma, method or o.partial,
-                            epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans)
+        matched = self.many is not None and len(self.models) > 2
+        if matched and self.unit_scores is None:  # what an N-way partial merge ranks the merged units by
+            self.unit_scores = many.quality(self.spec, self.many, [m.state_dict() for m in self.models],
+                                            self.matchings, o.correlation)
+        return partial.plan(self.spec, self.unit_scores if matched else self.scores, gamma, method or o.partial,
+                            epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans,
+                            matchings=self.matchings if matched else None)
 
     def build(self, plans: dict[str, partial.GroupPlan] | Matchings, repair: str | None = "default",
               alpha: float | None = None, endpoints: bool = False) -> PartialMergedModel:
@@ -408,20 +415,23 @@ def _check_endpoint_weights(weights: list[float], count: int) -> None:
 def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = None,
                weights: list[float] | None = None, endpoints: dict | None = None, preprocess: Preprocess | None = None,
                options: MergeOptions | None = None, **overrides: Any) -> MergeResult:
-    """Merge N ≥ 2 endpoints of one architecture into one model of their size (an N-way full merge): every
-    endpoint's units are matched to endpoint 0's order (:mod:`hubmerge.many`: MergeMany on activations), then
-    averaged with ``weights`` (default equal; two endpoints without weights weigh ``1−alpha`` and ``alpha``,
-    and give exactly :func:`merge`'s full merge), and corrected as ``repair`` says. Report metrics are named
-    ``a``, ``b``, ``c``, … after the endpoints' order; the ensemble is their weighted logit average.
+    """Merge N ≥ 2 endpoints of one architecture: every endpoint's units are matched to endpoint 0's order
+    (:mod:`hubmerge.many`: MergeMany on activations), then averaged with ``weights`` (default equal; two
+    endpoints without weights weigh ``1−alpha`` and ``alpha``, and give exactly :func:`merge`'s merge), and
+    corrected as ``repair`` says. With ``gamma`` > 0 (a scalar or per group) the merge is partial: per group
+    a share γ of the merged units, those whose members correlate least, is kept apart, each endpoint keeping
+    its own unit (``partial`` as for two endpoints; :func:`~hubmerge.partial.plan_group`), so γ=1 is the N
+    endpoints' weighted logit average and γ=0 their full merge, one model of their size. Report metrics are
+    named ``a``, ``b``, ``c``, … after the endpoints' order; the ensemble is their weighted logit average.
 
-    N-way merges are full merges by activation alignment so far: ``gamma``, ``budget`` and ``align`` other
-    than ``activation`` are refused."""
+    N-way merges align by activations and take no budget yet: ``budget`` and ``align`` other than
+    ``activation`` are refused."""
     opts = MergeOptions.combine(options, overrides)
     if len(models) < 2:
         raise UsageError(f"merge_many needs at least two endpoints, got {len(models)}")
-    if opts.align != "activation" or opts.budget is not None or opts.gamma:
-        raise UsageError("N-way merges are full merges by activation alignment so far: leave gamma at 0, budget "
-                         "unset and align='activation' (partial and zipped N-way merges are not built yet)")
+    if opts.align != "activation" or opts.budget is not None:
+        raise UsageError("N-way merges align by activations and are planned by gamma so far: leave budget unset "
+                         "and align='activation' (budgets and zips of N endpoints are not built yet)")
     if len(models) > 2 and opts.alpha != MergeOptions.model_fields["alpha"].default:
         raise UsageError("alpha weighs two endpoints; weigh three or more with weights=[...] (default equal)")
     if weights is None:
@@ -432,8 +442,9 @@ def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = N
     prepared = Prepared(models[0], models[1], calibration, opts, endpoints, preprocess, n_way=tuple(models[2:]),
                         weights=weights)
     with prepared.timed("build"):
-        model = prepared.build(prepared.matchings)
-    return _finish(prepared, prepared.matchings, model, evaluation, t0, [], [])
+        plans = prepared.plans(opts.gamma) if opts.gamma else prepared.matchings
+        model = prepared.build(plans)
+    return _finish(prepared, plans, model, evaluation, t0, [], [])
 
 
 def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluation: Any, t0: float,

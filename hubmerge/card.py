@@ -18,7 +18,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
-from .evaluate import endpoint_names, weighted_barrier
+from .evaluate import weighted_barrier
+from .partial import endpoint_names
 from .tasks import Task
 
 if TYPE_CHECKING:
@@ -57,7 +58,10 @@ within one model.{depth}{within}"""
 
 NWAY = """An **N-way merge** of {names} made with {hubmerge} {version}: every endpoint's units are
 matched to the first one's order (MergeMany alignment on activations) and averaged with weights {weights},
-so the model has one endpoint's size."""
+{size}"""
+NWAY_FULL = "so the model has one endpoint's size."
+NWAY_PARTIAL = """except where their members correlate least: there each endpoint keeps its own unit (a partial merge,
+{apart} of {units} merged units kept apart; the table below gives them per group)."""
 
 ZIPIT = """
 - Stoica, Bolya, Bjorner, Ramesh, Hearn, Hoffman, *ZipIt! Merging Models from Different Tasks without
@@ -213,22 +217,36 @@ def _metrics(report: MergeReport) -> str:
     return "\n".join(rows) + "\n" + size + f"\n\n![barrier vs parameters]({PLOT})"
 
 
+def _n_way_size(model: PartialMergedModel) -> str:
+    """What an N-way merge keeps apart: nothing (a full merge, one endpoint's size) or per group the merged
+    units whose members correlate least."""
+    apart = sum(sizes[0] for sizes in model.partition.values())
+    if not apart:
+        return NWAY_FULL
+    return NWAY_PARTIAL.format(apart=apart, units=sum(sizes[0] + sizes[1] for sizes in model.partition.values()))
+
+
 def _allocation(spec: PermutationSpec, partition: dict, allocation: list[dict]) -> str:
-    """One row per group, and per attention module one row counting its heads (merged or kept apart whole)."""
-    rows = ["| group | k_A | shared | k_B | γ | params added | benefit |", "|---|---|---|---|---|---|---|"]
+    """One row per group, and per attention module one row counting its heads (merged or kept apart whole):
+    the units each endpoint keeps apart (k_A, k_B, and k_C, … of an N-way merge) and the shared ones."""
+    count = max(len(sizes) for sizes in partition.values())  # N+1 sections for N endpoints
+    names = [n.upper() for n in endpoint_names(count - 1)]
+    header = ["group", f"k_{names[0]}", "shared", *(f"k_{n}" for n in names[1:]), "γ", "params added", "benefit"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_group = {r["group"]: r for r in allocation}
     heads = spec.head_of()
 
-    def row(name: str, label: str, ka: int, m: int, kb: int) -> str:
+    def row(name: str, label: str, sizes: tuple[int, ...]) -> str:
         r = by_group.get(name, {})
         benefit = r.get("benefit")
-        return (f"| {label} | {ka} | {m} | {kb} | {ka / (ka + m):.2f} | {r.get('params_added', '')} | "
-                f"{'' if benefit is None else f'{benefit:.4g}'} |")
+        sizes = (*sizes, *[0] * (count - len(sizes)))  # (an N-way full merge's sizes are (0, m, 0))
+        return (f"| {label} | {' | '.join(str(k) for k in sizes)} | {sizes[0] / (sizes[0] + sizes[1]):.2f} | "
+                f"{r.get('params_added', '')} | {'' if benefit is None else f'{benefit:.4g}'} |")
 
-    rows += [row(g, g, *sizes) for g, sizes in partition.items() if g not in heads]
+    rows += [row(g, g, tuple(sizes)) for g, sizes in partition.items() if g not in heads]
     for h in spec.heads:
         apart = h.apart(partition)
-        rows.append(row(h.module, f"{h.module} (heads)", apart, len(h.heads) - apart, apart))
+        rows.append(row(h.module, f"{h.module} (heads)", (apart, len(h.heads) - apart, *[apart] * (count - 2))))
     return "\n".join(rows)
 
 
@@ -244,7 +262,7 @@ def plot(report: MergeReport, path: Path) -> None:
     names = endpoint_names(len(report.weights))
     tasks = tuple(Task.from_dict(t) for t in report.tasks) or None
     points = [("full merge", 0.0, m["full_merge"]), ("this merge", report.param_increase, m["merged"]),
-              ("ensemble", 1.0, m["ensemble"])]
+              ("ensemble", float(len(names) - 1), m["ensemble"])]
     if "full_merge_repair" in m:
         points.insert(1, (f"full merge + {report.options.get('repair', 'REPAIR')}", 0.0, m["full_merge_repair"]))
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -287,8 +305,8 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     names = ", ".join(n for n, _ in named[:-1]) + f" and {named[-1][0]}"
     what = (NWAY if n_way else ZIPPED if zipped else PARTIAL).format(
         a=named[0][0], b=named[1][0], names=names, hubmerge=HUBMERGE, version=__version__, within=_within(report),
-        depth=_depth(settings.get("zip_depth")),
-        weights=", ".join(f"{w:.3g}" for w in model.weights)) + _heads(report, model)
+        depth=_depth(settings.get("zip_depth")), weights=", ".join(f"{w:.3g}" for w in model.weights),
+        size=_n_way_size(model)) + _heads(report, model)
     tasks = _tasks(model)
     data = ModelCardData(
         base_model=hub_models or None, base_model_relation="merge" if hub_models else None,

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .partial import Sizes
+from .partial import SHARED, Sizes, section_count
 from .spec import Layer, PermutationSpec, Segment
 from .statistics import unit_dim
 
@@ -89,19 +89,24 @@ def geometry(net: nn.Module, spec: PermutationSpec, input_size: tuple[int, ...])
 
 
 def layer_cost(layer: Layer, geo: LayerGeometry, partition: dict[str, Sizes]) -> dict[str | None, Cost]:
-    """Closed-form cost of one partitioned layer, per group of its output axis (None: its fixed rows)."""
-    def sizes(seg: Segment) -> Sizes:
-        return tuple(partition[seg.group]) if seg.group is not None else (0, seg.width, 0)
+    """Closed-form cost of one partitioned layer, per group of its output axis (None: its fixed rows): shared
+    rows read every input, each endpoint's own rows its own and the shared inputs."""
+    count = section_count(partition)
 
-    ia, im, ib = (sum(sizes(seg)[i] * seg.repeat for seg in layer.in_axis) for i in range(3))
+    def sizes(seg: Segment) -> Sizes:
+        given = tuple(partition[seg.group]) if seg.group is not None else (0, seg.width)
+        return (*given, *[0] * (count - len(given)))
+
+    cols = [sum(sizes(seg)[i] * seg.repeat for seg in layer.in_axis) for i in range(count)]
     out: dict[str | None, Cost] = {}
     for seg in layer.out_axis:
-        ka, m, kb = sizes(seg)
-        units = ka + m + kb
+        rows = sizes(seg)
+        units = sum(rows)
         if layer.depthwise:  # one filter per unit
             weights = units * geo.kernel
         else:
-            weights = (ka * (ia + im) + m * (ia + im + ib) + kb * (im + ib)) * geo.kernel
+            weights = sum(k * (sum(cols) if s == SHARED else cols[s] + cols[SHARED]) for s, k in enumerate(rows))
+            weights *= geo.kernel
         cost = Cost(weights + units * (geo.bias + geo.unit_params), 2 * weights * geo.positions)
         out[seg.group] = out[seg.group] + cost if seg.group in out else cost
     return out
@@ -137,7 +142,7 @@ def per_unit_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
 
 def per_head_params(spec: PermutationSpec, net: nn.Module) -> dict[str, int]:
     """Parameters per head of each attention's per-head tables (a relative position bias), which a head kept
-    apart has twice (A's entries and B's)."""
+    apart has once per endpoint (A's entries and B's)."""
     params = dict(net.named_parameters())
     return {h.module: sum(params[key].numel() // params[key].shape[dim] for key, dim in h.tables if key in params)
             for h in spec.heads}
@@ -166,7 +171,7 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
     tables = 0
     for h in spec.heads:
         for head in h.heads:
-            k = (per_head or {}).get(h.module, 0) * (2 if partition[head[0]][0] else 1)
+            k = (per_head or {}).get(h.module, 0) * (len(partition[head[0]]) - 1 if partition[head[0]][0] else 1)
             groups[head[0]], tables = groups[head[0]] + Cost(k, 0), tables + k
     for l in spec.layers:
         by_group = layer_cost(l, geo[l.name], partition)
@@ -177,9 +182,10 @@ def cost(spec: PermutationSpec, geo: dict[str, LayerGeometry], partition: dict[s
     for a in spec.across:  # one copy per section of the units passing by, each run on its section's positions
         one, width = layers[a.layer], sum(seg.width for seg in a.axis)
         sizes = [partition[seg.group] for seg in a.axis]
-        copies = sum(any(s[i] for s in sizes) for i in range(3))
-        for seg, (ka, _, _) in zip(a.axis, sizes):  # a widened segment's A-only units are the positions it adds
-            extra = Cost(one.params * (copies - 1) if seg is a.axis[0] else 0, one.flops * ka // width)
+        copies = sum(any(s[i] for s in sizes if i < len(s)) for i in range(section_count(partition)))
+        for seg, s in zip(a.axis, sizes):  # the positions a widened segment adds: the other endpoints' own units
+            added = sum(s) - seg.width
+            extra = Cost(one.params * (copies - 1) if seg is a.axis[0] else 0, one.flops * added // width)
             layers[a.layer], groups[seg.group] = layers[a.layer] + extra, groups[seg.group] + extra
     total = sum(layers.values(), Cost(0, 0))
     total = total + Cost(sum(k * sum(partition[g]) for g, k in (per_unit or {}).items()) + tables + unitless, 0)

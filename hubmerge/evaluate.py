@@ -15,11 +15,6 @@ from .errors import DataError
 from .tasks import Task
 
 
-def endpoint_names(count: int) -> list[str]:
-    """``a``, ``b``, ``c``, …: how reports, cards and saved configs name ``count`` endpoints, in their order."""
-    return [chr(ord("a") + i) for i in range(count)]
-
-
 @dataclass(frozen=True)
 class Metrics:
     """Accuracy and mean cross-entropy over every output; for a model of separate tasks also ``tasks``: per

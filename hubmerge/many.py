@@ -6,6 +6,7 @@ merge's assignment). With more than two, MergeMany's refinement follows: each mo
 to the mean of the other models' aligned features, whose correlation with its units follows from the
 pairwise covariances of the statistics pass (pooled estimate), until a sweep changes no assignment. The
 result is one :class:`~hubmerge.matching.Matching` per group whose merged units hold one unit of every model.
+An N-way partial merge keeps apart the merged units whose members correlate least (:func:`quality`).
 """
 
 from __future__ import annotations
@@ -77,3 +78,19 @@ def align(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, t
             break
     return {g: Matching(grp.width, n, torch.stack([perms[m][g] + m * grp.width for m in range(n)], 1))
             for g, grp in spec.groups.items()}
+
+
+def quality(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, torch.Tensor]],
+            matchings: Matchings, estimator: str = "pooled") -> dict[str, torch.Tensor]:
+    """Per group, each merged unit's score: its members' correlation averaged over every pair of endpoints
+    (the two-way alignment's scores of that pair at the units matched together), what an N-way partial merge
+    ranks merged units by to keep the worst apart, as a two-way top-k merge ranks its pairs."""
+    n = len(states)
+    out = {g: torch.zeros(grp.width, dtype=torch.float64) for g, grp in spec.groups.items()}
+    pairs = [(k, m) for k in range(n) for m in range(k + 1, n)]
+    for k, m in pairs:
+        scores = activation_scores(spec, stats.pairs[(k, m)], states[k], states[m], estimator)
+        for g, match in matchings.items():
+            units = match.members % match.width
+            out[g] += scores[g].double()[units[:, k], units[:, m]] / len(pairs)
+    return out

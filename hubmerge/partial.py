@@ -1,7 +1,10 @@
-"""Partial plan (method §4): per group, which unit pairs are merged and which stay A-only / B-only.
+"""Partial plan (method §4): per group, which units are merged and which stay each endpoint's own.
 
-The layout of every group in the merged model is ``[A-only | shared | B-only]``. γ=0 is the ordinary full
-permutation merge, γ=1 keeps every unit of both models (the ensemble).
+The layout of every group in the merged model is ``[A-only | shared | B-only]``; an N-way merge's is
+``[A-only | shared | B-only | C-only | …]``: section 0 holds endpoint 0's own units, section 1 the shared
+ones (one unit of every endpoint each), section i+1 endpoint i's own units (:func:`own`), so two endpoints
+are the N=2 case. γ=0 is the ordinary full permutation merge, γ=1 keeps every unit of every model (the
+ensemble).
 """
 
 from __future__ import annotations
@@ -19,89 +22,165 @@ from .spec import Axis, Heads, PermutationSpec, positions
 
 log = logging.getLogger("hubmerge")
 
-Sizes = tuple[int, int, int]
+Sizes = tuple[int, ...]  # a group's section sizes: (k_A, m, k_B), or (k_0, m, k_1, …, k_{N−1})
+Weights = tuple[float, ...]  # the endpoints' weights: 1−α and α for two
 
 PARTIALS = ("forced", "adaptive", "topk", "random")
+SHARED = 1  # the section of shared units
+
+
+def own(model: int) -> int:
+    """The section of endpoint ``model``'s own units (0 for A, then 2, 3, … after the shared section)."""
+    return 0 if model == 0 else model + 1
+
+
+def owner(section: int) -> int | None:
+    """The endpoint whose own units a section holds (None: the shared section)."""
+    return None if section == SHARED else (0 if section == 0 else section - 1)
+
+
+def endpoint_names(count: int) -> list[str]:
+    """``a``, ``b``, ``c``, …: how reports, cards, saved configs and stored copies name ``count`` endpoints."""
+    return [chr(ord("a") + i) for i in range(count)]
 
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """Unit indices (into the original, unpermuted endpoints) of each section of one group."""
+    """Unit indices (into the original, unpermuted endpoints) of each section of one group: ``only[i]`` the
+    units endpoint i keeps apart, ``shared[i]`` its merged units, in merged order (merged unit p is
+    ``shared[i][p]`` of every endpoint i)."""
 
-    a_only: torch.Tensor
-    shared_a: torch.Tensor
-    shared_b: torch.Tensor
-    b_only: torch.Tensor
-
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        """(k_A, m, k_B): widths of the A-only, shared and B-only sections."""
-        return len(self.a_only), len(self.shared_a), len(self.b_only)
+    only: tuple[torch.Tensor, ...]
+    shared: tuple[torch.Tensor, ...]
 
     @property
-    def a_index(self) -> torch.Tensor:
-        """A's units in the order of the merged layout's ``[A-only | shared]`` slice."""
-        return torch.cat([self.a_only, self.shared_a])
+    def models(self) -> int:
+        return len(self.only)
 
     @property
-    def b_index(self) -> torch.Tensor:
-        """B's units in the order of the merged layout's ``[shared | B-only]`` slice."""
-        return torch.cat([self.shared_b, self.b_only])
+    def sizes(self) -> Sizes:
+        """The sections' widths: (k_A, m, k_B) for two endpoints, (k_0, m, k_1, …) for N."""
+        return len(self.only[0]), len(self.shared[0]), *(len(o) for o in self.only[1:])
+
+    @property
+    def a_only(self) -> torch.Tensor:
+        return self.only[0]
+
+    @property
+    def b_only(self) -> torch.Tensor:
+        return self.only[1]
+
+    @property
+    def shared_a(self) -> torch.Tensor:
+        return self.shared[0]
+
+    @property
+    def shared_b(self) -> torch.Tensor:
+        return self.shared[1]
+
+    def same(self, other: GroupPlan) -> bool:
+        """Whether two plans hold the same units in every section."""
+        return self is other or (self.models == other.models and all(
+            torch.equal(p, q) for p, q in zip((*self.only, *self.shared), (*other.only, *other.shared))))
 
     @classmethod
-    def merged(cls, width: int) -> GroupPlan:
-        """Every unit merged with the unit of the same index (two endpoints already in one order)."""
+    def two(cls, a_only: torch.Tensor, shared_a: torch.Tensor, shared_b: torch.Tensor, b_only: torch.Tensor
+            ) -> GroupPlan:
+        """The plan of two endpoints."""
+        return cls((a_only, b_only), (shared_a, shared_b))
+
+    @classmethod
+    def merged(cls, width: int, models: int = 2) -> GroupPlan:
+        """Every unit merged with the unit of the same index (endpoints already in one order)."""
         every = torch.arange(width)
-        return cls(every[:0], every, every, every[:0])
+        return cls((every[:0],) * models, (every,) * models)
 
     @classmethod
-    def apart(cls, width: int) -> GroupPlan:
+    def apart(cls, width: int, models: int = 2) -> GroupPlan:
         """Every unit kept apart (an attention head that is not merged)."""
         every = torch.arange(width)
-        return cls(every, every[:0], every[:0], every)
+        return cls((every,) * models, (every[:0],) * models)
 
     @classmethod
     def from_pairs(cls, pairs_a: torch.Tensor, pairs_b: torch.Tensor, split: torch.Tensor) -> GroupPlan:
         """From matched pairs and a boolean mask of the pairs to keep apart."""
         order = torch.argsort(pairs_a)
         pairs_a, pairs_b, split = pairs_a[order], pairs_b[order], split[order]
-        return cls(pairs_a[split], pairs_a[~split], pairs_b[~split], torch.sort(pairs_b[split]).values)
+        return cls.two(pairs_a[split], pairs_a[~split], pairs_b[~split], torch.sort(pairs_b[split]).values)
+
+    @classmethod
+    def from_members(cls, members: torch.Tensor, width: int, split: torch.Tensor) -> GroupPlan:
+        """From merged units holding one unit of every endpoint (row p: endpoint i's unit ``i·width + u`` in
+        column i, as an N-way alignment gives them) and a boolean mask of the merged units to keep apart."""
+        units = members - torch.arange(members.shape[1]) * width
+        return cls(tuple(units[split, i] for i in range(units.shape[1])),
+                   tuple(units[~split, i] for i in range(units.shape[1])))
+
+
+def combine_weights(section: torch.Tensor, weights: Weights, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per endpoint, its weight at every position of an axis in ``section`` s: 1 on its own units, its weight
+    ``w_i`` on shared ones, 0 on the other endpoints' own units."""
+    out = []
+    for i, w in enumerate(weights):
+        table = torch.zeros(len(weights) + 1, dtype=dtype)
+        table[own(i)], table[SHARED] = 1.0, w
+        out.append(table[section])
+    return out
+
+
+def block_weights(weights: Weights, cross: Weights) -> torch.Tensor:
+    """(N, N+2, N+1) float64: endpoint i's coefficient on its weight in each block (row section, column
+    section) of a merged layer, method §4's table: own rows read its own and the shared columns at 1 and
+    nothing else; shared rows read the shared columns at ``w_i`` and endpoint i's own columns at ``cross[i]``
+    (``w_i`` for ``cross="interpolate"``, 1 for ``"fill"``); row kind N+1, a layer's fixed rows (the logits),
+    reads the shared and its own columns at ``w_i``."""
+    n = len(weights)
+    out = torch.zeros(n, n + 2, n + 1, dtype=torch.float64)
+    for i, (w, c) in enumerate(zip(weights, cross)):
+        mine = own(i)
+        out[i, mine, mine] = out[i, mine, SHARED] = 1.0
+        out[i, SHARED, SHARED], out[i, SHARED, mine] = w, c
+        out[i, n + 1, SHARED] = out[i, n + 1, mine] = w
+    return out
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each position of an axis of the merged model comes from: ``section`` 0 = A-only, 1 = shared,
-    2 = B-only; ``a`` / ``b``: the position of A's / B's axis it takes (0 where it takes none). The axis
-    is its segments one after the other, each laid out ``[A-only | shared | B-only]``; fixed positions
-    (``fixed``) are shared and stay where they are."""
+    """Where each position of an axis of the merged model comes from: ``section`` (:func:`own`: 0 A-only,
+    1 shared, 2 B-only, …); ``sources[i]``: the position of endpoint i's axis it takes (0 where it takes
+    none). The axis is its segments one after the other, each laid out ``[A-only | shared | B-only | …]``;
+    fixed positions (``fixed``) are shared and stay where they are."""
 
     section: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
+    sources: tuple[torch.Tensor, ...]
     fixed: torch.Tensor
 
-    def combine(self, ta: torch.Tensor, tb: torch.Tensor, alpha: float, dim: int = 0) -> torch.Tensor:
-        """A per-position tensor of the merge (a bias, a norm's parameter, a REPAIR target): A's value on
-        A-only positions, B's on B-only ones, ``(1−α)·A + α·B`` on shared ones."""
-        shape = [1] * ta.dim()
+    def combine(self, tensors: list[torch.Tensor], weights: Weights, dim: int = 0) -> torch.Tensor:
+        """A per-position tensor of the merge (a bias, a norm's parameter, a REPAIR target): each endpoint's
+        value on its own positions, ``Σ_i w_i·value_i`` on shared ones (``(1−α)·A + α·B`` for two)."""
+        shape = [1] * tensors[0].dim()
         shape[dim] = -1
-        wa = torch.tensor([1.0, 1 - alpha, 0.0], dtype=ta.dtype)[self.section].view(shape).to(ta.device)
-        wb = torch.tensor([0.0, alpha, 1.0], dtype=ta.dtype)[self.section].view(shape).to(ta.device)
-        return wa * ta.index_select(dim, self.a.to(ta.device)) + wb * tb.index_select(dim, self.b.to(tb.device))
+        out = None
+        for t, w, at in zip(tensors, combine_weights(self.section, weights, tensors[0].dtype), self.sources):
+            term = w.view(shape).to(t.device) * t.index_select(dim, at.to(t.device))
+            out = term if out is None else out + term
+        return out
 
 
 def head_layout(heads: Heads, partition: dict[str, Sizes]) -> Layout:
     """The :class:`Layout` of the heads of the merged attention, as per-head tables (a relative position bias)
-    hold them: a merged head is one head, shared; a head kept apart is A's head, then B's."""
-    secs, from_a, from_b = [], [], []
+    hold them: a merged head is one head, shared; a head kept apart is A's head, then B's (then C's, …)."""
+    n = len(next(iter(partition.values()))) - 1
+    secs, sources = [], [[] for _ in range(n)]
     for h, head in enumerate(heads.heads):
         apart = partition[head[0]][0] > 0
-        for section in ((0, 2) if apart else (1,)):
+        for section in ([own(i) for i in range(n)] if apart else [SHARED]):
             secs.append(section)
-            from_a.append(h if section < 2 else 0)
-            from_b.append(h if section > 0 else 0)
-    secs, from_a, from_b = (torch.tensor(v, dtype=torch.long) for v in (secs, from_a, from_b))
-    return Layout(secs, from_a, from_b, torch.zeros(len(secs), dtype=torch.bool))
+            for i in range(n):
+                sources[i].append(h if section in (SHARED, own(i)) else 0)
+    secs = torch.tensor(secs, dtype=torch.long)
+    return Layout(secs, tuple(torch.tensor(s, dtype=torch.long) for s in sources),
+                  torch.zeros(len(secs), dtype=torch.bool))
 
 
 def _runs(axis: Axis) -> list[list[int]]:
@@ -117,44 +196,54 @@ def _runs(axis: Axis) -> list[list[int]]:
     return runs
 
 
+def section_count(partition: dict[str, Sizes]) -> int:
+    """How many sections a partition's axes have: N+1 for N endpoints (3 for two)."""
+    return max(3, *(len(s) for s in partition.values()))
+
+
 def sections(axis: Axis, partition: dict[str, Sizes]) -> torch.Tensor:
-    """The section (0 A-only, 1 shared, 2 B-only) of every position of ``axis`` in the merged model."""
-    parts = []
+    """The section (:func:`own`: 0 A-only, 1 shared, 2 B-only, …) of every position of ``axis`` in the merged
+    model."""
+    count, parts = section_count(partition), []
     for run in _runs(axis):
-        for i in range(3):
+        for i in range(count):
             for seg in (axis[j] for j in run):
-                n = (partition[seg.group] if seg.group is not None else (0, seg.width, 0))[i]
+                sizes = partition[seg.group] if seg.group is not None else (0, seg.width)
+                n = sizes[i] if i < len(sizes) else 0
                 parts.append(torch.full((n * seg.repeat,), i, dtype=torch.long))
     return torch.cat(parts)
 
 
 def layout(axis: Axis, plans: dict[str, GroupPlan]) -> Layout:
     """The :class:`Layout` of ``axis`` (from the spec's table) under ``plans``."""
+    n = next(iter(plans.values())).models
     per_segment, start = [], 0
     for seg in axis:
         rows = positions(seg, start)
         plan = plans.get(seg.group) if seg.group is not None else None
+        # per section: the positions each endpoint's axis gives it (None: that endpoint gives none)
+        parts: list[list[torch.Tensor | None]] = [[None] * n for _ in range(n + 1)]
         if plan is None:
-            every = rows.reshape(-1)
-            parts = [(0, None, None), (1, every, every), (2, None, None)]
+            parts[SHARED] = [rows.reshape(-1)] * n
         else:
-            parts = [(0, rows[plan.a_only].reshape(-1), None), (1, rows[plan.shared_a].reshape(-1),
-                     rows[plan.shared_b].reshape(-1)), (2, None, rows[plan.b_only].reshape(-1))]
+            parts[SHARED] = [rows[s].reshape(-1) for s in plan.shared]
+            for i, units in enumerate(plan.only):
+                parts[own(i)][i] = rows[units].reshape(-1)
         per_segment.append((seg, parts))
         start += seg.size
-    secs, from_a, from_b, fixed = [], [], [], []
+    secs, sources, fixed = [], [[] for _ in range(n)], []
     for run in _runs(axis):
-        for i in range(3):
+        for section in range(n + 1):
             for seg, parts in (per_segment[j] for j in run):
-                section, a, b = parts[i]
-                if a is None and b is None:
+                given = parts[section]
+                size = next((len(t) for t in given if t is not None), None)
+                if size is None:
                     continue
-                n = len(a if a is not None else b)
-                secs.append(torch.full((n,), section, dtype=torch.long))
-                from_a.append(a if a is not None else torch.zeros(n, dtype=torch.long))
-                from_b.append(b if b is not None else torch.zeros(n, dtype=torch.long))
-                fixed.append(torch.full((n,), seg.group is None))
-    return Layout(torch.cat(secs), torch.cat(from_a), torch.cat(from_b), torch.cat(fixed))
+                secs.append(torch.full((size,), section, dtype=torch.long))
+                for i, t in enumerate(given):
+                    sources[i].append(t if t is not None else torch.zeros(size, dtype=torch.long))
+                fixed.append(torch.full((size,), seg.group is None))
+    return Layout(torch.cat(secs), tuple(torch.cat(s) for s in sources), torch.cat(fixed))
 
 
 def _relaxed(scores: torch.Tensor, k: int, fill: tuple[float, float]) -> GroupPlan:
@@ -167,8 +256,7 @@ def _relaxed(scores: torch.Tensor, k: int, fill: tuple[float, float]) -> GroupPl
     if k == 0:  # no buffers: the ordinary assignment, without padding
         return GroupPlan.from_pairs(torch.arange(n), lap(scores), torch.zeros(n, dtype=torch.bool))
     if k == n and fill[0] > fill[1]:  # forced with every unit split: nothing left to match
-        every = torch.arange(n)
-        return GroupPlan(every, every[:0], every[:0], every)
+        return GroupPlan.apart(n)
     padded = torch.full((n + k, n + k), fill[1], dtype=torch.float64)
     padded[:n, :n] = scores
     padded[:n, n:] = fill[0]
@@ -179,33 +267,48 @@ def _relaxed(scores: torch.Tensor, k: int, fill: tuple[float, float]) -> GroupPl
     matched = partner < n
     b_matched = partner[matched]
     b_only = torch.tensor(sorted(set(range(n)) - set(b_matched.tolist())), dtype=torch.long)
-    return GroupPlan(a[~matched], a[matched], b_matched, b_only)
+    return GroupPlan.two(a[~matched], a[matched], b_matched, b_only)
+
+
+def _worst(quality: torch.Tensor, k: int, method: str, epsilon: float, seed: int) -> torch.Tensor:
+    """The mask of the merged units to keep apart, of those whose members' score is ``quality``: the k worst
+    (``topk``; Semi-Ensemble's rule), of those at most the ones below ε (``adaptive``), or k at random."""
+    split = torch.zeros(len(quality), dtype=torch.bool)
+    if k:
+        if method == "random":
+            worst = torch.as_tensor(np.random.default_rng(seed).choice(len(quality), size=k, replace=False))
+        else:
+            worst = torch.argsort(quality, stable=True)[:k]
+            if method == "adaptive":
+                worst = worst[quality[worst] < epsilon]
+        split[worst] = True
+    return split
 
 
 def plan_group(scores: torch.Tensor, gamma: float, method: str = "forced", *, epsilon: float = 0.0,
-               seed: int = 0) -> GroupPlan:
-    """Plan one group from its A×B score matrix; ``gamma`` is the (maximum) share of units kept apart."""
+               seed: int = 0, members: torch.Tensor | None = None) -> GroupPlan:
+    """Plan one group from its A×B score matrix; ``gamma`` is the (maximum) share of units kept apart.
+
+    Endpoints already matched (``members``: an N-way alignment's merged units, one unit of every endpoint
+    each) are planned from ``scores`` per merged unit, their members' mean correlation: the matching fixes
+    which units would merge, so forced and top-k buffers alike keep apart the k merged units that score
+    least, adaptive ones those of them below ε, random ones k at random."""
     if not 0.0 <= gamma <= 1.0:
         raise UsageError(f"gamma must be in [0, 1], got {gamma}")
+    if method not in PARTIALS:
+        raise UsageError(f"unknown partial method {method!r}; choose one of {PARTIALS}")
     n = scores.shape[0]
     k = round(gamma * n)
     scores = scores.double().cpu()
+    if members is not None:
+        return GroupPlan.from_members(members, n, _worst(scores, k, method, epsilon, seed))
     if method == "forced":
         return _relaxed(scores, k, (1.0, -1.0))
     if method == "adaptive":
         return _relaxed(scores, k, (epsilon, epsilon))
-    if method not in ("topk", "random"):
-        raise UsageError(f"unknown partial method {method!r}; choose one of {PARTIALS}")
     a = torch.arange(n)
     b = lap(scores)
-    split = torch.zeros(n, dtype=torch.bool)
-    if k:
-        if method == "topk":  # merge the best-correlated pairs, keep the k worst apart (Semi-Ensemble)
-            worst = torch.argsort(scores[a, b], stable=True)[:k]
-        else:
-            worst = torch.as_tensor(np.random.default_rng(seed).choice(n, size=k, replace=False))
-        split[worst] = True
-    return GroupPlan.from_pairs(a, b, split)
+    return GroupPlan.from_pairs(a, b, _worst(scores[a, b], k, method, epsilon, seed))
 
 
 def gammas_for(spec: PermutationSpec, gamma: float | dict[str, float]) -> dict[str, float]:
@@ -238,9 +341,11 @@ def check_widenable(spec: PermutationSpec, what: str) -> None:
 
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | dict[str, float],
          method: str = "forced", *, epsilon: float = 0.0, seed: int = 0,
-         cache: dict[tuple, GroupPlan] | None = None) -> dict[str, GroupPlan]:
+         cache: dict[tuple, GroupPlan] | None = None, matchings: dict | None = None) -> dict[str, GroupPlan]:
     """Plans for every group (γ per group, a scalar meaning the same γ everywhere); the groups of attention
-    heads are planned per head (:func:`_plan_heads`).
+    heads are planned per head (:func:`_plan_heads`). For N endpoints already aligned (``matchings``: one
+    :class:`~hubmerge.matching.Matching` per group, :mod:`hubmerge.many`), ``scores`` are per merged unit
+    (:func:`plan_group`).
 
     A group's plan depends only on its own scores, γ and the method, so ``cache`` (keyed by those) lets
     the budget search re-plan only the groups it changes. Tied groups (a grouped conv's blocks) keep equally
@@ -258,8 +363,12 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
     def planned(g: str, gamma: float, method: str, i: int) -> GroupPlan:
         key = (g, gamma, method, epsilon, seed)
         if key not in cache:
-            cache[key] = plan_group(scores[g], gamma, method, epsilon=epsilon, seed=seed + i)
+            cache[key] = plan_group(scores[g], gamma, method, epsilon=epsilon, seed=seed + i,
+                                    members=None if matchings is None else matchings[g].members)
         return cache[key]
+
+    def quality(p: GroupPlan, g: str) -> torch.Tensor:  # the merged units' scores in p's merged order
+        return scores[g].double() if matchings is not None else scores[g].double()[p.shared_a, p.shared_b]
 
     heads = spec.head_of()
     out = {g: planned(g, gammas[g], method, i) for i, g in enumerate(spec.groups) if g not in heads}
@@ -268,8 +377,9 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], gamma: float | 
         if any(out[g].sizes[0] != apart for g in tie):
             out.update({g: planned(g, apart / spec.groups[g].width, "forced", 0) for g in tie})
     for h in spec.heads:
-        out.update(_plan_heads(h, {g: planned(g, 0.0, "forced", 0) for g in h.groups},
-                               scores, gammas, epsilon if method == "adaptive" else None))
+        merged = {g: planned(g, 0.0, "forced", 0) for g in h.groups}
+        out.update(_plan_heads(h, merged, {g: quality(p, g) for g, p in merged.items()}, gammas,
+                               epsilon if method == "adaptive" else None))
     return {g: out[g] for g in spec.groups}
 
 
@@ -278,15 +388,14 @@ def _plan_heads(heads: Heads, merged: dict[str, GroupPlan], scores: dict[str, to
     """Heads are merged or kept apart whole. Of the module's H heads, round(Σ γ_h) are kept apart (γ_h: the
     largest γ of the head's groups, so a scalar γ keeps round(γ·H) apart and γ=1 on one head's group keeps
     that head apart), those with the largest γ_h first, among equals those whose matched dims correlate
-    least (their mean score in ``merged``, the full-merge plans); with adaptive buffers (``threshold`` = ε)
-    only heads scoring below ε. Kept apart, every unit of the head's groups is apart; merged, the groups
-    take their full-merge plans."""
+    least (the mean of ``scores``, per merged unit of ``merged``, the full-merge plans); with adaptive buffers
+    (``threshold`` = ε) only heads scoring below ε. Kept apart, every unit of the head's groups is apart;
+    merged, the groups take their full-merge plans."""
     want = [max(gammas[g] for g in head) for head in heads.heads]
-    quality = [float(np.mean([scores[g].double()[merged[g].shared_a, merged[g].shared_b].mean().item() for g in head]))
-               for head in heads.heads]
+    quality = [float(np.mean([scores[g].mean().item() for g in head])) for head in heads.heads]
     ranked = sorted(range(len(want)), key=lambda h: (-want[h], quality[h], h))[:math.floor(sum(want) + 0.5)]
     apart = {h for h in ranked if threshold is None or quality[h] < threshold}
-    return {g: GroupPlan.apart(len(merged[g].shared_a)) if h in apart else merged[g]
+    return {g: GroupPlan.apart(len(merged[g].shared_a), merged[g].models) if h in apart else merged[g]
             for h, head in enumerate(heads.heads) for g in head}
 
 

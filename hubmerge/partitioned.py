@@ -47,30 +47,51 @@ from .arch_specs import build_model, spec_for
 from .arch_specs.attention import HEAD_COUNTS
 from .errors import CheckpointError, UsageError
 from .hub import load_checkpoint
-from .partial import Sizes, sections
+from .partial import SHARED, Sizes, Weights, block_weights, combine_weights, endpoint_names, own, owner, sections
 from .spec import Layer
 from .trace import STANDARDISED
 from .tasks import Task, union_labels
 
-BLOCKS = ("whole", "a_side", "shared_from_b", "b_only")
-Extent = tuple[tuple[int, int], tuple[int, int]]
+Extent = tuple[tuple[int, int], tuple[tuple[int, int], ...]]  # (first row, end row), its column ranges
+
+
+def _padded(sizes: Sizes, count: int) -> tuple[int, ...]:
+    return (*sizes, *[0] * (count - len(sizes)))
 
 
 def block_extents(out_sizes: Sizes, in_sizes: Sizes) -> dict[str, Extent]:
-    """Where each stored block sits in the wide layer: ((first row, end row), (first column, end column)).
+    """Where each stored block sits in the wide layer: ((first row, end row), column ranges), each column
+    range (first column, end column).
 
-    ``in_sizes`` count input entries (a flattened group's sizes times its repeat). Zero blocks are
-    A-only rows × B-only columns and B-only rows × A-only columns; where neither exists the layer is one
-    block.
+    ``in_sizes`` count input entries (a flattened group's sizes times its repeat). Zero blocks are one
+    endpoint's own rows × another's own columns (A-only × B-only and B-only × A-only for two); where none
+    exists the layer is one block. ``a_side`` covers A's rows and columns (A-only and shared), then per
+    further endpoint (``b``, ``c``, …) ``shared_from_b`` its own columns into the shared rows and ``b_only`` its
+    own rows, reading the shared and its own columns (two ranges apart for the third endpoint on).
     """
-    ka, m, kb = out_sizes
-    ia, im, ib = in_sizes
-    rows, cols = ka + m + kb, ia + im + ib
-    if ka * ib == 0 and kb * ia == 0:
-        return {"whole": ((0, rows), (0, cols))}
-    extent = {"a_side": ((0, ka + m), (0, ia + im)), "shared_from_b": ((ka, ka + m), (ia + im, cols)),
-              "b_only": ((ka + m, rows), (ia, cols))}
-    return {b: e for b, e in extent.items() if e[0][1] > e[0][0] and e[1][1] > e[1][0]}
+    count = max(len(out_sizes), len(in_sizes))
+    out_sizes, in_sizes = _padded(out_sizes, count), _padded(in_sizes, count)
+    own_sections = [own(i) for i in range(count - 1)]
+    rows, cols = sum(out_sizes), sum(in_sizes)
+    if not any(out_sizes[j] and in_sizes[k] for j in own_sections for k in own_sections if j != k):
+        return {"whole": ((0, rows), ((0, cols),))}
+    row_at = [sum(out_sizes[:s]) for s in range(count + 1)]
+    col_at = [sum(in_sizes[:s]) for s in range(count + 1)]
+
+    def span(at: list[int], *sections: int) -> list[tuple[int, int]]:  # adjacent sections' ranges joined
+        out: list[tuple[int, int]] = []
+        for s in sections:
+            if out and out[-1][1] == at[s]:
+                out[-1] = (out[-1][0], at[s + 1])
+            else:
+                out.append((at[s], at[s + 1]))
+        return out
+
+    extent = {"a_side": (span(row_at, 0, SHARED)[0], tuple(span(col_at, 0, SHARED)))}
+    for name, s in zip(endpoint_names(count - 1)[1:], own_sections[1:]):
+        extent[f"shared_from_{name}"] = ((row_at[SHARED], row_at[SHARED + 1]), tuple(span(col_at, s)))
+        extent[f"{name}_only"] = ((row_at[s], row_at[s + 1]), tuple(span(col_at, SHARED, s)))
+    return {b: e for b, e in extent.items() if e[0][1] > e[0][0] and sum(c1 - c0 for c0, c1 in e[1])}
 
 
 @dataclass(frozen=True)
@@ -96,9 +117,10 @@ class BlockLayout:
     @classmethod
     def of(cls, out_sections: torch.Tensor, in_sections: torch.Tensor, groups: int = 1) -> BlockLayout:
         """The layout of a layer whose wide weight has rows and columns in sections ``out_sections`` and
-        ``in_sections`` (0 A-only, 1 shared, 2 B-only)."""
+        ``in_sections`` (:func:`~hubmerge.partial.own`: 0 A-only, 1 shared, 2 B-only, …)."""
         per_block = out_sections.view(groups, -1)
-        sizes = [tuple(torch.bincount(sec, minlength=3).tolist()) for sec in (per_block[0], in_sections)]
+        count = max(3, int(out_sections.max()) + 1, int(in_sections.max()) + 1)
+        sizes = [tuple(torch.bincount(sec, minlength=count).tolist()) for sec in (per_block[0], in_sections)]
         orders = [torch.argsort(sec, stable=True) for sec in (out_sections, in_sections)]
         extent = block_extents(sizes[0], sizes[1])
         if groups > 1:
@@ -121,8 +143,8 @@ class BlockLayout:
 
     def cols(self, block: str) -> torch.Tensor:
         """The natural positions, along the weight's input axis, of a stored block's columns."""
-        _, (c0, c1) = self.extent[block]
-        return torch.arange(c0, c1) if self.in_order is None else self.in_order[c0:c1]
+        cols = torch.cat([torch.arange(c0, c1) for c0, c1 in self.extent[block][1]])
+        return cols if self.in_order is None else self.in_order[cols]
 
 
 def _like(template: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -162,14 +184,15 @@ class PartitionedLayer(nn.Module):
         self.register_buffer("out_inverse", None if out_order is None else torch.argsort(out_order), persistent=False)
         self.register_buffer("in_order", in_order, persistent=False)
         bias = template.bias is not None and block_bias
-        for block, ((r0, r1), (c0, c1)) in self.layout.extent.items():
-            self.add_module(block, _like(template, c1 - c0, r1 - r0, bias and block != "shared_from_b"))
+        for block, ((r0, r1), cols) in self.layout.extent.items():
+            width = sum(c1 - c0 for c0, c1 in cols)
+            self.add_module(block, _like(template, width, r1 - r0, bias and not block.startswith("shared_from_")))
         self.execution = "blocks"  # or "dense" (see :meth:`PartialMergedModel.plan_execution`)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
-        """The present sub-layers, ``whole`` alone or in the order ``a_side``, ``shared_from_b``, ``b_only``;
-        the first one carries the bias of every row it covers."""
-        return [(b, getattr(self, b)) for b in BLOCKS if hasattr(self, b)]
+        """The present sub-layers, ``whole`` alone or in the order ``a_side``, ``shared_from_b``, ``b_only``
+        (``shared_from_c``, ``c_only``, …); the first one carries the bias of every row it covers."""
+        return [(b, getattr(self, b)) for b in self.layout.extent]
 
     def scaled_rows(self) -> list[tuple[nn.Module, torch.Tensor]]:
         """The sub-layers whose weight rows scale the layer's outputs and whose biases shift them (where REPAIR
@@ -200,18 +223,21 @@ class PartitionedLayer(nn.Module):
             return t.flatten(d, d + 1) if g > 1 else t
 
         x = blocked(x)
-        width = x.shape[at]
-        extent = self.layout.extent
-        cols = extent["a_side"][1][1]
-        out = run("a_side", joined(x.narrow(at, 0, cols)))
-        if hasattr(self, "shared_from_b"):
-            (r0, r1), (c0, _) = extent["shared_from_b"]
-            from_b = run("shared_from_b", joined(x.narrow(at, c0, width - c0)))
-            blocked(out).narrow(at, r0, r1 - r0).add_(blocked(from_b))
-        if hasattr(self, "b_only"):
-            c0 = extent["b_only"][1][0]
-            out = joined(torch.cat([blocked(out), blocked(run("b_only", joined(x.narrow(at, c0, width - c0))))], at))
-        return out
+
+        def taken(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:  # a block's input columns
+            parts = [x.narrow(at, c0, c1 - c0) for c0, c1 in ranges]
+            return joined(parts[0] if len(parts) == 1 else torch.cat(parts, at))
+
+        out, own_rows = None, []
+        for block, ((r0, r1), cols) in self.layout.extent.items():
+            y = run(block, taken(cols))
+            if out is None:  # a_side: every endpoint's shared rows start in its output
+                out = y
+            elif block.startswith("shared_from_"):
+                blocked(out).narrow(at, r0, r1 - r0).add_(blocked(y))
+            else:
+                own_rows.append(blocked(y))
+        return joined(torch.cat([blocked(out), *own_rows], at)) if own_rows else out
 
     def _cached(self, slot: str, make):
         """``make()``, made again whenever one of the layer's tensors changed: REPAIR folds corrections in
@@ -256,16 +282,16 @@ class PartitionedStdConv(PartitionedLayer):
 
     Each endpoint standardises a unit's weights over its own inputs (mean 0, variance 1 over the fan-in, times
     ``gain · γ/√fan-in``), so every row is standardised over the A-view of its columns (A-only and shared) and
-    over the B-view (shared and B-only) on its own, each as wide as the endpoints' fan-in. A-only rows take the
-    A-view, B-only rows the B-view, and shared rows combine the two as the build table combines A's and B's
-    weights: ``c_A``·A-view on A-only columns, ``(1−α)``·A-view + ``α``·B-view on shared ones, ``c_B``·B-view
-    on B-only ones (``c_A, c_B = 1−α, α`` for ``cross="interpolate"``, ``1, 1`` for ``"fill"``; the stored
-    shared rows hold A's raw weights on A-only columns and B's on B-only ones). With no input apart both views
+    over the B-view (shared and B-only) on its own (and over each further endpoint's view), each as wide as the
+    endpoints' fan-in. A-only rows take the A-view, B-only rows the B-view, and shared rows combine the two as
+    the build table combines A's and B's weights: ``c_A``·A-view on A-only columns, ``(1−α)``·A-view +
+    ``α``·B-view on shared ones, ``c_B``·B-view on B-only ones (``c_A, c_B = 1−α, α`` for
+    ``cross="interpolate"``, ``1, 1`` for ``"fill"``; the stored shared rows hold A's raw weights on A-only columns and B's on B-only ones). With no input apart both views
     are the whole row: the plain layer on the interpolated raw weights, as timm computes a full merge; with
     nothing shared each endpoint's own layer (the ensemble); at α=0 A's. REPAIR scales the outputs through the
     gain (scaling a standardised weight changes nothing)."""
 
-    def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor, alpha: float,
+    def __init__(self, template: nn.Module, out_sections: torch.Tensor, in_sections: torch.Tensor, weights: Weights,
                  cross: str):
         super().__init__(template, out_sections, in_sections, block_bias=False)
         self.scale, self.eps = template.scale, template.eps
@@ -273,12 +299,11 @@ class PartitionedStdConv(PartitionedLayer):
         rows = len(out_sections)
         self.gain = nn.Parameter(template.gain.new_empty(rows, *template.gain.shape[1:]))
         self.bias = None if template.bias is None else nn.Parameter(template.bias.new_empty(rows))
-        c_a, c_b = (1 - alpha, alpha) if cross == "interpolate" else (1.0, 1.0)
-        per_view = torch.tensor([[[1.0, 1.0, 0.0], [c_a, 1 - alpha, 0.0], [0.0, 0.0, 0.0]],
-                                 [[0.0, 0.0, 0.0], [0.0, alpha, c_b], [0.0, 1.0, 1.0]]], dtype=torch.float64)
-        # per view (A, B): each (row, column)'s weight on the view's standardised row, and the view's columns
+        per_view = block_weights(weights, weights if cross == "interpolate" else (1.0,) * len(weights))
+        # per view (A, B, …): each (row, column)'s weight on the view's standardised row, and the view's columns
         self.register_buffer("view_weights", per_view[:, out_sections][:, :, in_sections], persistent=False)
-        self.register_buffer("views", torch.stack([in_sections <= 1, in_sections >= 1]), persistent=False)
+        self.register_buffer("views", torch.stack([(in_sections == own(i)) | (in_sections == SHARED)
+                                                   for i in range(len(weights))]), persistent=False)
         self.single_view = bool((in_sections == 1).all())
         view = copy.deepcopy(template)
         for name in ("weight", "bias", "gain"):
@@ -347,7 +372,11 @@ def output_scale(module: nn.Module) -> torch.Tensor:
     return module.gain if isinstance(module, (PartitionedStdConv, *STANDARDISED)) else module.weight
 
 
-SECTIONS = ("of_a", "merged", "of_b")  # a SectionwiseLayer's copies, one per section
+def copy_names(models: int) -> tuple[str, ...]:
+    """The names of a :class:`SectionwiseLayer`'s copies, one per section: ``of_a``, ``merged``, ``of_b``
+    (``of_c``, … for more endpoints)."""
+    names = endpoint_names(models)
+    return tuple("merged" if s == SHARED else f"of_{names[owner(s)]}" for s in range(models + 1))
 
 
 class SectionwiseLayer(nn.Module):
@@ -355,9 +384,10 @@ class SectionwiseLayer(nn.Module):
     token-mixing MLP, the same weights for every channel), where those units widen: each section of them runs
     its own copy of the layer on its positions along ``dim`` of the input, as each endpoint ran its own:
     ``of_a`` (A's layer) on A-only units, ``merged`` (the merged one) on shared ones, ``of_b`` (B's) on
-    B-only ones. At γ=1 there is no shared section, so the layer is the two endpoints' side by side."""
+    B-only ones (``of_c``, … for more endpoints). At γ=1 there is no shared section, so the layer is the
+    endpoints' side by side."""
 
-    def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int):
+    def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int, models: int = 2):
         super().__init__()
         self.dim = dim
         self.unit_dim = 1 if isinstance(template, nn.Conv2d) else -1  # where its own outputs hold units
@@ -365,20 +395,21 @@ class SectionwiseLayer(nn.Module):
         natural = torch.equal(order, torch.arange(len(order)))  # one segment: the sections lie in order
         self.register_buffer("order", None if natural else order, persistent=False)
         self.register_buffer("inverse", None if natural else torch.argsort(order), persistent=False)
-        self.sizes = tuple(torch.bincount(sections, minlength=3).tolist())
-        for name, n in zip(SECTIONS, self.sizes):
+        self.sizes = tuple(torch.bincount(sections, minlength=models + 1).tolist())
+        self.names = copy_names(models)
+        for name, n in zip(self.names, self.sizes):
             if n:
                 self.add_module(name, copy.deepcopy(template))
 
-    def copies(self) -> list[tuple[str, nn.Module]]:
-        """The present copies, in section order."""
-        return [(name, getattr(self, name)) for name, n in zip(SECTIONS, self.sizes) if n]
+    def copies(self) -> list[tuple[str, nn.Module, int]]:
+        """The present copies in section order, each with its section's width."""
+        return [(name, getattr(self, name), n) for name, n in zip(self.names, self.sizes) if n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.order is not None:
             x = x.index_select(self.dim, self.order)
         parts, start = [], 0
-        for (_, copy_), n in zip(self.copies(), [n for n in self.sizes if n]):
+        for _, copy_, n in self.copies():
             parts.append(copy_(x.narrow(self.dim, start, n)))
             start += n
         out = torch.cat(parts, self.dim)
@@ -388,30 +419,32 @@ class SectionwiseLayer(nn.Module):
 class PartitionedNorm(nn.Module):
     """A norm over widened groups along ``dim``: any module whose only interaction between units is a
     normalisation over its axis (LayerNorm, GroupNorm(1), ConvNeXt-V2's GRN) and whose parameters are per-unit
-    vectors. ``sections``: the section (0 A-only, 1 shared, 2 B-only) of every position of that axis, one
-    group laid out ``[A-only | shared | B-only]``, or several segments each laid out so (Swin's patch merging
-    normalises the channels of 2×2 neighbours together).
+    vectors. ``sections``: the section (0 A-only, 1 shared, 2 B-only, … :func:`~hubmerge.partial.own`) of every
+    position of that axis, one group laid out ``[A-only | shared | B-only]``, or several segments each laid out
+    so (Swin's patch merging normalises the channels of 2×2 neighbours together).
 
     Each endpoint normalises its own units, so the A-view (the A-only and shared positions) and the B-view
     (shared and B-only), both of the endpoints' width, each run through the original module with that view's
     entries of the merged per-unit parameters; A-only units take the A-view's output, B-only units the
-    B-view's, shared units ``(1−α)·A-view + α·B-view``. With nothing shared this is each endpoint's norm on
-    its own units (the ensemble); a fully merged group keeps the plain module, the full merge's norm. The
-    merged parameters are stored under the module's own names; the module itself is kept without them. One
-    group's views are slices; segments' views are gathered and the outputs scattered back.
+    B-view's, shared units ``(1−α)·A-view + α·B-view`` (for N endpoints weighted ``w_i``: a view per endpoint,
+    shared units ``Σ_i w_i·view_i``). With nothing shared this is each endpoint's norm on its own units (the
+    ensemble); a fully merged group keeps the plain module, the full merge's norm. The merged parameters are
+    stored under the module's own names; the module itself is kept without them. Two endpoints' views of one
+    group are slices; other views are gathered and the outputs scattered back.
     """
 
-    def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int, alpha: float):
+    def __init__(self, template: nn.Module, sections: torch.Tensor, dim: int, weights: Weights):
         super().__init__()
-        self.dim, self.alpha = dim, alpha
-        counts = torch.bincount(sections, minlength=3).tolist()
-        self.sizes = tuple(counts)
-        ordered = bool((torch.diff(sections) >= 0).all())
-        a_view, b_view = torch.nonzero(sections <= 1).flatten(), torch.nonzero(sections >= 1).flatten()
-        self.register_buffer("a_view", None if ordered else a_view, persistent=False)
-        self.register_buffer("b_view", None if ordered else b_view, persistent=False)
-        weights = torch.tensor([[1.0, 1 - alpha, 0.0], [0.0, alpha, 1.0]], dtype=torch.float64)[:, sections]
-        self.register_buffer("weights", None if ordered else weights, persistent=False)  # per position: A, B
+        self.dim, self.weights = dim, tuple(weights)
+        self.sizes = tuple(torch.bincount(sections, minlength=len(weights) + 1).tolist())
+        sliced = len(weights) == 2 and bool((torch.diff(sections) >= 0).all())
+        self.gathered = not sliced
+        if self.gathered:  # per view: its positions, and each position's weight on it
+            for i in range(len(weights)):
+                index = torch.nonzero((sections == own(i)) | (sections == SHARED)).flatten()
+                self.register_buffer(f"view_{i}", index, persistent=False)
+            self.register_buffer("view_weights", torch.stack(combine_weights(sections, weights, torch.float64)),
+                                 persistent=False)
         view = copy.deepcopy(template)
         for name, t in list(template.named_parameters(recurse=False)):
             view.register_parameter(name, None)
@@ -419,27 +452,28 @@ class PartitionedNorm(nn.Module):
         self.__dict__["view"] = view  # not a submodule: it holds no tensors, and the state keeps the template's keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ka, m, kb = self.sizes
-        d, alpha = self.dim, self.alpha
-        if self.a_view is not None:
+        if self.gathered:
             return self._gathered(x)
+        ka, m, kb = self.sizes
+        d, (wa, wb) = self.dim, self.weights
 
         def run(start: int) -> torch.Tensor:
             params = {name: p.narrow(0, start, ka + m) for name, p in self.named_parameters(recurse=False)}
             return functional_call(self.view, params, (x.narrow(d, start, ka + m),))
 
         za, zb = run(0), run(ka)
-        return torch.cat([za.narrow(d, 0, ka), (1 - alpha) * za.narrow(d, ka, m) + alpha * zb.narrow(d, 0, m),
+        return torch.cat([za.narrow(d, 0, ka), wa * za.narrow(d, ka, m) + wb * zb.narrow(d, 0, m),
                           zb.narrow(d, m, kb)], d)
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
-        """Both views gathered from their positions, run, and put back, weighted per position (each
-        position's weights are exactly 1 and 0 outside the shared units)."""
+        """Every view gathered from its positions, run, and put back, weighted per position (each position's
+        weights are exactly 1 and 0 outside the shared units)."""
         d = self.dim % x.dim()
         shape = [1] * x.dim()
         shape[d] = -1
         out = 0
-        for index, weight in ((self.a_view, self.weights[0]), (self.b_view, self.weights[1])):
+        for i, weight in enumerate(self.view_weights):
+            index = getattr(self, f"view_{i}")
             params = {name: p.index_select(0, index) for name, p in self.named_parameters(recurse=False)}
             z = functional_call(self.view, params, (x.index_select(d, index),))
             out = out + torch.zeros_like(x).index_copy(d, index, z) * weight.to(x).view(shape)
@@ -488,10 +522,10 @@ class PartialMergedModel(
 ):
     """A partially merged model: the base architecture with every layer partitioned per group.
 
-    ``partition[group] = (k_A, m, k_B)``. The config (``architecture``, ``model_args``, ``partition``,
-    ``alpha``, ``cross``, ``endpoints``, ``settings``, ``preprocess``, ``input_size``, and for an N-way merge
-    the endpoints' ``weights``, for endpoints of separate tasks their ``tasks``: which outputs are whose) is
-    enough to rebuild the empty model, so :meth:`from_pretrained` needs nothing but the repo; loading is strict
+    ``partition[group] = (k_A, m, k_B)``, or ``(k_0, m, k_1, …, k_{N−1})`` for an N-way partial merge. The
+    config (``architecture``, ``model_args``, ``partition``, ``alpha``, ``cross``, ``endpoints``, ``settings``,
+    ``preprocess``, ``input_size``, and for an N-way merge the endpoints' ``weights``, for endpoints of
+    separate tasks their ``tasks``: which outputs are whose) is enough to rebuild the empty model, so :meth:`from_pretrained` needs nothing but the repo; loading is strict
     and safetensors-only. ``preprocess`` (``input_size``, ``mean``, ``std``, as the endpoints were fed)
     overrides the architecture's defaults in ``pretrained_cfg``. ``input_size`` (C, H, W) is the size the
     merge was calibrated and its spec traced at, which for a model built with ``img_size`` differs from timm's
@@ -530,14 +564,18 @@ class PartialMergedModel(
         if set(partition) != set(self.spec.groups):
             raise CheckpointError(f"partition groups {sorted(partition)} do not match the {self.architecture} "
                                   f"spec's groups {sorted(self.spec.groups)}")
-        for g, (ka, m, kb) in partition.items():
-            n = self.spec.groups[g].width
-            if ka + m != n or m + kb != n:
-                raise CheckpointError(f"group {g}: sizes {(ka, m, kb)} do not hold all {n} units of each endpoint")
-            if ka and self.spec.partial is not None:
+        n = len(self.weights)
+        for g, sizes in partition.items():
+            width, own_sizes = self.spec.groups[g].width, [*sizes[:1], *sizes[2:]]
+            # (an N-way full merge's sizes are (0, m, 0), saved so before N-way partial merges)
+            wrong_length = len(sizes) < 3 or len(sizes) != n + 1 and any(own_sizes)
+            if wrong_length or any(k + sizes[1] != width for k in own_sizes):
+                raise CheckpointError(f"group {g}: sizes {tuple(sizes)} do not hold all {width} units of each of "
+                                      f"the {n} endpoints")
+            if any(own_sizes) and self.spec.partial is not None:
                 raise CheckpointError(f"group {g} is widened, but {self.architecture} cannot be partially merged "
                                       f"({self.spec.partial})")
-            if ka and g in self.spec.fixed:
+            if any(own_sizes) and g in self.spec.fixed:
                 raise CheckpointError(f"group {g} is widened, but cannot widen ({self.spec.fixed[g]})")
         for tie in self.spec.ties:
             if len({tuple(partition[g]) for g in tie}) > 1:
@@ -564,24 +602,26 @@ class PartialMergedModel(
             passing = None if passing is None else sections(passing.axis, self.partition)
             if layer.depthwise:
                 wide = _per_unit_like(template, len(out))
-            elif passing is not None and (passing != 1).any():
-                wide = SectionwiseLayer(template, passing, across[layer.name].dim)
+            elif passing is not None and (passing != SHARED).any():
+                wide = SectionwiseLayer(template, passing, across[layer.name].dim, len(self.weights))
             elif layer.standardised:
-                wide = PartitionedStdConv(template, out, inp, self.alpha, self.cross)
+                wide = PartitionedStdConv(template, out, inp, self.weights, self.cross)
             else:
                 wide = PartitionedLayer(template, out, inp)
             _replace(net, layer.name, wide)
-        for h in self.spec.heads:  # a head kept apart is two heads of the merged attention
+        for h in self.spec.heads:  # a head kept apart is two heads of the merged attention (N of an N-way merge)
             if not h.apart(self.partition):  # (heads of an attention that cannot widen never are)
                 continue
             module = net.get_submodule(h.module)
-            HEAD_COUNTS[type(module)].set(module, len(h.heads) + h.apart(self.partition))
+            count = len(h.heads) + (len(self.weights) - 1) * h.apart(self.partition)
+            HEAD_COUNTS[type(module)].set(module, count)
             for key, dim in h.tables:  # and has its entry in each per-head table
-                _widen_tensor(net, key, dim, len(h.heads) + h.apart(self.partition))
+                _widen_tensor(net, key, dim, count)
         for norm in self.spec.norms:
             widened = sections(norm.axis, self.partition)
-            if (widened != 1).any():  # fully merged groups keep the plain norm
-                _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), widened, norm.dim, self.alpha))
+            if (widened != SHARED).any():  # fully merged groups keep the plain norm
+                _replace(net, norm.name, PartitionedNorm(net.get_submodule(norm.name), widened, norm.dim,
+                                                         self.weights))
         for vector in self.spec.vectors + self.spec.zeros:
             _widen_tensor(net, vector.key, vector.dim, len(sections(vector.axis, self.partition)))
         for width in self.spec.widths:  # a cut keeping every channel keeps every merged channel

@@ -23,8 +23,8 @@ from . import card
 from .api import MergeReport, merge, merge_many
 from .data import HFImages, Preprocess, check_request, load_dataset_ref
 from .distributed import is_main, session
-from .evaluate import endpoint_names
 from .errors import UsageError
+from .partial import endpoint_names
 from .hub import load_endpoint, remote_errors, split_revision
 from .options import MergeOptions
 from .output import check_out, move_into_place, recover, staging_for, usual_permissions
@@ -113,8 +113,8 @@ def run(a: str, b: str, *more: str, weights: tuple[float, ...] | None = None, ca
         model_class: type | None = None, recipe: dict | None = None, preprocess: dict | None = None,
         options: MergeOptions | None = None, **overrides: Any) -> RunResult:
     """Merge endpoints ``a`` and ``b`` (hub ids, ``id@revision`` or local folders) and write/push the result;
-    with ``more`` endpoints, the N-way full merge of all of them (:func:`~hubmerge.api.merge_many`, weighted by
-    ``weights``, default equal).
+    with ``more`` endpoints, the N-way merge of all of them (:func:`~hubmerge.api.merge_many`, weighted by
+    ``weights``, default equal; partial where ``gamma`` > 0).
 
     ``options``: a :class:`~hubmerge.options.MergeOptions`, and/or its fields as keywords (which win).
     ``recipe`` is the effective recipe to embed in the card (the CLI passes its merged command line and

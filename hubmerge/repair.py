@@ -19,7 +19,7 @@ there: it copies the corrections in front and continues from the reference's act
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -116,11 +116,8 @@ def _targets(axis: Axis, plans: dict[str, GroupPlan] | Matchings, moments: list[
              ) -> tuple[Layout | MatchedLayout, torch.Tensor, torch.Tensor]:
     """The layout of an output axis and its units' target mean and std: the endpoints' statistics combined as
     the merge combines their units (weights ``1−α``, ``α`` for two endpoints)."""
-    if is_matching(plans):
-        at = MatchedLayout.of(axis, plans)
-        return at, at.combine([m.mean for m in moments], weights), at.combine([m.std for m in moments], weights)
-    at, (a, b), alpha = layout(axis, plans), moments, weights[1]
-    return at, at.combine(a.mean, b.mean, alpha), at.combine(a.std, b.std, alpha)
+    at = MatchedLayout.of(axis, plans) if is_matching(plans) else layout(axis, plans)
+    return at, at.combine([m.mean for m in moments], weights), at.combine([m.std for m in moments], weights)
 
 
 def affine(c: Correction, got: Moments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,14 +148,10 @@ def fold(net: nn.Module, c: Correction, scale: torch.Tensor, shift: torch.Tensor
             sub.bias.copy_((s * sub.bias.double() + t).to(sub.bias.dtype))
 
 
-def _same(p: GroupPlan, q: GroupPlan) -> bool:
-    return p is q or all(torch.equal(getattr(p, f.name), getattr(q, f.name)) for f in fields(GroupPlan))
-
-
 def shared_prefix(layers: list[Layer], plans: dict[str, GroupPlan], other: dict[str, GroupPlan]) -> int:
     """How many leading layers (in forward order) read and write only groups planned alike in both."""
     for i, layer in enumerate(layers):
-        if any(not _same(plans[g], other[g]) for g in layer.groups):
+        if any(not plans[g].same(other[g]) for g in layer.groups):
             return i
     return len(layers)
 

@@ -202,7 +202,7 @@ class Heads:
         return sum(self.heads, ())
 
     def apart(self, partition: dict[str, tuple[int, int, int]]) -> int:
-        """How many heads ``partition`` keeps apart (each of A and B then runs its own)."""
+        """How many heads ``partition`` keeps apart (each endpoint then runs its own)."""
         return sum(partition[head[0]][0] > 0 for head in self.heads)
 
     def sources(self, order: torch.Tensor) -> dict[str, str]:

@@ -221,8 +221,9 @@ def test_a_token_layer_runs_one_copy_per_section_of_the_units_passing_it_by():
     assert across.layer == "tokens" and across.dim == -2 and [s.group for s in across.axis] == ["left", "right"]
     sections = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2])  # two segments, each [A-only | shared | B-only]
     layer = SectionwiseLayer(nn.Linear(5, 3).double(), sections, -2)
-    assert layer.order is not None and [name for name, _ in layer.copies()] == ["of_a", "merged", "of_b"]
-    for _, copy in layer.copies():
+    assert layer.order is not None and [name for name, _, _ in layer.copies()] == ["of_a", "merged", "of_b"]
+    assert [n for _, _, n in layer.copies()] == [2, 3, 3]
+    for _, copy, _ in layer.copies():
         torch.nn.init.normal_(copy.weight)
     x = torch.randn(2, len(sections), 5, dtype=torch.float64)
     expected = torch.stack([layer.copies()[int(s)][1](x[:, i]) for i, s in enumerate(sections)], 1)

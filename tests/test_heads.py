@@ -160,7 +160,7 @@ def test_swin_patch_merging_normalises_each_endpoints_neighbours_apart(swin):
     ensemble = hubmerge.merge(a, b, calib, gamma=1.0, repair=None).model
     assert relative(ensemble(x), Ensemble(a, b)(x)) <= 1e-10
     norm = ensemble.net.get_submodule("layers.1.downsample.norm")
-    assert isinstance(norm, PartitionedNorm) and norm.a_view is not None  # four segments: gathered views
+    assert isinstance(norm, PartitionedNorm) and norm.gathered  # four segments: gathered views
     plain = nn.LayerNorm(len(norm.weight), eps=norm.view.eps).double()
     plain.load_state_dict(norm.state_dict())
     ensemble.net.get_submodule("layers.1.downsample").norm = plain

@@ -1,6 +1,8 @@
 """N-way merges (``merge_many``): two endpoints give the two-way merge bit for bit, permuted copies of one
 model merge back into it, REPAIR targets the weighted statistics of all endpoints, and the report covers
-every endpoint and their ensemble."""
+every endpoint and their ensemble. N-way partial merges: γ=1 is the endpoints' weighted logit average, γ=0
+their full merge, one endpoint weighted 1 (cross blocks interpolated) is that endpoint, the cost model counts
+what is stored, and the merge reloads."""
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 import hubmerge
 import hubmerge.repair
 from hubmerge.api import Prepared
+from hubmerge.cost import CostModel
 from hubmerge.errors import UsageError
 from hubmerge.evaluate import evaluate
 from hubmerge.options import MergeOptions
@@ -104,10 +107,99 @@ def test_report_names_every_endpoint_and_weighs_the_ensemble():
     assert abs(result.report.barrier.accuracy - expected) <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext", "swin", "mixer", "nfnet"])
+def test_n_way_partial_merges_hold_the_invariants(name, tmp_path):
+    """Residual streams and BatchNorms (ResNet), heads and LayerNorms (ViT), layer scales (ConvNeXt), per-head
+    bias tables (Swin), token-mixing copies (Mixer) and weight-standardised convs (NF-Net), three endpoints."""
+    models, calib = endpoints(name, 3)
+    x = calib[0][0]
+    weights = [0.5, 0.3, 0.2]
+    ensemble = sum(w * m(x) for w, m in zip(weights, models))
+    whole = hubmerge.merge_many(models, calib, repair=None, gamma=1.0, weights=weights).model
+    assert relative(whole(x), ensemble) <= 1e-10
+    assert all(sizes[1] == 0 for sizes in whole.partition.values() if sizes[0])
+    full = hubmerge.merge_many(models, calib, repair=None, weights=weights).model
+    none_apart = hubmerge.merge_many(models, calib, repair=None, gamma={g: 0.0 for g in full.spec.groups},
+                                     weights=weights).model
+    assert relative(none_apart(x), full(x)) <= 1e-12
+    for m in range(3):  # every shared unit, cross block and norm view is endpoint m's
+        one = [float(i == m) for i in range(3)]
+        alone = hubmerge.merge_many(models, calib, repair=None, gamma=0.5, weights=one, cross="interpolate",
+                                    partial="topk").model
+        assert any(len(sizes) == 4 and sizes[0] for sizes in alone.partition.values())
+        assert relative(alone(x), models[m](x)) <= 1e-10, m
+    # negative control: filled cross blocks carry the other endpoints' own units into the shared ones
+    filled = hubmerge.merge_many(models, calib, repair=None, gamma=0.5, weights=[1.0, 0.0, 0.0], cross="fill",
+                                 partial="topk").model
+    assert relative(filled(x), models[0](x)) > 1e-3
+    costs = CostModel(alone.spec, models[0], tuple(x.shape[1:]))
+    assert costs(alone.partition).total.params == sum(p.numel() for p in alone.parameters())
+    assert costs(whole.partition).total.flops == 3 * costs.endpoint.flops
+    alone.save_pretrained(tmp_path)
+    again = hubmerge.PartialMergedModel.from_pretrained(tmp_path).double()
+    assert again.partition == alone.partition and torch.equal(again(x), alone(x))
+    card = (tmp_path / "README.md").read_text()
+    apart = sum(sizes[0] for sizes in alone.partition.values())
+    assert f"{apart} of " in card and "merged units kept apart" in card and "| k_A | shared | k_B | k_C |" in card
+
+
+def test_n_way_partial_merges_keep_the_merged_units_that_correlate_least_apart():
+    """γ keeps round(γ·width) merged units apart, the lowest-scoring ones; adaptive buffers only those below ε;
+    two endpoints give the two-way partial merge bit for bit."""
+    models, calib = endpoints("mlp", 3)
+    prepared = Prepared(*models[:2], calib, MergeOptions(repair=None, gamma=0.3), n_way=tuple(models[2:]),
+                        weights=(0.4, 0.3, 0.3))
+    plans = prepared.plans(0.3)
+    for g, p in plans.items():
+        score, match = prepared.unit_scores[g], prepared.matchings[g]
+        apart = torch.argsort(score, stable=True)[:round(0.3 * match.width)]
+        assert p.sizes == (len(apart), match.width - len(apart), len(apart), len(apart))
+        assert torch.equal(p.only[2], match.members[torch.sort(apart).values, 2] - 2 * match.width)
+        assert score[apart].max() <= score[torch.isin(torch.arange(match.width), apart, invert=True)].min()
+    threshold = float(torch.cat(list(prepared.unit_scores.values())).median())
+    adaptive = prepared.plans(1.0, "adaptive", threshold)
+    assert all(p.sizes[0] == int((prepared.unit_scores[g] < threshold).sum()) for g, p in adaptive.items())
+    two = hubmerge.merge(*models[:2], calib, gamma=0.5, alpha=0.3, match_heads=False).model.state_dict()
+    many = hubmerge.merge_many(models[:2], calib, gamma=0.5, alpha=0.3).model.state_dict()
+    assert many.keys() == two.keys() and all(torch.equal(many[k], v) for k, v in two.items())
+
+
+def test_repair_of_an_n_way_partial_merge_reaches_its_targets():
+    """Shared units toward Σ_m w_m · (endpoint m's statistics of its member), each endpoint's own units left
+    (or, with ``repair_unmerged``, toward their own endpoint's)."""
+    models, calib = endpoints("mlp", 3)
+    weights = (0.5, 0.3, 0.2)
+    prepared = Prepared(*models[:2], calib, MergeOptions(repair="repair", gamma=0.4), n_way=tuple(models[2:]),
+                        weights=weights)
+    plans = prepared.plans(0.4)
+    model = prepared.build(plans, repair=None)
+    own = [layer_moments(m, [layer.name for layer in prepared.spec.layers], calib) for m in models]
+    for unmerged in (False, True):
+        targets = corrections(model, plans, prepared.many, unmerged=unmerged)
+        assert targets
+        for c in targets:
+            p = plans[prepared.spec.layers[c.index].out_axis[0].group]
+            k = p.sizes[0]
+            for stat in ("mean", "std"):
+                want = sum(w * getattr(own[m][c.name], stat)[p.shared[m]] for m, w in enumerate(weights))
+                assert torch.allclose(getattr(c, stat)[k:k + p.sizes[1]], want, atol=1e-12, rtol=1e-12)
+                assert torch.allclose(getattr(c, stat)[-p.sizes[3]:], getattr(own[2][c.name], stat)[p.only[2]],
+                                      atol=1e-12, rtol=1e-12)
+        assert int(targets[0].mask.sum()) == (len(targets[0].mask) if unmerged else plans[
+            prepared.spec.layers[targets[0].index].out_axis[0].group].sizes[1])
+        fixed = hubmerge.repair.repair(prepared.build(plans, repair=None), plans, prepared.many, calib,
+                                       unmerged=unmerged)
+        got = layer_moments(fixed.net, [c.name for c in targets], calib)
+        for c in targets:
+            assert torch.allclose(got[c.name].mean[c.mask], c.mean[c.mask], atol=1e-8, rtol=1e-8), c.name
+            live = c.mask & (c.std > 1e-6)
+            assert torch.allclose(got[c.name].std[live], c.std[live], atol=1e-8, rtol=1e-8), c.name
+
+
 def test_what_an_n_way_merge_refuses():
     models, calib = endpoints("mlp", 3)
-    for bad, message in ((dict(gamma=0.2), "full merges"), (dict(budget=0.1), "full merges"),
-                         (dict(align="zip"), "full merges"), (dict(weights=[1, 1]), "3 non-negative"),
+    for bad, message in ((dict(budget=0.1), "budgets and zips"),
+                         (dict(align="zip"), "budgets and zips"), (dict(weights=[1, 1]), "3 non-negative"),
                          (dict(weights=[1, -1, 1]), "non-negative"), (dict(weights=[0, 0, 0]), "not all 0"),
                          (dict(alpha=0.3), "alpha weighs two endpoints")):
         with pytest.raises(UsageError, match=message):

@@ -13,8 +13,8 @@ def scores(n=10, seed=0):
 def check_layout(p, n):
     ka, m, kb = p.sizes
     assert ka + m == n and m + kb == n
-    assert sorted(p.a_index.tolist()) == list(range(n))
-    assert sorted(p.b_index.tolist()) == list(range(n))
+    assert sorted(torch.cat([p.a_only, p.shared_a]).tolist()) == list(range(n))
+    assert sorted(torch.cat([p.shared_b, p.b_only]).tolist()) == list(range(n))
 
 
 @pytest.mark.parametrize("gamma,k", [(0.0, 0), (0.2, 2), (0.55, 6), (1.0, 10)])

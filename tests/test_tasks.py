@@ -89,6 +89,15 @@ def test_zips_and_n_way_merges_keep_every_task(name):
     assert [t.classes for t in three.tasks] == [4, 3, 2] and list(three.split(three(x))) == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("name", ["mlp", "vit"])
+def test_an_n_way_partial_merge_at_gamma_one_gives_each_endpoint_its_own_outputs(name):
+    a, b, c = task_model(name, 1, 4), task_model(name, 2, 3), task_model(name, 3, 2)
+    x = batch(name)
+    three = hubmerge.merge_many([a, b, c], calibration(name), gamma=1.0, repair=None, weights=[0.2, 0.3, 0.5]).model
+    assert relative(three(x), torch.cat([a(x), b(x), c(x)], 1)) <= 1e-10
+    assert [t.classes for t in three.tasks] == [4, 3, 2]
+
+
 def test_partial_zip_at_depth_zero_gives_each_endpoint_its_own_outputs():
     a, b = task_model("mlp", 1, 4), task_model("mlp", 2, 3)
     x = batch("mlp")
