@@ -19,7 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .evaluate import weighted_barrier
-from .partial import endpoint_names
+from .partial import endpoint_names, padded
 from .tasks import Task
 
 if TYPE_CHECKING:
@@ -239,7 +239,7 @@ def _allocation(spec: PermutationSpec, partition: dict, allocation: list[dict]) 
     def row(name: str, label: str, sizes: tuple[int, ...]) -> str:
         r = by_group.get(name, {})
         benefit = r.get("benefit")
-        sizes = (*sizes, *[0] * (count - len(sizes)))  # (an N-way full merge's sizes are (0, m, 0))
+        sizes = padded(sizes, count)
         return (f"| {label} | {' | '.join(str(k) for k in sizes)} | {sizes[0] / (sizes[0] + sizes[1]):.2f} | "
                 f"{r.get('params_added', '')} | {'' if benefit is None else f'{benefit:.4g}'} |")
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .partial import SHARED, Sizes, section_count
+from .partial import SHARED, Sizes, padded, section_count
 from .spec import Layer, PermutationSpec, Segment
 from .statistics import unit_dim
 
@@ -94,8 +94,7 @@ def layer_cost(layer: Layer, geo: LayerGeometry, partition: dict[str, Sizes]) ->
     count = section_count(partition)
 
     def sizes(seg: Segment) -> Sizes:
-        given = tuple(partition[seg.group]) if seg.group is not None else (0, seg.width)
-        return (*given, *[0] * (count - len(given)))
+        return padded(tuple(partition[seg.group]) if seg.group is not None else (0, seg.width), count)
 
     cols = [sum(sizes(seg)[i] * seg.repeat for seg in layer.in_axis) for i in range(count)]
     out: dict[str | None, Cost] = {}

@@ -201,6 +201,12 @@ def section_count(partition: dict[str, Sizes]) -> int:
     return max(3, *(len(s) for s in partition.values()))
 
 
+def padded(sizes: Sizes, count: int) -> Sizes:
+    """``sizes`` with zero-width sections appended up to ``count`` sections (an N-way full merge's sizes are
+    (0, m, 0); a fixed segment's, (0, width))."""
+    return (*sizes, *[0] * (count - len(sizes)))
+
+
 def sections(axis: Axis, partition: dict[str, Sizes]) -> torch.Tensor:
     """The section (:func:`own`: 0 A-only, 1 shared, 2 B-only, …) of every position of ``axis`` in the merged
     model."""

@@ -47,16 +47,13 @@ from .arch_specs import build_model, spec_for
 from .arch_specs.attention import HEAD_COUNTS
 from .errors import CheckpointError, UsageError
 from .hub import load_checkpoint
-from .partial import SHARED, Sizes, Weights, block_weights, combine_weights, endpoint_names, own, owner, sections
+from .partial import (SHARED, Sizes, Weights, block_weights, combine_weights, endpoint_names, own, owner, padded,
+                      sections)
 from .spec import Layer
 from .trace import STANDARDISED
 from .tasks import Task, union_labels
 
 Extent = tuple[tuple[int, int], tuple[tuple[int, int], ...]]  # (first row, end row), its column ranges
-
-
-def _padded(sizes: Sizes, count: int) -> tuple[int, ...]:
-    return (*sizes, *[0] * (count - len(sizes)))
 
 
 def block_extents(out_sizes: Sizes, in_sizes: Sizes) -> dict[str, Extent]:
@@ -70,7 +67,7 @@ def block_extents(out_sizes: Sizes, in_sizes: Sizes) -> dict[str, Extent]:
     own rows, reading the shared and its own columns (two ranges apart for the third endpoint on).
     """
     count = max(len(out_sizes), len(in_sizes))
-    out_sizes, in_sizes = _padded(out_sizes, count), _padded(in_sizes, count)
+    out_sizes, in_sizes = padded(out_sizes, count), padded(in_sizes, count)
     own_sections = [own(i) for i in range(count - 1)]
     rows, cols = sum(out_sizes), sum(in_sizes)
     if not any(out_sizes[j] and in_sizes[k] for j in own_sections for k in own_sections if j != k):
