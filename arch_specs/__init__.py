@@ -9,7 +9,6 @@ configuration each is tested on (``families.py``), where attention modules keep 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -21,7 +20,7 @@ from hubmerge.errors import UnsupportedModelError
 from hubmerge.spec import PermutationSpec
 from hubmerge.trace import derive
 
-from .attention import CALLS_LAYERS, HEAD_COUNTS, SIZED_BY_INPUT
+from .attention import CALLS_LAYERS, HEAD_COUNTS, SIZED_BY_INPUT, wide_forward_matches
 from .families import FAMILIES, Family
 from .widths import CUT_TO
 
@@ -98,18 +97,20 @@ def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Per
                           shapes], sort_keys=True, default=str)
         if key in _SPECS:
             return _SPECS[key]
-    spec = _known_heads(model, derive(model, example_input(model, input_size), family_of(model), CUT_TO))
+    x = example_input(model, input_size)
+    spec = _known_heads(model, derive(model, x, family_of(model), CUT_TO), wide_forward_matches(model, x))
     if key is not None:
         _SPECS[key] = spec
     return spec
 
 
-def _known_heads(model: nn.Module, spec: PermutationSpec) -> PermutationSpec:
+def _known_heads(model: nn.Module, spec: PermutationSpec, wide: dict[str, bool]) -> PermutationSpec:
     """The spec, with attention modules whose head count cannot be raised (their class is not in
     :data:`~hubmerge.arch_specs.attention.HEAD_COUNTS`, or its count is not the traced one) kept at their width:
     their heads and their input, which their forward may size its output by; and for attention that does
     (:data:`~hubmerge.arch_specs.attention.SIZED_BY_INPUT`), every group its layers read or write, heads derived
-    or not."""
+    or not, unless a merged model runs a forward sized by its heads that computes the same (``wide``: per
+    module, whether :func:`~hubmerge.arch_specs.attention.wide_forward_matches` found it did)."""
     if spec.partial is not None:
         return spec
     fixed = {}
@@ -119,9 +120,12 @@ def _known_heads(model: nn.Module, spec: PermutationSpec) -> PermutationSpec:
         fixed.update({g: why for g in [*groups, *inputs] if g is not None and g not in fixed})
 
     for name, module in model.named_modules():
-        if type(module) in SIZED_BY_INPUT:
+        if type(module) in SIZED_BY_INPUT and not wide.get(name):
             outputs = [s.group for layer in spec.layers if layer.name.startswith(f"{name}.") for s in layer.out_axis]
-            keep(name, outputs, f"attention {name} ({type(module).__name__}) sizes its output by its input's width")
+            why = (" (and hubmerge's forward sized by its heads computes something else for this configuration or timm version)"
+                   if name in wide else "")
+            keep(name, outputs, f"attention {name} ({type(module).__name__}) sizes its output by its input's "
+                 f"width{why}")
     whole = set()
     for h in spec.heads:
         module = model.get_submodule(h.module)

@@ -53,7 +53,7 @@ FAMILIES = {
     "deit": Family("deit_tiny_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="partial"),
     "swin": Family("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=12, depths=(1, 1), num_heads=(2, 2)),
                    (3, 56, 56), "partial"),
-    "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="some"),
+    "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="partial"),
     "eva02": Family("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=24, num_heads=2), (3, 28, 28),
                     "some"),
     "mobilevit": Family("mobilevit_xxs", input_size=(3, 64, 64), support="partial"),

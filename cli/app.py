@@ -191,7 +191,7 @@ def run(
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
     more_models: Optional[list[str]] = typer.Argument(
         None, help="further endpoints: an N-way merge of all of them (MergeMany alignment to endpoint A; "
-        "partial with --gamma)"),
+        "partial with --gamma or --budget, up to N-1)"),
     weights: Optional[str] = typer.Option(None, help="N-way merge: the endpoints' weights, comma-separated "
                                                      "(default equal; normalised to sum 1)"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),
@@ -216,7 +216,7 @@ def run(
     debug: bool = typer.Option(False, help="show tracebacks"),
     **merge_options: Any,
 ) -> None:
-    """Merge two endpoints partially (or three and more fully), write a loadable repo folder and/or push it.
+    """Merge two or more endpoints, fully or partially, write a loadable repo folder and/or push it.
     Every merge option (``MergeOptions``) is an option here and a key in ``--config``, by the same name."""
     try:
         from hubmerge.errors import UsageError
@@ -231,9 +231,9 @@ def run(
             raise UsageError("say where the result goes: --out DIR, --push, or both")
         options = _merge_options(values)
         # usage errors before torch loads: the options, and an --out that must not be touched
-        MergeOptions.parse(**options)
-        out = Path(values["out"]) if values["out"] else None
         more = tuple(values["more_models"] or ())
+        MergeOptions.parse(**options).check_budget(2 + len(more))
+        out = Path(values["out"]) if values["out"] else None
         inputs = tuple(v for v in (values["model_a"], values["model_b"], *more, values["calib"], values["eval"]) if v)
         check_out(out, values["overwrite"], inputs)
         _setup(quiet or os.environ.get("RANK", "0") != "0", json_out)  # under torchrun, rank 0 logs

@@ -3,17 +3,20 @@
 Endpoints of examples/panel.py's architectures (Fashion-MNIST, trained here reproducibly and cached), from
 seeds 0-3. For N = 2, 3, 4: the mean accuracy of the first N endpoints, their ensemble (equal logit average),
 their N-way full merge (``hubmerge.merge_many``: MergeMany alignment to endpoint 0, equal weights, the
-default correction ``repair="auto"``) and their N-way partial merges at each ``--gammas`` (that share of
-every group's merged units, the least correlated, kept apart by each endpoint), with the parameter increase
-over one endpoint, on held-out test images.
+default correction ``repair="auto"``), their N-way partial merges at each ``--gammas`` (that share of
+every group's merged units, the least correlated, kept apart by each endpoint) and, at each γ's parameter
+increase as the budget, the N-way budgeted merge (``budget=…``, the benefit allocator: groups widened by
+measured benefit instead of uniformly), with the parameter increase over one endpoint, on held-out test
+images.
 
-    python examples/many.py                       # the MLP and ResNet20 (about 50 min here with training)
+    python examples/many.py                       # the MLP and ResNet20 (13 min here once the endpoints are cached)
     python examples/many.py --pairs vgg-seeds
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,32 +49,67 @@ def main() -> None:
         rows = done.setdefault(name, {})
         if "endpoints" not in rows:  # measured once, kept with the results
             rows["endpoints"] = [evaluate(m, evaluation).accuracy for m in models]
-        for n in (2, 3, 4):
-            if str(n) not in rows:
+
+        def measured(key: str, n: int, **options) -> dict:
+            """The N-way merge of the first n endpoints with ``options`` (measured once, kept with the results)."""
+            if "flops" not in rows.get(key, {}):
                 t0 = time.perf_counter()
-                merged = hubmerge.merge_many(models[:n], calib).model
-                rows[str(n)] = dict(ensemble=evaluate(Average(models[:n]), evaluation).accuracy,
-                                    merged=evaluate(merged, evaluation).accuracy, seconds=time.perf_counter() - t0)
+                result = hubmerge.merge_many(models[:n], calib, **options)
+                rows[key] = dict(merged=evaluate(result.model, evaluation).accuracy,
+                                 params=result.report.param_increase, flops=result.report.flop_increase,
+                                 seconds=time.perf_counter() - t0)
                 save_results(args, done)
+            return rows[key]
+
+        for n in (2, 3, 4):
+            if "ensemble" not in rows.get(f"{n}/ensemble", {}):
+                rows[f"{n}/ensemble"] = dict(ensemble=evaluate(Average(models[:n]), evaluation).accuracy)
+            measured(str(n), n)
             for gamma in args.gammas:
-                key = f"{n}@{gamma}"
-                if key not in rows:
-                    t0 = time.perf_counter()
-                    result = hubmerge.merge_many(models[:n], calib, gamma=gamma)
-                    rows[key] = dict(merged=evaluate(result.model, evaluation).accuracy,
-                                     params=result.report.param_increase, seconds=time.perf_counter() - t0)
-                    save_results(args, done)
+                # the same parameters as γ, spent where they measure most benefit
+                measured(f"{n}@{gamma}/budget", n, budget=measured(f"{n}@{gamma}", n, gamma=gamma)["params"])
         print(f"\n== {name}: {pair.architecture}, endpoints "
               + ", ".join(f"{100 * a:.2f}%" for a in rows["endpoints"]) + "\n")
         print("| N | mean endpoint | ensemble (params) | N-way full merge | "
-              + " | ".join(f"partial γ={g} (params)" for g in args.gammas) + " | full merge seconds |\n|"
-              + "---|" * (5 + len(args.gammas)))
+              + " | ".join(f"partial γ={g} (params / FLOPs) | budget at γ={g}'s params (params / FLOPs)"
+                           for g in args.gammas)
+              + " | full merge seconds |\n|" + "---|" * (5 + 2 * len(args.gammas)))
+
+        def cell(row: dict) -> str:
+            return f"{100 * row['merged']:.2f}% (+{100 * row['params']:.0f}% / +{100 * row['flops']:.0f}%)"
+
         for n in (2, 3, 4):
-            r, mean = rows[str(n)], sum(rows["endpoints"][:n]) / n
-            cells = [f"{100 * rows[f'{n}@{g}']['merged']:.2f}% (+{100 * rows[f'{n}@{g}']['params']:.0f}%)"
-                     for g in args.gammas]
-            print(f"| {n} | {100 * mean:.2f}% | {100 * r['ensemble']:.2f}% (+{100 * (n - 1)}%) | "
-                  f"{100 * r['merged']:.2f}% | " + " | ".join(cells) + f" | {r['seconds']:.1f} |", flush=True)
+            mean = sum(rows["endpoints"][:n]) / n
+            cells = [f"{cell(rows[f'{n}@{g}'])} | {cell(rows[f'{n}@{g}/budget'])}" for g in args.gammas]
+            print(f"| {n} | {100 * mean:.2f}% | {100 * rows[f'{n}/ensemble']['ensemble']:.2f}% (+{100 * (n - 1)}%) | "
+                  f"{100 * rows[str(n)]['merged']:.2f}% | " + " | ".join(cells)
+                  + f" | {rows[str(n)]['seconds']:.1f} |", flush=True)
+        plot(rows, args.gammas, args.results.parent / f"many_{name}.png")
+
+
+def plot(rows: dict, gammas: list[float], path: Path) -> None:
+    """Accuracy against parameter increase per N: full merge, partial merges by γ and by budget, ensemble."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, color in zip((2, 3, 4), ("C0", "C1", "C2")):
+        by_gamma = [rows[str(n)], *(rows[f"{n}@{g}"] for g in gammas)]
+        ax.plot([100 * r["params"] for r in by_gamma], [100 * r["merged"] for r in by_gamma], "o-", color=color,
+                label=f"N={n}: full merge, partial γ={', '.join(map(str, gammas))}")
+        budgets = [rows[f"{n}@{g}/budget"] for g in gammas]
+        ax.plot([100 * r["params"] for r in budgets], [100 * r["merged"] for r in budgets], "s", color=color,
+                mfc="none", label=f"N={n}: budget (benefit) at γ's parameters")
+        ax.plot([100 * (n - 1)], [100 * rows[f"{n}/ensemble"]["ensemble"]], "*", color=color, ms=12,
+                label=f"N={n}: ensemble")
+    ax.set_xlabel("parameter increase over one endpoint (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

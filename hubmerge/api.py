@@ -293,6 +293,12 @@ class Prepared:
                             epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans,
                             matchings=self.matchings if matched else None)
 
+    @property
+    def repair_statistics(self):
+        """What REPAIR targets in this merge: every endpoint's statistics (N-way), else those of the two endpoints
+        merged (a zip's virtual ones)."""
+        return self.many or self.merging_stats
+
     def build(self, plans: dict[str, partial.GroupPlan] | Matchings, repair: str | None = "default",
               alpha: float | None = None, endpoints: bool = False) -> PartialMergedModel:
         """Build (and REPAIR, with the options' method unless told otherwise) the merge for ``plans``,
@@ -303,7 +309,7 @@ class Prepared:
         alpha = o.alpha if alpha is None else alpha
         n_way = self.many is not None
         models, stats = (self.models, self.many or self.stats) if endpoints else (
-            [*self.merging, *self.models[2:]], self.many or self.merging_stats)
+            [*self.merging, *self.models[2:]], self.repair_statistics)
         if self.tasks:  # each task's classifier rows keep their own endpoint's values
             w = tuple(self.weights) if n_way else (1 - alpha, alpha)
             key = (endpoints, w)
@@ -327,7 +333,7 @@ class Prepared:
             return self.matchings
         return partial.plan(self.spec, self.scores, 0.0, "forced", cache=self._plans)
 
-    def partition(self, plans: dict[str, partial.GroupPlan] | Matchings) -> dict[str, tuple[int, int, int]]:
+    def partition(self, plans: dict[str, partial.GroupPlan] | Matchings) -> dict[str, partial.Sizes]:
         return {g: p.sizes for g, p in plans.items()}
 
 
@@ -388,8 +394,16 @@ def merge(model_a: nn.Module | list[nn.Module], model_b: nn.Module | Any = None,
     if weights is not None:
         raise UsageError("weights weigh a list of endpoints, merge([m1, m2, ...], ...); two weigh 1−alpha and alpha")
     opts = MergeOptions.combine(options, overrides)
+    opts.check_budget(2)
     t0 = time.perf_counter()
     prepared = Prepared(model_a, model_b, calibration, opts, endpoints, preprocess)
+    return _planned(prepared, evaluation, t0)
+
+
+def _planned(prepared: Prepared, evaluation: Any, t0: float) -> MergeResult:
+    """Plan the merge (per-group γ from the allocator where a budget is set, else the options' ``gamma``), build
+    it and finish it; an N-way full merge without a budget is built from its matchings (the plain
+    architecture)."""
     opts = prepared.options  # as the endpoints resolve them (a zip spends its budget on its depth)
     allocation, trace, method, epsilon = [], [], None, None
     if opts.budget:
@@ -402,7 +416,10 @@ def merge(model_a: nn.Module | list[nn.Module], model_b: nn.Module | Any = None,
     else:
         gamma = opts.gamma
     with prepared.timed("build"):
-        plans = prepared.plans(gamma, method, epsilon)
+        if prepared.many is not None and opts.budget is None and not gamma:
+            plans = prepared.matchings
+        else:
+            plans = prepared.plans(gamma, method, epsilon)
         model = prepared.build(plans)
     return _finish(prepared, plans, model, evaluation, t0, allocation, trace)
 
@@ -424,14 +441,16 @@ def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = N
     endpoints' weighted logit average and γ=0 their full merge, one model of their size. Report metrics are
     named ``a``, ``b``, ``c``, … after the endpoints' order; the ensemble is their weighted logit average.
 
-    N-way merges align by activations and take no budget yet: ``budget`` and ``align`` other than
-    ``activation`` are refused."""
+    A ``budget`` (at most N−1: the ensemble costs N−1 endpoints more than one) is spread over the groups by
+    the ``allocator`` as for two endpoints, each unit kept apart costing N−1 units more. N-way merges align by
+    activations: ``align`` other than ``activation`` is refused."""
     opts = MergeOptions.combine(options, overrides)
     if len(models) < 2:
         raise UsageError(f"merge_many needs at least two endpoints, got {len(models)}")
-    if opts.align != "activation" or opts.budget is not None:
-        raise UsageError("N-way merges align by activations and are planned by gamma so far: leave budget unset "
-                         "and align='activation' (budgets and zips of N endpoints are not built yet)")
+    if opts.align != "activation":
+        raise UsageError("N-way merges align by activations: use align='activation' (zips of N endpoints are not "
+                         "built yet)")
+    opts.check_budget(len(models))
     if len(models) > 2 and opts.alpha != MergeOptions.model_fields["alpha"].default:
         raise UsageError("alpha weighs two endpoints; weigh three or more with weights=[...] (default equal)")
     if weights is None:
@@ -441,10 +460,7 @@ def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = N
     t0 = time.perf_counter()
     prepared = Prepared(models[0], models[1], calibration, opts, endpoints, preprocess, n_way=tuple(models[2:]),
                         weights=weights)
-    with prepared.timed("build"):
-        plans = prepared.plans(opts.gamma) if opts.gamma else prepared.matchings
-        model = prepared.build(plans)
-    return _finish(prepared, plans, model, evaluation, t0, [], [])
+    return _planned(prepared, evaluation, t0)
 
 
 def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluation: Any, t0: float,

@@ -32,7 +32,7 @@ from .data import batches, progress_bar
 from .distributed import total
 from .errors import UsageError
 from .evaluate import logits
-from .partial import choices
+from .partial import Sizes, apart_sizes, choices
 from .repair import CORRECTS, RESETS, Sweep, shared_prefix
 
 log = logging.getLogger("hubmerge")
@@ -94,6 +94,7 @@ class _Search:
         self.choices = {c.name: c for c in choices(prepared.spec)}  # groups, and attention modules' heads
         self.widths = {name: c.width for name, c in self.choices.items()}
         self.group_widths = {g: grp.width for g, grp in prepared.spec.groups.items()}
+        self.models = len(prepared.models)
         self.k = {name: 0 for name in self.widths}
         self.evaluations, self.seconds = 0, 0.0
 
@@ -101,12 +102,12 @@ class _Search:
         """Per-group γ of k units (heads) apart per choice."""
         return {g: v for name, c in self.choices.items() for g, v in c.gammas(k[name]).items()}
 
-    def partition(self, k: dict[str, int]) -> dict[str, tuple[int, int, int]]:
-        """k units (heads) of each choice kept apart on both sides: a group's sizes are (k, n − k, k); groups
-        that cannot widen, (0, n, 0)."""
-        merged = {g: (0, n, 0) for g, n in self.group_widths.items()}
+    def partition(self, k: dict[str, int]) -> dict[str, Sizes]:
+        """k units (heads) of each choice kept apart by every endpoint: a group's sizes are (k, n − k, k), of N
+        endpoints (k, n − k, k, …, k); groups that cannot widen, (0, n, 0, …)."""
+        merged = {g: apart_sizes(n, 0, self.models) for g, n in self.group_widths.items()}
         return merged | {g: v for name, c in self.choices.items()
-                         for g, v in c.partition(k[name], self.group_widths).items()}
+                         for g, v in c.partition(k[name], self.group_widths, self.models).items()}
 
     def increase(self, k: dict[str, int]) -> float:
         return self.p.costs.increase(self.partition(k))[self.unit]
@@ -144,7 +145,7 @@ class _Search:
                 plans = self.p.plans(self.gammas(k))
                 model = self.p.build(plans, repair="reset" if o.repair in RESETS else None)
                 correct = o.repair in CORRECTS
-            return Sweep.start(model, plans, self.p.stats, self.p.calibration, correct=correct,
+            return Sweep.start(model, plans, self.p.repair_statistics, self.p.calibration, correct=correct,
                                unmerged=o.repair_unmerged, normed=o.repair not in RESETS, device=o.device,
                                memory=o.activation_bytes)
 

@@ -19,7 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .evaluate import weighted_barrier
-from .partial import endpoint_names, padded
+from .partial import apart_sizes, endpoint_names, padded
 from .tasks import Task
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def _allocation(spec: PermutationSpec, partition: dict, allocation: list[dict]) 
     rows += [row(g, g, tuple(sizes)) for g, sizes in partition.items() if g not in heads]
     for h in spec.heads:
         apart = h.apart(partition)
-        rows.append(row(h.module, f"{h.module} (heads)", (apart, len(h.heads) - apart, *[apart] * (count - 2))))
+        rows.append(row(h.module, f"{h.module} (heads)", apart_sizes(len(h.heads), apart, count - 1)))
     return "\n".join(rows)
 
 

@@ -59,7 +59,8 @@ class MergeOptions(BaseModel):
     # interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property
     cross: Literal["interpolate", "fill"] = Field(
         "fill", description="cross blocks of shared rows (interpolate: alpha=0 gives A exactly)")
-    budget: Optional[float] = Field(None, description="relative size increase over one endpoint, 0..1")
+    budget: Optional[float] = Field(None, ge=0.0, description="relative size increase over one endpoint: 0 = the "
+                                    "full merge, 1 = the ensemble of two endpoints (N−1 of N)")
     budget_unit: Literal["params", "flops"] = Field("params", description="what the budget counts")
     # measured (examples/budget.py, three pairs): greedy's barrier is at most a little lower than benefit's
     # (loss, its objective) and not consistently in accuracy, at 5-15x the candidate evaluations
@@ -90,8 +91,6 @@ class MergeOptions(BaseModel):
         gammas = self.gamma.values() if isinstance(self.gamma, dict) else [self.gamma]
         if any(not 0.0 <= g <= 1.0 for g in gammas):
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if self.budget is not None and not 0.0 <= self.budget <= 1.0:
-            raise ValueError(f"budget must be in [0, 1] (0 = full merge, 1 = ensemble), got {self.budget}")
         if self.align == "zip" and any(gammas):
             raise ValueError("align='zip' keeps units apart by depth only (zip_depth, or the depth a budget "
                              "affords), not by gamma: leave gamma at 0, or use align='activation' for a partial merge")
@@ -100,6 +99,13 @@ class MergeOptions(BaseModel):
         if self.zip_depth is not None and self.align != "zip":
             raise ValueError(f"zip_depth is a depth of zip alignment; it means nothing with align={self.align!r}")
         return self
+
+    def check_budget(self, endpoints: int) -> None:
+        """Refuse a budget above what keeping every unit of ``endpoints`` endpoints apart costs (their ensemble,
+        N−1 endpoints more than one), which no allocation could spend."""
+        if self.budget is not None and self.budget > endpoints - 1:
+            raise UsageError(f"budget must be in [0, {endpoints - 1}] for {endpoints} endpoints (0 = full merge, "
+                             f"{endpoints - 1} = their ensemble), got {self.budget}")
 
     @classmethod
     def parse(cls, **values) -> MergeOptions:

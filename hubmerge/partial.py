@@ -207,6 +207,12 @@ def padded(sizes: Sizes, count: int) -> Sizes:
     return (*sizes, *[0] * (count - len(sizes)))
 
 
+def apart_sizes(width: int, k: int, models: int = 2) -> Sizes:
+    """The sizes of a group of ``width`` units with k merged units kept apart by each of ``models`` endpoints:
+    (k, width − k, k) for two, (k, width − k, k, …, k) for N."""
+    return (k, width - k, *[k] * (models - 1))
+
+
 def sections(axis: Axis, partition: dict[str, Sizes]) -> torch.Tensor:
     """The section (:func:`own`: 0 A-only, 1 shared, 2 B-only, …) of every position of ``axis`` in the merged
     model."""
@@ -426,11 +432,12 @@ class Choice:
         """Per-group γ that :func:`plan` turns into k units (heads) apart."""
         return {g: k / self.width for g in self.groups}
 
-    def partition(self, k: int, widths: dict[str, int]) -> dict[str, Sizes]:
-        """Sizes of the groups with k units (heads) apart: which heads does not change the cost."""
+    def partition(self, k: int, widths: dict[str, int], models: int = 2) -> dict[str, Sizes]:
+        """Sizes of the groups with k units (heads) apart, each of ``models`` endpoints keeping its own: which
+        heads does not change the cost."""
         if self.heads is None:
-            return {g: (k, self.width - k, k) for g in self.groups}
-        return {g: (widths[g], 0, widths[g]) if h < k else (0, widths[g], 0)
+            return {g: apart_sizes(self.width, k, models) for g in self.groups}
+        return {g: apart_sizes(widths[g], widths[g] if h < k else 0, models)
                 for h, head in enumerate(self.heads.heads) for g in head}
 
     def apart(self, partition: dict[str, Sizes]) -> int:

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from . import __version__
 from .arch_specs import build_model, spec_for
-from .arch_specs.attention import HEAD_COUNTS
+from .arch_specs.attention import HEAD_COUNTS, run_wide
 from .errors import CheckpointError, UsageError
 from .hub import load_checkpoint
 from .partial import (SHARED, Sizes, Weights, block_weights, combine_weights, endpoint_names, own, owner, padded,
@@ -606,6 +606,8 @@ class PartialMergedModel(
             else:
                 wide = PartitionedLayer(template, out, inp)
             _replace(net, layer.name, wide)
+        for module in net.modules():  # attention sized by its heads, which may widen apart from its input
+            run_wide(module)
         for h in self.spec.heads:  # a head kept apart is two heads of the merged attention (N of an N-way merge)
             if not h.apart(self.partition):  # (heads of an attention that cannot widen never are)
                 continue

@@ -127,6 +127,7 @@ def run(a: str, b: str, *more: str, weights: tuple[float, ...] | None = None, ca
     it, the others return it with no ``output`` or ``repo_url``.
     """
     opts = MergeOptions.combine(options, overrides)
+    opts.check_budget(2 + len(more))
     if repo_id is not None:
         try:
             validate_repo_id(repo_id)
@@ -201,14 +202,13 @@ def _push(api: HfApi, folder: Path, repo_id: str, *, private: bool, revision: st
           refs: tuple[str, ...]) -> str:
     """Create the repo (and branch) and upload the staged folder in one commit."""
     o = report.options
-    if len(refs) > 2:
-        message = f"hubmerge: {len(refs)}-way full merge of {', '.join(refs)}"
-    elif o["align"] == "zip":
-        message = f"hubmerge: zipped merge of {refs[0]} and {refs[1]}, zip_beta {o['zip_beta']}"
+    names = ", ".join(refs[:-1]) + f" and {refs[-1]}"
+    if o["align"] == "zip":
+        message = f"hubmerge: zipped merge of {names}, zip_beta {o['zip_beta']}"
     else:
         how = f"budget {o['budget']} ({o['allocator']})" if o["budget"] is not None else f"gamma {o['gamma']}"
-        message = (f"hubmerge: partial merge of {refs[0]} and {refs[1]}, {how}, "
-                   f"+{100 * report.param_increase:.1f}% params")
+        kind = f"{len(refs)}-way" if len(refs) > 2 else "partial"
+        message = f"hubmerge: {kind} merge of {names}, {how}, +{100 * report.param_increase:.1f}% params"
     with remote_errors(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:

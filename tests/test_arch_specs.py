@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 from timm.models import register_model
+from timm.models.beit import Attention as BeitAttention
 from torch import nn
 
 import hubmerge
@@ -91,10 +92,13 @@ def test_families_without_partial_support_say_why():
     assert "runs along another axis, one copy per section" in spec.fixed["blocks.0.mlp_tokens.fc1"]
     assert {(a.layer, a.dim, a.axis[0].group) for a in spec.across} == {
         (f"blocks.{i}.mlp_tokens.fc{j}", -2, "stem.proj") for i in range(8) for j in (1, 2)}
-    # BEiT's attention sizes its output by its input: heads and stream stay merged, the MLP hidden units widen
-    spec = spec_for(timm.create_model("beit_base_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=24,
-                                      num_heads=2), (3, 32, 32))
-    assert spec.support == "some" and "sizes its output by its input's width" in spec.fixed["patch_embed.proj"]
+    # EVA's rotary embedding takes its q/k channels apart by position: its heads stay merged, the stream and the MLP
+    # hidden units widen
+    spec = spec_for(timm.create_model("eva02_tiny_patch14_224", num_classes=3, img_size=28, depth=2, embed_dim=24,
+                                      num_heads=2), (3, 28, 28))
+    assert spec.support == "some" and sorted(spec.widenable()) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1",
+                                                                   "patch_embed.proj"]
+    assert "takes its channels apart by position" in spec.fixed["blocks.0.attn"]
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
 
@@ -161,3 +165,53 @@ def test_a_ghost_module_keeping_every_channel_follows_the_width_and_one_cutting_
     assert "takes its channels apart by position" in unknown.fixed["1.primary_conv.0"]
     cutting = derive(ghost(5), torch.randn(2, 3, 8, 8), "test", CUT_TO)  # 6 channels cut to 5
     assert set(cutting.fixed) == {"1.primary_conv.0", "1.primary_conv.0#2"} and cutting.widenable() == ["0"]
+
+
+def test_beit_widens_where_its_forward_sized_by_heads_computes_what_timms_does(monkeypatch):
+    """BEiT's attention sizes its output by its input's width; a merged model runs hubmerge's forward sized by its
+    heads, so heads and stream widen. That forward is checked against timm's on every model traced: one that
+    computes something else (here: twice the output, as a changed timm release might) leaves heads and stream
+    merged, saying why."""
+    from hubmerge.arch_specs import attention
+
+    def beit(**extra):
+        return timm.create_model("beit_base_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=24,
+                                 num_heads=2, **extra)
+
+    spec = spec_for(beit(), (3, 32, 32))
+    assert spec.support == "partial" and not spec.fixed and [h.module for h in spec.heads] == [
+        "blocks.0.attn", "blocks.1.attn"]
+    wrong = attention.WIDE_FORWARDS[BeitAttention]
+    monkeypatch.setitem(attention.WIDE_FORWARDS, BeitAttention, lambda module, *a, **k: 2 * wrong(module, *a, **k))
+    monkeypatch.setattr(hubmerge.arch_specs, "_SPECS", {})  # traced anew, not taken from the cache
+    spec = spec_for(beit(), (3, 32, 32))
+    assert spec.support == "some"
+    assert "hubmerge's forward sized by its heads computes something else" in spec.fixed["patch_embed.proj"]
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(qkv_fused=False), dict(scale_attn_inner=True),
+                                     dict(rope_rotate_half=True, num_reg_tokens=1), dict(use_rot_pos_emb=False)])
+def test_eva_runs_a_forward_sized_by_its_heads_so_its_stream_widens_exactly(variant):
+    """EVA's attention sizes its output by its input's width; a merged model runs hubmerge's forward sized by its
+    heads (fused or separate q/k/v, the inner norm, either rotary layout, register tokens), so the
+    stream widens around heads that keep their width, and α=0 or α=1 still give A's or B's function exactly."""
+    args = dict(num_classes=3, img_size=28, depth=2, embed_dim=24, num_heads=2, **variant)
+    a, b = (randomize_(timm.create_model("eva02_tiny_patch14_224", **args), s).double().eval() for s in (1, 2))
+    a.model_args = b.model_args = args
+    gen = torch.Generator().manual_seed(0)
+    x, calib = (torch.randn(4, 3, 28, 28, generator=gen, dtype=torch.float64) for _ in range(2))
+    spec = spec_for(a, (3, 28, 28))
+    assert "patch_embed.proj" in spec.widenable(), spec.fixed
+    # without a rotary embedding its heads are whole groups, merged or kept apart whole
+    assert spec.support == ("partial" if variant.get("use_rot_pos_emb") is False else "some")
+    assert len(spec.heads) == (2 if variant.get("use_rot_pos_emb") is False else 0)
+    for alpha, endpoint in ((0.0, a), (1.0, b)):
+        merged = hubmerge.merge(a, b, [(calib, None)], gamma=0.5, alpha=alpha, repair=None, cross="interpolate",
+                                partial="topk").model
+        assert merged.partition["patch_embed.proj"][0] == 12
+        out = endpoint(x)
+        assert ((merged(x) - out).abs().max() / out.abs().max()).item() <= 1e-10
+    if spec.support == "partial":  # every group widens: γ=1 is the ensemble
+        out = Ensemble(a, b)(x)
+        ensemble = hubmerge.merge(a, b, [(calib, None)], gamma=1.0, repair=None).model(x)
+        assert ((ensemble - out).abs().max() / out.abs().max()).item() <= 1e-10

@@ -73,5 +73,7 @@ def test_report_has_the_allocation_per_group():
 
 
 def test_budget_out_of_range_is_a_clear_error():
-    with pytest.raises(UsageError, match=r"budget must be in \[0, 1\]"):
+    with pytest.raises(UsageError, match=r"budget: Input should be greater than or equal to 0"):
         hubmerge.merge(make("mlp", 0), make("mlp", 1), labelled("mlp"), budget=-0.1)
+    with pytest.raises(UsageError, match=r"budget must be in \[0, 1\] for 2 endpoints"):
+        hubmerge.merge(make("mlp", 0), make("mlp", 1), labelled("mlp"), budget=1.5)

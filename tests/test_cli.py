@@ -89,19 +89,21 @@ def test_zip_from_the_command_line(local, tmp_path):
 
 
 def test_three_endpoints_make_an_n_way_merge_that_its_recipe_reproduces(local, tmp_path):
-    """``hubmerge run A B C --weights``: the report names every endpoint, the card says what the merge is,
-    and the recipe in the card (with the third endpoint and the weights) reruns to the same weights."""
+    """``hubmerge run A B C --weights --budget``: the report names every endpoint, the budget (above one
+    endpoint's size, below the ensemble's two more) is spent, the card says what the merge is, and the recipe
+    in the card (with the third endpoint and the weights) reruns to the same weights."""
     args = dict(depth=2, width=12, bn=True, img_size=8, num_classes=10)
     save_timm(randomize_(timm.create_model("hubmerge_mlp", **args), 2), tmp_path / "ep2", "hubmerge_mlp", args)
-    result = runner.invoke(app, ["run", str(local / "ep0"), str(local / "ep1"), str(tmp_path / "ep2"), "--calib",
-                                 str(local / "data"), "--eval", str(local / "data"), "--weights", "2,1,1", "--out",
-                                 str(tmp_path / "m"), "--json", "--quiet"])
+    three = ["run", str(local / "ep0"), str(local / "ep1"), str(tmp_path / "ep2")]
+    result = runner.invoke(app, [*three, "--calib", str(local / "data"), "--eval", str(local / "data"), "--weights",
+                                 "2,1,1", "--budget", "1.2", "--out", str(tmp_path / "m"), "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["report"]
     assert list(report["metrics"]) == ["a", "b", "c", "ensemble", "full_merge", "merged"]
     assert report["weights"] == [0.5, 0.25, 0.25]
+    assert 1.0 < report["param_increase"] <= 1.2 and report["allocation"]
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "# 3-way merge of" in card and "weights 0.5, 0.25, 0.25" in card
+    assert "# 3-way merge of" in card and "weights 0.5, 0.25, 0.25" in card and "| k_A | shared | k_B | k_C |" in card
     recipe = _card_recipe(tmp_path / "m")
     assert recipe["more_models"] == [str(tmp_path / "ep2")] and recipe["weights"] == "2,1,1"
     (tmp_path / "again.yaml").write_text(yaml.safe_dump({**recipe, "out": str(tmp_path / "again")}))
@@ -111,6 +113,8 @@ def test_three_endpoints_make_an_n_way_merge_that_its_recipe_reproduces(local, t
     assert written[0] == written[1]
     two = runner.invoke(app, base(local, "--weights", "1,1", "--out", str(tmp_path / "two")))
     assert two.exit_code == 2 and "--weights weigh the endpoints of an N-way merge" in two.output
+    over = runner.invoke(app, [*three, "--budget", "2.5", "--out", str(tmp_path / "over")])
+    assert over.exit_code == 2 and "budget must be in [0, 2] for 3 endpoints" in over.output
 
 
 def test_missing_calibration_where_needed_is_usage_error(local, tmp_path):
@@ -151,15 +155,18 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
 
 
 def test_inspect_marks_the_groups_that_cannot_widen(tmp_path):
-    args = dict(img_size=32, depth=2, embed_dim=24, num_heads=2, num_classes=3)
-    save_timm(timm.create_model("beit_base_patch16_224", **args), tmp_path / "beit", "beit_base_patch16_224", args)
-    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "beit"), "--json"]).stdout)
+    args = dict(img_size=28, depth=2, embed_dim=24, num_heads=2, num_classes=3)
+    save_timm(timm.create_model("eva02_tiny_patch14_224", **args), tmp_path / "eva", "eva02_tiny_patch14_224", args)
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "eva"), "--json"]).stdout)
     assert info["support"] == "some"
     fixed = {g["name"]: g["cannot_widen_because"] for g in info["groups"] if g["cannot_widen_because"]}
-    assert len(fixed) == 9 and "sizes its output by its input's width" in fixed["patch_embed.proj"]
-    text = runner.invoke(app, ["inspect", str(tmp_path / "beit")]).output
-    assert "11 groups; partial merges and budgets, 9 of the groups always merged (marked *)" in text
-    assert "* attention blocks.0.attn (Attention) sizes its output by its input's width" in text
+    # the stream widens (hubmerge runs EvaAttention sized by its heads); the heads keep their width, since
+    # the rotary embedding takes q and k apart by position inside a head
+    assert sorted(fixed) == ["blocks.0.attn", "blocks.0.attn#2", "blocks.1.attn", "blocks.1.attn#2"]
+    assert all("takes its channels apart by position" in why for why in fixed.values())
+    text = runner.invoke(app, ["inspect", str(tmp_path / "eva")]).output
+    assert "7 groups; partial merges and budgets, 4 of the groups always merged (marked *)" in text
+    assert "* an op takes its channels apart by position (a slice or a split)" in text
     # a token MLP's hidden units keep their width, yet the family takes partial merges: it runs a copy per section
     args = dict(img_size=64, mlp_ratio=(0.05, 0.05), num_classes=3)
     save_timm(timm.create_model("mixer_s32_224", **args), tmp_path / "mixer", "mixer_s32_224", args)
@@ -180,7 +187,8 @@ def test_archs_derive_traces_every_family_and_agrees_with_the_table():
     assert rows["nfnet"]["derived"] == "partial"  # each endpoint's view standardised on its own
     assert "weight its forward computes" in rows["resnetv2_bit"]["why_not_partial"]  # standardised, no gain
     assert rows["mixer"]["derived"] == rows["maxvit"]["derived"] == "partial"  # token MLP copies; heads whole
-    assert rows["beit"]["derived"] == "some" and "sizes its output" in rows["beit"]["why_not_partial"]
+    assert rows["beit"]["derived"] == "partial"  # its attention run sized by its heads
+    assert rows["eva02"]["derived"] == "some" and "by position" in rows["eva02"]["why_not_partial"]  # rotary q/k
 
 
 def test_eval_command(local):

@@ -107,10 +107,11 @@ def test_report_names_every_endpoint_and_weighs_the_ensemble():
     assert abs(result.report.barrier.accuracy - expected) <= 1e-12
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext", "swin", "mixer", "nfnet"])
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext", "swin", "beit", "mixer", "nfnet"])
 def test_n_way_partial_merges_hold_the_invariants(name, tmp_path):
     """Residual streams and BatchNorms (ResNet), heads and LayerNorms (ViT), layer scales (ConvNeXt), per-head
-    bias tables (Swin), token-mixing copies (Mixer) and weight-standardised convs (NF-Net), three endpoints."""
+    bias tables (Swin, BEiT: whose attention runs sized by its heads), token-mixing copies (Mixer) and
+    weight-standardised convs (NF-Net), three endpoints."""
     models, calib = endpoints(name, 3)
     x = calib[0][0]
     weights = [0.5, 0.3, 0.2]
@@ -196,10 +197,39 @@ def test_repair_of_an_n_way_partial_merge_reaches_its_targets():
             assert torch.allclose(got[c.name].std[live], c.std[live], atol=1e-8, rtol=1e-8), c.name
 
 
+@pytest.mark.parametrize("allocator", ["uniform", "adaptive", "benefit", "greedy"])
+def test_n_way_budgets_are_spent_within_the_budget(allocator):
+    """Every allocator spends a budget over N endpoints: at most the budget (params, or FLOPs), counted as what
+    is stored, the allocation table saying per group how many units each endpoint keeps; budget N−1 is the
+    weighted logit average and 0 the full merge; two endpoints give the two-way budgeted merge bit for bit."""
+    models, calib = endpoints("mlp", 3)
+    x = calib[0][0]
+    for budget, unit in ((0.4, "params"), (0.9, "flops")):
+        result = hubmerge.merge_many(models, calib, budget=budget, budget_unit=unit, allocator=allocator)
+        r, model = result.report, result.model
+        increase = r.param_increase if unit == "params" else r.flop_increase
+        assert 0 < increase <= budget + 1e-12, (budget, increase)
+        costs = CostModel(model.spec, models[0], tuple(x.shape[1:]))
+        assert costs(model.partition).total.params == sum(p.numel() for p in model.parameters())
+        assert {row["group"] for row in r.allocation} == set(model.spec.groups)
+        for row in r.allocation:
+            assert model.partition[row["group"]] == (row["units_added"], 10 - row["units_added"],
+                                                     row["units_added"], row["units_added"])
+    weights = [0.2, 0.3, 0.5]
+    whole = hubmerge.merge_many(models, calib, budget=2, allocator=allocator, repair=None, weights=weights).model
+    assert relative(whole(x), sum(w * m(x) for w, m in zip(weights, models))) <= 1e-10
+    none = hubmerge.merge_many(models, calib, budget=0, allocator=allocator, weights=weights).model
+    full = hubmerge.merge_many(models, calib, weights=weights).model
+    assert relative(none(x), full(x)) <= 1e-10
+    two = hubmerge.merge(*models[:2], calib, budget=0.3, allocator=allocator).model.state_dict()
+    many = hubmerge.merge_many(models[:2], calib, budget=0.3, allocator=allocator).model.state_dict()
+    assert many.keys() == two.keys() and all(torch.equal(many[k], v) for k, v in two.items())
+
+
 def test_what_an_n_way_merge_refuses():
     models, calib = endpoints("mlp", 3)
-    for bad, message in ((dict(budget=0.1), "budgets and zips"),
-                         (dict(align="zip"), "budgets and zips"), (dict(weights=[1, 1]), "3 non-negative"),
+    for bad, message in ((dict(budget=2.5), r"budget must be in \[0, 2\] for 3 endpoints"),
+                         (dict(align="zip"), "zips of N endpoints"), (dict(weights=[1, 1]), "3 non-negative"),
                          (dict(weights=[1, -1, 1]), "non-negative"), (dict(weights=[0, 0, 0]), "not all 0"),
                          (dict(alpha=0.3), "alpha weighs two endpoints")):
         with pytest.raises(UsageError, match=message):
