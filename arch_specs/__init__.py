@@ -20,7 +20,7 @@ from hubmerge.errors import UnsupportedModelError
 from hubmerge.spec import PermutationSpec
 from hubmerge.trace import derive
 
-from .attention import CALLS_LAYERS, HEAD_COUNTS, SIZED_BY_INPUT, wide_forward_matches
+from .attention import CALLS_LAYERS, HEAD_COUNTS, ROTARY, SIZED_BY_INPUT, wide_forward_matches
 from .families import FAMILIES, Family
 from .widths import CUT_TO
 
@@ -98,7 +98,7 @@ def spec_for(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Per
         if key in _SPECS:
             return _SPECS[key]
     x = example_input(model, input_size)
-    spec = _known_heads(model, derive(model, x, family_of(model), CUT_TO), wide_forward_matches(model, x))
+    spec = _known_heads(model, derive(model, x, family_of(model), CUT_TO, ROTARY), wide_forward_matches(model, x))
     if key is not None:
         _SPECS[key] = spec
     return spec

@@ -14,6 +14,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import timm.models.eva
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
@@ -68,14 +69,20 @@ HEAD_COUNTS: dict[type, HeadCount] = {
     # BEiT: its forward sizes heads from num_heads; a merged model runs beit_forward, sized by its heads, and its
     # relative position bias table widens along heads
     BeitAttention: HeadCount("num_heads"),
-    # EVA without a rotary embedding (with one, its heads are not whole groups, and keep their width): as BEiT's,
-    # a merged model runs eva_forward
+    # EVA: as BEiT's, a merged model runs eva_forward; its rotary embedding rotates every head alike, so more
+    # heads read the same table
     EvaAttention: HeadCount("num_heads"),
     # MaxViT's channels-last attention: its forward sizes heads from num_heads and dim_head and restores its
     # output with (-1) channels, reading q, k, v head by head where head_first; its relative position bias table
     # widens along heads
     AttentionCl: HeadCount("num_heads", whole="head_first"),
 }
+
+# rotary embeddings ``f(x, table, ...)`` the tracer traces whole (module, name as the model's code calls it): they
+# pair a head's q/k channels by position, which keep their order (``Group.ordered``) where a trace op by op would
+# see slices cutting the head
+ROTARY: tuple[tuple[object, str], ...] = ((timm.models.eva, "apply_rot_embed_cat"),)
+
 
 def beit_forward(self: BeitAttention, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
     """BEiT's attention, its heads' output sized by its heads (``reshape(B, N, -1)``) instead of by its input's

@@ -2,7 +2,7 @@
 family test (``tests/test_families.py``) checks: ``partial`` = partial merges and budgets (every group can
 be widened; attention heads merge or stay apart whole), ``some`` = partial merges and budgets that widen some
 groups, while others are always merged (an op mixes their units that no partitioned module reproduces:
-attention whose output is sized by its input, heads split by position), ``full`` = full merges
+a channel slice that cuts a group, attention whose output is sized by its input), ``full`` = full merges
 (γ=0) with exact invariants; widening these groups needs partitioned versions of the constructs named by
 ``hubmerge inspect`` (a weight-standardised conv without a gain), which are not built yet."""
 
@@ -55,7 +55,10 @@ FAMILIES = {
                    (3, 56, 56), "partial"),
     "beit": Family("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=24, num_heads=2), support="partial"),
     "eva02": Family("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=24, num_heads=2), (3, 28, 28),
-                    "some"),
+                    "partial"),
+    # RexNet adds each shortcut to the first channels of a wider output (x[:, :C] += shortcut): the groups that cut
+    # holds keep their width, the others widen
+    "rexnet": Family("rexnet_100", dict(width_mult=0.25), support="some"),
     "mobilevit": Family("mobilevit_xxs", input_size=(3, 64, 64), support="partial"),
     "ghostnet": Family("ghostnet_050", support="partial"),
     # timm builds inception_v3 at full width only (38M parameters): benefit allocation over its ~100 groups

@@ -348,6 +348,7 @@ def inspect(
         for g, grp in spec.groups.items():
             touched = list(dict.fromkeys(n for n, _ in spec.group_axes(g)))
             info["groups"].append({"name": g, "width": grp.width, "normalised": grp.normalised,
+                                   "ordered": grp.ordered,  # a rotary embedding pairs its units by position
                                    "parameters": touched, "cannot_widen_because": spec.fixed.get(g)})
         info["attention"] = [{"module": h.module, "heads": [list(head) for head in h.heads],
                               "tables": [key for key, _ in h.tables]} for h in spec.heads]
@@ -380,7 +381,8 @@ def inspect(
     typer.echo(f"{model}: family {info['family']}, {len(info['groups'])} groups; {support[info['support']]}")
     for row in info["groups"]:
         part = f"  A-only/shared/B-only {row['partition']}  params {row['params']:,}" if merged else ""
-        why = f"  * {row['cannot_widen_because']}" if row["cannot_widen_because"] else ""
+        why = f"  * {row['cannot_widen_because']}" if row["cannot_widen_because"] else \
+            "  (units in order: a rotary embedding pairs them by position)" if row["ordered"] else ""
         typer.echo(f"  {row['name']:28s} width {row['width']:5d}{part}  ({len(row['parameters'])} tensors: "
                    f"{', '.join(row['parameters'][:3])}{', …' if len(row['parameters']) > 3 else ''}){why}")
     for row in info["attention"]:

@@ -29,6 +29,18 @@ def lap(scores: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
 
 
+def in_order(spec: PermutationSpec, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scores, with every pairing of an ordered group's units other than unit i with unit i forbidden (−inf),
+    so that every assignment of them (:func:`lap`, with buffers or not) is the identity: a rotary embedding pairs
+    those units by position (:attr:`~hubmerge.spec.Group.ordered`), and the matched scores stay as measured."""
+    out = dict(scores)
+    for g, s in scores.items():
+        if spec.groups[g].ordered:
+            eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
+            out[g] = torch.where(eye, s, torch.full_like(s, float("-inf")))
+    return out
+
+
 def activation_scores(spec: PermutationSpec, stats: Statistics, state_a: dict[str, torch.Tensor],
                       state_b: dict[str, torch.Tensor], estimator: str = "pooled") -> dict[str, torch.Tensor]:
     """Per-group correlation matrices from the statistics pass (by ``estimator``, see
@@ -41,7 +53,7 @@ def activation_scores(spec: PermutationSpec, stats: Statistics, state_a: dict[st
         log.warning("groups observed at no module output, aligned by their weights: %s", ", ".join(unseen))
         perms = {g: lap(s) for g, s in scores.items()}
         scores.update(weight_scores(spec, state_a, state_b, perms, unseen))
-    return {g: scores[g] for g in spec.groups}
+    return in_order(spec, {g: scores[g] for g in spec.groups})
 
 
 def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pooled") -> dict[str, torch.Tensor]:
@@ -49,8 +61,8 @@ def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pool
     where it is not the identity. Heads are interchangeable as wholes, so B head j can take A head i's place:
     a pair of heads scores the mean correlation of their units matched within the head (q/k and v each by
     linear assignment, over the groups observed), and the heads are matched by linear assignment on those
-    scores (Git Re-Basin's head permutation, here by activations). Attentions whose heads are observed at
-    no point, or not alike, keep their order."""
+    scores (Git Re-Basin's head permutation, here by activations; an ordered group's units matched in place).
+    Attentions whose heads are observed at no point, or not alike, keep their order."""
     orders, cache = {}, {}
 
     def where(g: str) -> tuple:
@@ -68,7 +80,8 @@ def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pool
                 for r in roles:
                     c = stats.correlation(spec.groups[mine[r]], estimator, other=spec.groups[theirs[r]],
                                           cache=cache).double()
-                    score[i, j] += c[torch.arange(len(c)), lap(c)].mean().item() / len(roles)
+                    units = torch.arange(len(c)) if spec.groups[mine[r]].ordered else lap(c)
+                    score[i, j] += c[torch.arange(len(c)), units].mean().item() / len(roles)
         order = lap(torch.from_numpy(score))
         if not torch.equal(order, torch.arange(len(order))):
             orders[h.module] = order
@@ -114,11 +127,12 @@ def weight_matching(
     """Git Re-Basin weight matching: per group, with all other permutations fixed, solve the LAP of
     Σ⟨W_A[i], P(W_B)[j]⟩ over every axis of the group; visit groups in a seeded random order; stop when
     a sweep improves no group. Each parameter's term is normalised by its norm (our choice): the
-    exact alignment of a permuted copy still maximises every term, but no layer dominates by scale."""
+    exact alignment of a permuted copy still maximises every term, but no layer dominates by scale. Ordered
+    groups keep their order."""
     axes = _weight_axes(spec)
     perms = {g: torch.arange(grp.width) for g, grp in spec.groups.items()}
     rng = np.random.default_rng(seed)
-    names = list(spec.groups)
+    names = [g for g, grp in spec.groups.items() if not grp.ordered]
     for _ in range(max_sweeps):
         improved = False
         for g in rng.permutation(names):
@@ -149,7 +163,7 @@ def weight_scores(
         va = torch.nn.functional.normalize(_unit_vectors(spec, g, state_a, axes[g], {}), dim=1)
         vb = torch.nn.functional.normalize(_unit_vectors(spec, g, state_b, axes[g], others), dim=1)
         scores[g] = va @ vb.T
-    return scores
+    return in_order(spec, scores)
 
 
 def align(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .alignment import activation_scores, lap
+from .alignment import activation_scores, in_order, lap
 from .matching import Matching, Matchings
 from .spec import Group, PermutationSpec
 from .statistics import ManyStatistics, Moments
@@ -71,7 +71,7 @@ def align(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, t
         changed = False
         for m in range(1, n):
             for grp in observed:
-                new = lap(_to_others(grp, stats, perms, m))
+                new = lap(in_order(spec, {grp.name: _to_others(grp, stats, perms, m)})[grp.name])
                 if not torch.equal(new, perms[m][grp.name]):
                     perms[m][grp.name], changed = new, True
         if not changed:

@@ -68,12 +68,15 @@ class Point:
 @dataclass(frozen=True)
 class Group:
     """Units permuted together; ``observe``: points whose activations carry them (for matching);
-    ``normalised``: an op (LayerNorm, softmax, attention) mixes them, so widening is not exact."""
+    ``normalised``: an op (LayerNorm, softmax, attention) mixes them, so widening is not exact; ``ordered``: a
+    rotary embedding pairs them by position (EVA's q/k dims), so every alignment keeps their order (the
+    identity) and they move only as a whole, with their attention head."""
 
     name: str
     width: int
     observe: tuple[Point, ...]
     normalised: bool = False
+    ordered: bool = False
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ class Trace:
     computed: set[str] = field(default_factory=set)
     # (module, input dim, classes there) of linear layers applied along another dim than the units of that one
     across: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
+    # classes a rotary embedding rotates (EVA's q/k dims): it pairs them by position, so they keep their order
+    pinned: set[int] = field(default_factory=set)
 
 
 class _Ids:
@@ -236,7 +238,8 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.t.op(func, args, kwargs, out)
+        if not self.t.paused:  # inside a function the tracer knows whole (a rotary embedding)
+            self.t.op(func, args, kwargs, out)
         return out
 
 
@@ -276,6 +279,8 @@ class _Tracer:
         # (module, per head (q/k ids, v ids), ids along the heads of its bias or None) of every
         # scaled_dot_product_attention whose bias, if any, varies over heads only through its units
         self.attention: list[tuple[str, list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]] = []
+        self.pinned: list[np.ndarray] = []  # ids a rotary embedding rotated
+        self.paused = 0
 
     # --- bookkeeping -------------------------------------------------------------------------------
     def where(self) -> str:
@@ -325,6 +330,26 @@ class _Tracer:
         if len(found) > 1 or _support(found[0]) != (dim,):
             raise self.fail(f"units along dim {dim} that vary with other dims (shape {tuple(t.shape)})")
         return found[0].reshape(-1)
+
+    def rotary(self, fn):
+        """``fn(x, table, ...)``, a rotary embedding, traced whole: it rotates pairs of x's last-dim channels by
+        angles read from ``table`` at fixed positions, so the channels pass through, each keeping its position
+        (pinned: the permutation may move them only as a whole, an attention head at a time)."""
+        def traced(x, table, *args, **kwargs):
+            self.paused += 1
+            try:
+                out = fn(x, table, *args, **kwargs)
+            finally:
+                self.paused -= 1
+            if any(self.get(t) for t in [table, *_tensors(args), *_tensors(kwargs)]):
+                raise self.fail(f"{fn.__name__} with a rotary table that carries units")
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                raise self.fail(f"{fn.__name__} that changes its input's shape")
+            factors = self.get(x)
+            self.pinned += [f.reshape(-1) for f in factors if x.dim() - 1 in _support(_align(f, x.dim()))]
+            self.set(out, factors)
+            return out
+        return traced
 
     # --- dispatch ----------------------------------------------------------------------------------
     def op(self, func, args, kwargs, out) -> None:
@@ -872,10 +897,13 @@ def _kind(module: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def trace(model: nn.Module, example: torch.Tensor) -> Trace:
-    """Trace ``model`` on ``example`` (a batch of inputs) and return unit classes per parameter axis."""
+def trace(model: nn.Module, example: torch.Tensor, rotary: tuple[tuple[object, str], ...] = ()) -> Trace:
+    """Trace ``model`` on ``example`` (a batch of inputs) and return unit classes per parameter axis. ``rotary``:
+    (module, function name) of rotary embeddings ``f(x, table, ...)`` that the model's code calls by that name,
+    traced whole (:meth:`_Tracer.rotary`) instead of op by op, whose slices of a head's channels would cut it."""
     tracer = _Tracer(model)
     hooks = []
+    originals = [(owner, name, getattr(owner, name)) for owner, name in rotary if hasattr(owner, name)]
 
     def pre(module, inputs):
         name = tracer.module_names.get(module, "?")
@@ -910,6 +938,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
     for m, _ in fused:
         m.fused_attn = True
     try:
+        for owner, name, fn in originals:
+            setattr(owner, name, tracer.rotary(fn))
         with _Mode(tracer):
             out = model(example)
     except (RuntimeError, ValueError, AssertionError) as exc:
@@ -920,6 +950,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
             h.remove()
         for m, flag in fused:
             m.fused_attn = flag
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
         model.train(was_training)
     for t in _tensors(out):  # the logits are fixed
         for f in tracer.get(t):
@@ -986,7 +1018,8 @@ def _finish(tracer: _Tracer) -> Trace:
                  {n: cls[ids] for n, ids in tracer.zero_ids.items()}, [(m, cls[ids]) for m, ids in tracer.kept],
                  [({int(c) for ids in cut for c in np.unique(cls[ids]) if c}, [cls[ids] for ids in pieces])
                   for cut, pieces in tracer.chunks], [(m, cls[ids]) for m, ids in tracer.values], tracer.computed,
-                 [(m, d, cls[ids]) for m, d, ids in tracer.across])
+                 [(m, d, cls[ids]) for m, d, ids in tracer.across],
+                 {int(c) for ids in tracer.pinned for c in np.unique(cls[ids]) if c})
 
 
 def interchangeable(tr: Trace) -> dict[int, tuple]:
@@ -1039,12 +1072,14 @@ def _segments(classes: np.ndarray, group_of: np.ndarray, unit_of: np.ndarray, na
     return tuple(segs)
 
 
-def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[type, str] | None = None
-           ) -> PermutationSpec:
+def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[type, str] | None = None,
+           rotary: tuple[tuple[object, str], ...] = ()) -> PermutationSpec:
     """The permutation spec of ``model``, from one traced forward pass on ``example``. ``cut_to``: module classes
     that cut their output to the width an attribute holds (GhostNet's ``out[:, :out_chs]``), which the partitioned
-    model can set to the merged width where the cut keeps every channel; any other slice of channels is a cut."""
-    tr = trace(model, example)
+    model can set to the merged width where the cut keeps every channel; any other slice of channels is a cut.
+    ``rotary``: rotary embeddings to trace whole (:func:`trace`); the groups they rotate keep their order
+    (``Group.ordered``), and outside attention heads, kept apart whole, their width too."""
+    tr = trace(model, example, rotary)
     keys = interchangeable(tr)
     group_of_key: dict[tuple, str] = {}
     units: dict[str, list[int]] = {}
@@ -1081,7 +1116,7 @@ def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[ty
     groups = {}
     for i, (g, members) in enumerate(units.items()):
         normalised = any(tr.mixing.get(c) for c in members)
-        groups[g] = Group(g, len(members), points.get(i, ()), normalised)
+        groups[g] = Group(g, len(members), points.get(i, ()), normalised, any(c in tr.pinned for c in members))
     in_order = {}  # norm candidates whose input holds whole groups in unit order along the normalised dim
     for module, (dim, cls) in tr.norm_views.items():
         if (cls < n).all() and (group_arr[cls] >= 0).all():
@@ -1120,6 +1155,8 @@ def derive(model: nn.Module, example: torch.Tensor, family: str, cut_to: dict[ty
     across = _across(tr, view.layers, group_arr, unit_arr, names)
     explained = {norm.name for norm in view.norms} | {h.module for h in heads} | {a.layer for a in across}
     fixed = {g: "an op takes its channels apart by position (a slice or a split)" for g in sorted(cut_groups)}
+    for g in sorted(g for g, grp in groups.items() if grp.ordered and g not in whole):
+        fixed.setdefault(g, "a rotary embedding pairs its units by position, outside attention heads kept apart whole")
     for a in across:  # every section of the units passing by runs its own copy of the layer, of one width
         for g in sorted(next(l for l in view.layers if l.name == a.layer).groups):
             fixed.setdefault(g, f"{a.layer} runs along another axis, one copy per section of the units passing it "

@@ -93,9 +93,13 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statisti
     unseen = [g for g, grp in chosen.items() if not grp.observe]
     if unseen and beta > 0:
         log.warning("groups observed at no module output are zipped across models only: %s", ", ".join(unseen))
+    ordered = [g for g, grp in chosen.items() if grp.ordered]
+    if ordered and beta > 0:
+        log.info("groups whose units keep their order (a rotary embedding) are zipped across models in place: %s",
+                 ", ".join(ordered))
     zips = {}
     for g, grp in chosen.items():
-        seen = bool(grp.observe) and beta > 0
+        seen = bool(grp.observe) and beta > 0 and not grp.ordered
         within = [stats.correlation(grp, estimator, pair) if seen else None for pair in ("aa", "bb")]
         zips[g] = match(scores[g], *within, beta)
     return zips

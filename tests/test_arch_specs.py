@@ -1,6 +1,9 @@
+import sys
+
 import pytest
 import timm
 import torch
+from timm.layers import apply_rot_embed_cat
 from timm.models import register_model
 from timm.models.beit import Attention as BeitAttention
 from torch import nn
@@ -92,13 +95,12 @@ def test_families_without_partial_support_say_why():
     assert "runs along another axis, one copy per section" in spec.fixed["blocks.0.mlp_tokens.fc1"]
     assert {(a.layer, a.dim, a.axis[0].group) for a in spec.across} == {
         (f"blocks.{i}.mlp_tokens.fc{j}", -2, "stem.proj") for i in range(8) for j in (1, 2)}
-    # EVA's rotary embedding takes its q/k channels apart by position: its heads stay merged, the stream and the MLP
-    # hidden units widen
+    # EVA's rotary embedding pairs each head's q/k channels by position: traced whole, those groups keep their
+    # order (ordered) and move only with their heads, kept apart whole; everything widens
     spec = spec_for(timm.create_model("eva02_tiny_patch14_224", num_classes=3, img_size=28, depth=2, embed_dim=24,
                                       num_heads=2), (3, 28, 28))
-    assert spec.support == "some" and sorted(spec.widenable()) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1",
-                                                                   "patch_embed.proj"]
-    assert "takes its channels apart by position" in spec.fixed["blocks.0.attn"]
+    assert spec.support == "partial" and not spec.fixed and len(spec.heads) == 2
+    assert [g for g, grp in spec.groups.items() if grp.ordered] == [g for h in spec.heads for g, _ in h.heads]
     with pytest.raises(UnsupportedModelError, match="Unknown model|does not know"):
         build_model("no_such_model", {})
 
@@ -189,12 +191,39 @@ def test_beit_widens_where_its_forward_sized_by_heads_computes_what_timms_does(m
     assert "hubmerge's forward sized by its heads computes something else" in spec.fixed["patch_embed.proj"]
 
 
+def rotated(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """A rotary embedding, as the model below calls it (by this module's global name, which the tracer wraps)."""
+    return apply_rot_embed_cat(x, table)
+
+
+def test_a_rotary_embedding_outside_attention_heads_keeps_its_units_in_order_and_width():
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.table = nn.Linear(4, 8), nn.Linear(8, 2), torch.randn(16)
+
+        def forward(self, x):
+            return self.fc2(rotated(self.fc1(x), self.table))
+
+    model = Rotary()
+    spec = derive(model, torch.randn(3, 4), "test", rotary=((sys.modules[__name__], "rotated"),))
+    assert spec.groups["fc1"].ordered and "rotary embedding pairs its units by position" in spec.fixed["fc1"]
+    x = torch.randn(5, 4)
+    before = model(x)
+    model.load_state_dict(permute_state(spec, model.state_dict(), {"fc1": torch.arange(8).flip(0)}))
+    assert (model(x) - before).abs().max() > 1e-3  # which is why: permuted, it computes something else
+    # traced op by op, the table it multiplies by fixes the units instead: sound too, but an attention's heads
+    # would then not be whole groups
+    assert "fc1" not in derive(Rotary(), torch.randn(3, 4), "test").groups
+
+
 @pytest.mark.parametrize("variant", [dict(), dict(qkv_fused=False), dict(scale_attn_inner=True),
                                      dict(rope_rotate_half=True, num_reg_tokens=1), dict(use_rot_pos_emb=False)])
 def test_eva_runs_a_forward_sized_by_its_heads_so_its_stream_widens_exactly(variant):
     """EVA's attention sizes its output by its input's width; a merged model runs hubmerge's forward sized by its
-    heads (fused or separate q/k/v, the inner norm, either rotary layout, register tokens), so the
-    stream widens around heads that keep their width, and α=0 or α=1 still give A's or B's function exactly."""
+    heads (fused or separate q/k/v, the inner norm, either rotary layout, register tokens), so the stream widens,
+    heads are kept apart whole (their rotary q/k channels in order), α=0 or α=1 give A's or B's function exactly
+    and γ=1 the ensemble."""
     args = dict(num_classes=3, img_size=28, depth=2, embed_dim=24, num_heads=2, **variant)
     a, b = (randomize_(timm.create_model("eva02_tiny_patch14_224", **args), s).double().eval() for s in (1, 2))
     a.model_args = b.model_args = args
@@ -202,16 +231,18 @@ def test_eva_runs_a_forward_sized_by_its_heads_so_its_stream_widens_exactly(vari
     x, calib = (torch.randn(4, 3, 28, 28, generator=gen, dtype=torch.float64) for _ in range(2))
     spec = spec_for(a, (3, 28, 28))
     assert "patch_embed.proj" in spec.widenable(), spec.fixed
-    # without a rotary embedding its heads are whole groups, merged or kept apart whole
-    assert spec.support == ("partial" if variant.get("use_rot_pos_emb") is False else "some")
-    assert len(spec.heads) == (2 if variant.get("use_rot_pos_emb") is False else 0)
+    assert spec.support == "partial" and len(spec.heads) == 2
+    assert any(grp.ordered for grp in spec.groups.values()) == (variant.get("use_rot_pos_emb") is not False)
     for alpha, endpoint in ((0.0, a), (1.0, b)):
         merged = hubmerge.merge(a, b, [(calib, None)], gamma=0.5, alpha=alpha, repair=None, cross="interpolate",
                                 partial="topk").model
         assert merged.partition["patch_embed.proj"][0] == 12
         out = endpoint(x)
         assert ((merged(x) - out).abs().max() / out.abs().max()).item() <= 1e-10
-    if spec.support == "partial":  # every group widens: γ=1 is the ensemble
-        out = Ensemble(a, b)(x)
-        ensemble = hubmerge.merge(a, b, [(calib, None)], gamma=1.0, repair=None).model(x)
-        assert ((ensemble - out).abs().max() / out.abs().max()).item() <= 1e-10
+    out = Ensemble(a, b)(x)  # every group widens: γ=1 is the ensemble
+    ensemble = hubmerge.merge(a, b, [(calib, None)], gamma=1.0, repair=None).model(x)
+    assert ((ensemble - out).abs().max() / out.abs().max()).item() <= 1e-10
+    if not variant:  # weight matching keeps the rotary q/k channels in order too: α=1 is B
+        merged = hubmerge.merge(a, b, [(calib, None)], gamma=0.5, alpha=1.0, repair=None, cross="interpolate",
+                                align="weight", partial="topk").model
+        assert ((merged(x) - b(x)).abs().max() / b(x).abs().max()).item() <= 1e-10

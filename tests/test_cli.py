@@ -155,18 +155,27 @@ def test_inspect_and_archs_print_what_they_promise(local, tmp_path):
 
 
 def test_inspect_marks_the_groups_that_cannot_widen(tmp_path):
+    # RexNet adds its shortcut to the first channels of a wider output (x[:, :C] += shortcut): that cut keeps the
+    # channels it cuts at their width
+    args = dict(width_mult=0.25, num_classes=3)
+    save_timm(timm.create_model("rexnet_100", **args), tmp_path / "rexnet", "rexnet_100", args)
+    info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "rexnet"), "--json"]).stdout)
+    assert info["support"] == "some"
+    fixed = {g["name"]: g["cannot_widen_because"] for g in info["groups"] if g["cannot_widen_because"]}
+    assert len(fixed) == 15 and "takes its channels apart by position" in fixed["features.1.conv_pwl.conv"]
+    text = runner.invoke(app, ["inspect", str(tmp_path / "rexnet")]).output
+    assert "46 groups; partial merges and budgets, 15 of the groups always merged (marked *)" in text
+    assert "features.1.conv_pwl.conv     width    19" in text and "* an op takes its channels apart by position" in text
+    # EVA's rotary heads are kept apart whole, their q/k channels in order: nothing is fixed
     args = dict(img_size=28, depth=2, embed_dim=24, num_heads=2, num_classes=3)
     save_timm(timm.create_model("eva02_tiny_patch14_224", **args), tmp_path / "eva", "eva02_tiny_patch14_224", args)
     info = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "eva"), "--json"]).stdout)
-    assert info["support"] == "some"
-    fixed = {g["name"]: g["cannot_widen_because"] for g in info["groups"] if g["cannot_widen_because"]}
-    # the stream widens (hubmerge runs EvaAttention sized by its heads); the heads keep their width, since
-    # the rotary embedding takes q and k apart by position inside a head
-    assert sorted(fixed) == ["blocks.0.attn", "blocks.0.attn#2", "blocks.1.attn", "blocks.1.attn#2"]
-    assert all("takes its channels apart by position" in why for why in fixed.values())
+    assert info["support"] == "partial" and not any(g["cannot_widen_because"] for g in info["groups"])
+    assert [g["name"] for g in info["groups"] if g["ordered"]] == ["blocks.0.attn", "blocks.0.attn#2", "blocks.1.attn",
+                                                                   "blocks.1.attn#2"]
     text = runner.invoke(app, ["inspect", str(tmp_path / "eva")]).output
-    assert "7 groups; partial merges and budgets, 4 of the groups always merged (marked *)" in text
-    assert "* an op takes its channels apart by position (a slice or a split)" in text
+    row = next(line for line in text.splitlines() if line.startswith("  blocks.0.attn "))
+    assert row.endswith("(units in order: a rotary embedding pairs them by position)")
     # a token MLP's hidden units keep their width, yet the family takes partial merges: it runs a copy per section
     args = dict(img_size=64, mlp_ratio=(0.05, 0.05), num_classes=3)
     save_timm(timm.create_model("mixer_s32_224", **args), tmp_path / "mixer", "mixer_s32_224", args)
@@ -188,7 +197,7 @@ def test_archs_derive_traces_every_family_and_agrees_with_the_table():
     assert "weight its forward computes" in rows["resnetv2_bit"]["why_not_partial"]  # standardised, no gain
     assert rows["mixer"]["derived"] == rows["maxvit"]["derived"] == "partial"  # token MLP copies; heads whole
     assert rows["beit"]["derived"] == "partial"  # its attention run sized by its heads
-    assert rows["eva02"]["derived"] == "some" and "by position" in rows["eva02"]["why_not_partial"]  # rotary q/k
+    assert rows["eva02"]["derived"] == "partial"  # rotary q/k in order, heads kept apart whole
 
 
 def test_eval_command(local):

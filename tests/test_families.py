@@ -52,14 +52,20 @@ def test_family(name, tmp_path):
     support = FAMILIES[name].support
     assert spec.support == support, spec.partial or spec.fixed
 
-    # random permutations of every group, and of every attention's heads as wholes, leave the function unchanged
+    # random permutations of every group (but within ordered groups, whose units a rotary embedding pairs by
+    # position), and of every attention's heads as wholes, leave the function unchanged
     gen = torch.Generator().manual_seed(3)
     perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
     assert any((p != torch.arange(len(p))).any() for p in perms.values())
+    ordered = [g for g, grp in spec.groups.items() if grp.ordered]
     orders = {h.module: torch.randperm(len(h.heads), generator=gen) for h in spec.heads}
     moved = make(name, 1)
-    moved.load_state_dict(permute_heads(spec, permute_state(spec, moved.state_dict(), perms), orders))
+    in_place = {g: torch.arange(len(p)) if g in ordered else p for g, p in perms.items()}
+    moved.load_state_dict(permute_heads(spec, permute_state(spec, moved.state_dict(), in_place), orders))
     assert relative(moved(x), a(x)) <= 1e-10
+    if ordered:  # and they are ordered: permuted within, the function changes
+        moved.load_state_dict(permute_state(spec, a.state_dict(), {g: perms[g] for g in ordered}))
+        assert relative(moved(x), a(x)) > 1e-3
 
     # α=1, γ=0, interpolate, no REPAIR: B exactly
     at_b = hubmerge.merge(a, b, calib, alpha=1.0, repair=None, cross="interpolate").model

@@ -107,11 +107,11 @@ def test_report_names_every_endpoint_and_weighs_the_ensemble():
     assert abs(result.report.barrier.accuracy - expected) <= 1e-12
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext", "swin", "beit", "mixer", "nfnet"])
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext", "swin", "beit", "eva02", "mixer", "nfnet"])
 def test_n_way_partial_merges_hold_the_invariants(name, tmp_path):
     """Residual streams and BatchNorms (ResNet), heads and LayerNorms (ViT), layer scales (ConvNeXt), per-head
-    bias tables (Swin, BEiT: whose attention runs sized by its heads), token-mixing copies (Mixer) and
-    weight-standardised convs (NF-Net), three endpoints."""
+    bias tables (Swin, BEiT: whose attention runs sized by its heads), rotary heads (EVA), token-mixing copies
+    (Mixer) and weight-standardised convs (NF-Net), three endpoints."""
     models, calib = endpoints(name, 3)
     x = calib[0][0]
     weights = [0.5, 0.3, 0.2]
