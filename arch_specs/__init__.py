@@ -122,8 +122,8 @@ def _known_heads(model: nn.Module, spec: PermutationSpec, wide: dict[str, bool])
     for name, module in model.named_modules():
         if type(module) in SIZED_BY_INPUT and not wide.get(name):
             outputs = [s.group for layer in spec.layers if layer.name.startswith(f"{name}.") for s in layer.out_axis]
-            why = (" (and hubmerge's forward sized by its heads computes something else for this configuration or timm version)"
-                   if name in wide else "")
+            why = (" (and hubmerge's forward sized by its heads computes something else for this configuration or "
+                   "timm version)" if name in wide else "")
             keep(name, outputs, f"attention {name} ({type(module).__name__}) sizes its output by its input's "
                  f"width{why}")
     whole = set()

@@ -3,8 +3,8 @@
 Pairs: VGG11 (×0.25) from different seeds, VGG11 trained on two disjoint halves of the data, ResNet20
 from different seeds, a small ConvNeXt (``convnext_atto``, depths 1-1-2-1, dims 16-64: LayerNorm
 streams, widened through partitioned norms), a small ViT (patch 4, depth 4, width 64, 2 heads: heads
-kept apart whole), a small ResNeXt (grouped convs), a small Swin (relative position bias tables, patch
-merging), GhostNet (ghost modules) and timm's test NF-Net (weight-standardised convs) from different seeds,
+kept apart whole), an EVA-02 of the same size (rotary q/k kept in order inside each head), a small
+ResNeXt (grouped convs), a small Swin (relative position bias tables, patch merging), GhostNet (ghost modules) and timm's test NF-Net (weight-standardised convs) from different seeds,
 all on Fashion-MNIST. For budgets {0.05, 0.1, 0.22, 0.4} and the allocators uniform / adaptive / benefit /
 greedy, prints accuracy and loss barrier on held-out data, the measured parameter increase and each
 allocation's wall time, and writes a PNG plot per pair.
@@ -12,6 +12,7 @@ allocation's wall time, and writes a PNG plot per pair.
     python examples/budget.py --pairs vgg-seeds vgg-halves resnet-seeds
     python examples/budget.py --pairs convnext-seeds convnext-ls1-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs vit-seeds --budgets 0.1 0.22 --allocators uniform benefit --cross interpolate
+    python examples/budget.py --pairs eva-seeds --budgets 0.1 0.22 --allocators uniform benefit --cross interpolate
     python examples/budget.py --pairs resnext-seeds swin-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs ghostnet-seeds --budgets 0.1 0.22 --allocators uniform benefit
     python examples/budget.py --pairs nfnet-seeds --budgets 0.1 0.22 --allocators uniform benefit
@@ -43,6 +44,10 @@ PAIRS = {
     # the ViT of examples/full_merge.py: patch 4, depth 4, width 64, 2 heads (kept apart whole)
     "vit-seeds": ("vit_tiny_patch16_224", dict(patch_size=4, img_size=32, depth=4, embed_dim=64, num_heads=2,
                                                in_chans=1, num_classes=10), "seeds"),
+    # an EVA-02 of the ViT's size: rotary q/k (each head's channels kept in order, heads kept apart whole), a gated
+    # MLP, an inner norm
+    "eva-seeds": ("eva02_tiny_patch14_224", dict(patch_size=4, img_size=32, depth=4, embed_dim=64, num_heads=2,
+                                                 in_chans=1, num_classes=10), "seeds"),
     # a ResNeXt (grouped convs, 8 blocks of 2–16 channels, widened block by block), one bottleneck per stage
     "resnext-seeds": ("resnet50", dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], cardinality=8, base_width=8,
                                        in_chans=1, num_classes=10), "seeds"),

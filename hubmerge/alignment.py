@@ -46,14 +46,15 @@ def activation_scores(spec: PermutationSpec, stats: Statistics, state_a: dict[st
     """Per-group correlation matrices from the statistics pass (by ``estimator``, see
     :meth:`~hubmerge.statistics.PairMoments.correlation`). A group that no module outputs (attention's
     q and k when the projection is computed inside the attention module) is scored by the cosine similarity
-    of its units' weights, every other group aligned by its correlations; the log says which."""
-    scores = {g: stats.correlation(grp, estimator) for g, grp in spec.groups.items() if grp.observe}
+    of its units' weights, every other group aligned by its correlations; the log says which. An ordered
+    group's scores allow the identity only (:func:`in_order`)."""
+    scores = in_order(spec, {g: stats.correlation(grp, estimator) for g, grp in spec.groups.items() if grp.observe})
     unseen = [g for g, grp in spec.groups.items() if not grp.observe]
     if unseen:
         log.warning("groups observed at no module output, aligned by their weights: %s", ", ".join(unseen))
         perms = {g: lap(s) for g, s in scores.items()}
         scores.update(weight_scores(spec, state_a, state_b, perms, unseen))
-    return in_order(spec, {g: scores[g] for g in spec.groups})
+    return {g: scores[g] for g in spec.groups}
 
 
 def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pooled") -> dict[str, torch.Tensor]:

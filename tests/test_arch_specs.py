@@ -242,7 +242,12 @@ def test_eva_runs_a_forward_sized_by_its_heads_so_its_stream_widens_exactly(vari
     out = Ensemble(a, b)(x)  # every group widens: γ=1 is the ensemble
     ensemble = hubmerge.merge(a, b, [(calib, None)], gamma=1.0, repair=None).model(x)
     assert ((ensemble - out).abs().max() / out.abs().max()).item() <= 1e-10
-    if not variant:  # weight matching keeps the rotary q/k channels in order too: α=1 is B
+    if not variant:  # weight matching keeps the rotary q/k channels in order too: α=1 is B; a zip pairs them in place
+        zipped = hubmerge.Prepared(a, b, [(calib, None)], hubmerge.MergeOptions(repair=None, align="zip", zip_beta=1.0))
+        ordered = [g for g, grp in spec.groups.items() if grp.ordered]
+        in_place = torch.stack([torch.arange(12), torch.arange(12, 24)], 1)  # A's unit i with B's unit i
+        assert ordered and all(torch.equal(zipped.matchings[g].members, in_place) for g in ordered)
+        assert any(zipped.matchings[g].within != (0, 0) for g in spec.groups if g not in ordered)
         merged = hubmerge.merge(a, b, [(calib, None)], gamma=0.5, alpha=1.0, repair=None, cross="interpolate",
                                 align="weight", partial="topk").model
         assert ((merged(x) - b(x)).abs().max() / b(x).abs().max()).item() <= 1e-10

@@ -1,7 +1,9 @@
 """Every tested family (``arch_specs/families.py``), tiny and random in float64: the derived spec is exact, and
 the family supports exactly what the table declares.
 
-For each family: random permutations of every group leave the logits unchanged; α=1 with γ=0, no REPAIR and
+For each family: random permutations of every group (ordered groups, whose units a rotary embedding pairs by
+position, permuted only as whole heads, and checked to change the logits when permuted within) leave the
+logits unchanged; α=1 with γ=0, no REPAIR and
 ``cross="interpolate"`` is B's function; γ=0 at α=0.5 loads into plain timm (strict) and equals the
 independently computed permute-and-average merge, which zip alignment at β=0 gives bit for bit (a zip at
 β=0.5 loads into plain timm too). Families declared ``partial`` also give the logit-averaged ensemble at γ=1;

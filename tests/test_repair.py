@@ -180,7 +180,6 @@ def test_a_branch_is_the_merge_repaired_from_the_input(case):
         assert changed in (p.spec.layers[first].in_group, p.spec.layers[first].out_group)
         firsts.append(first)
         branch = reference.branch(p.build(plans, repair=None), plans)
-        out = branch.finish()
         same_as_fresh(branch, p.build(plans), x)
     assert firsts == sorted(firsts) and firsts[-1] > 0  # some branch started past the input
     same_as_fresh(reference, p.build(base_plans), x)
