@@ -57,6 +57,8 @@ class MergeReport:
     timings: dict[str, float] = field(default_factory=dict)
     # per attention module whose heads B's matched in another order: entry i is the B head matched to A head i
     head_orders: dict[str, list[int]] = field(default_factory=dict)
+    # the same for every endpoint whose heads were matched to A's in another order, by name (``b``, ``c``, …)
+    endpoint_head_orders: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -175,9 +177,9 @@ class Prepared:
                                              progress="statistics pass")
                     self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
-            self.head_orders: dict[str, torch.Tensor] = {}
-            if options.match_heads and self.stats is not None and n_way is None and options.align in ("activation",
-                                                                                                     "zip"):
+            self.head_orders: dict[str, torch.Tensor] = {}  # B's
+            self.endpoint_head_orders: dict[int, dict[str, torch.Tensor]] = {}  # every endpoint's but A's
+            if options.match_heads and self.stats is not None and options.align in ("activation", "zip"):
                 self._order_heads(options)
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=self.model_a.state_dict(), state_b=self.model_b.state_dict(),
@@ -207,15 +209,27 @@ class Prepared:
         self._owned: dict[tuple, list[nn.Module]] = {}
 
     def _order_heads(self, options: MergeOptions) -> None:
-        """Match B's attention heads to A's as wholes (:func:`~hubmerge.alignment.head_orders`): B becomes the
+        """Match B's attention heads (and every further endpoint's) to A's as wholes
+        (:func:`~hubmerge.alignment.head_orders`, from the statistics of each with A): the endpoint becomes the
         same function with its heads in that order and its statistics are moved alike, so every later stage
-        aligns A's head i with B's head i, as before, but with the head that suits it."""
-        self.head_orders = alignment.head_orders(self.spec, self.stats, options.correlation)
-        if self.head_orders:
-            moved = copy.deepcopy(self.model_b)
-            moved.load_state_dict(permute_heads(self.spec, self.model_b.state_dict(), self.head_orders))
-            self.model_b = self.models[1] = moved
-            self.stats = self.stats.with_b_moved(self.spec, head_sources(self.spec, self.head_orders))
+        aligns A's head i with its head i, as before, but with the head that suits it."""
+        for m in range(1, len(self.models)):
+            stats = self.stats if self.many is None else self.many.pairs[(0, m)]
+            orders = alignment.head_orders(self.spec, stats, options.correlation)
+            if not orders:
+                continue
+            self.endpoint_head_orders[m] = orders
+            moved = copy.deepcopy(self.models[m])
+            moved.load_state_dict(permute_heads(self.spec, self.models[m].state_dict(), orders))
+            self.models[m] = moved
+            sources = head_sources(self.spec, orders)
+            if self.many is None:
+                self.stats = self.stats.with_b_moved(self.spec, sources)
+            else:
+                self.many = self.many.with_moved(m, self.spec, sources)
+                self.stats = self.many.pairs[(0, 1)]
+        self.model_b = self.models[1]
+        self.head_orders = self.endpoint_head_orders.get(1, {})
 
     def _zip_depth(self, options: MergeOptions) -> MergeOptions:
         """The options with the zip depth a budget affords: the least depth (the most layers kept apart) whose
@@ -480,6 +494,8 @@ def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluati
         trace=trace, within=_within(prepared), weights=list(prepared.weights),
         tasks=[t.to_dict() for t in prepared.tasks or ()],
         timings=prepared.timings, head_orders={m: o.tolist() for m, o in prepared.head_orders.items()},
+        endpoint_head_orders={endpoint_names(k + 1)[k]: {m: o.tolist() for m, o in orders.items()}
+                              for k, orders in prepared.endpoint_head_orders.items()},
     )
     return MergeResult(model, report)
 

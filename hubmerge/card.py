@@ -156,11 +156,13 @@ def _within(report: MergeReport | None) -> str:
 
 
 def _heads(report: MergeReport | None, model: PartialMergedModel) -> str:
-    """Which attention modules had B's heads matched to A's in another order, from the report of the merge."""
-    if report is None or not report.head_orders:
+    """Which attention modules had an endpoint's heads matched to A's in another order, from the report of the
+    merge."""
+    if report is None or not report.endpoint_head_orders:
         return ""
-    return (f"\n\nB's attention heads were matched to A's as wholes before their units; {len(report.head_orders)} of "
-            f"the {len(model.spec.heads)} attention modules took B's heads in another order.")
+    took = "; ".join(f"{len(orders)} of the {len(model.spec.heads)} attention modules took {name.upper()}'s heads "
+                     "in another order" for name, orders in report.endpoint_head_orders.items())
+    return f"\n\nThe endpoints' attention heads were matched to A's as wholes before their units; {took}."
 
 
 BARRIER = """The *barrier* is how much worse the merge is than its endpoints: the α-weighted mean of the endpoints'

@@ -134,6 +134,11 @@ class PairMoments:
             self.within_b = _plus(self.within_b, product(pb, pb))
         self.batches += 1
 
+    def swapped(self) -> PairMoments:
+        """These moments with A and B exchanged (the cross moment transposed)."""
+        return PairMoments(self.b, self.a, self.cross.T, self.batch_std_b, self.batch_std_a, self.batches, self.within,
+                           self.within_b, self.within_a)
+
     def moved_b(self, index: torch.Tensor) -> PairMoments:
         """These moments with B's units taken in the order ``index`` (B's unit i is the old unit index[i])."""
         b = Moments(self.b.count, self.b.sum[index], self.b.sumsq[index])
@@ -221,6 +226,11 @@ class Statistics:
                 mats.append(full[torch.tensor(where)][:, torch.tensor(there)])
         return torch.stack(mats).mean(0)
 
+    def swapped(self) -> Statistics:
+        """The statistics of the pair (B, A)."""
+        return Statistics({k: pm.swapped() for k, pm in self.points.items()}, self.layers_b, self.layers_a,
+                          self.samples)
+
     def with_b_moved(self, spec: PermutationSpec, sources: dict[str, str]) -> Statistics:
         """The statistics of A and of B with whole groups moved (:func:`~hubmerge.spec.permute_heads`: B's
         group g takes the units of ``sources[g]``), as a pass over the moved B would measure them."""
@@ -279,6 +289,22 @@ class ManyStatistics:
 
     def layers_of(self, model: int) -> dict[str, Moments]:
         return self.layers[model]
+
+    def with_moved(self, model: int, spec: PermutationSpec, sources: dict[str, str]) -> ManyStatistics:
+        """The statistics with model ``model``'s whole groups moved (:meth:`Statistics.with_b_moved`: its group g
+        takes the units of ``sources[g]``) in every pair it belongs to, as a pass over the moved model would
+        measure them."""
+        moved = {}
+        for (k, m), s in self.pairs.items():
+            if m == model:
+                moved[(k, m)] = s.with_b_moved(spec, sources)
+            elif k == model:
+                moved[(k, m)] = s.swapped().with_b_moved(spec, sources).swapped()
+        layers = list(self.layers)
+        layers[model] = next(s.layers_b if m == model else s.layers_a for (k, m), s in moved.items())
+        pairs = {(k, m): Statistics(moved.get((k, m), s).points, layers[k], layers[m], s.samples)
+                 for (k, m), s in self.pairs.items()}
+        return ManyStatistics(pairs, layers, self.samples)
 
 
 @torch.no_grad()

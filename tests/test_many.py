@@ -15,8 +15,8 @@ from hubmerge.errors import UsageError
 from hubmerge.evaluate import evaluate
 from hubmerge.options import MergeOptions
 from hubmerge.repair import corrections
-from hubmerge.spec import permute_state
-from hubmerge.statistics import layer_moments
+from hubmerge.spec import head_sources, permute_heads, permute_state
+from hubmerge.statistics import collect_many, layer_moments
 
 from conftest import labelled, make
 from test_families import batch, make as make_family, relative
@@ -31,31 +31,43 @@ def endpoints(name: str, count: int) -> tuple[list[torch.nn.Module], list]:
 
 @pytest.mark.parametrize("name", ["mlp", "resnet", "swin"])
 def test_two_endpoints_give_the_two_way_merge_bit_for_bit(name):
-    """N-way merges keep the attention heads' order (no head matching yet), so Swin's two-way merge is taken
-    with ``match_heads=False``."""
+    """Swin's heads are matched to A's as wholes first, in both (and in neither with ``match_heads=False``)."""
     (a, b), calib = endpoints(name, 2)
-    for repair in (None, "repair"):
-        two = hubmerge.merge(a, b, calib, repair=repair, alpha=0.3, match_heads=False).model.state_dict()
-        many = hubmerge.merge_many([a, b], calib, repair=repair, alpha=0.3).model.state_dict()
-        assert many.keys() == two.keys() and all(torch.equal(many[k], v) for k, v in two.items()), repair
+    for repair, match in ((None, True), ("repair", True), (None, False)):
+        two = hubmerge.merge(a, b, calib, repair=repair, alpha=0.3, match_heads=match)
+        many = hubmerge.merge_many([a, b], calib, repair=repair, alpha=0.3, match_heads=match)
+        one, other = two.model.state_dict(), many.model.state_dict()
+        assert other.keys() == one.keys() and all(torch.equal(other[k], v) for k, v in one.items()), repair
+        assert many.report.head_orders == two.report.head_orders
+    if name == "swin":
+        assert two.report.head_orders == {}  # (unmatched)
+        assert hubmerge.merge(a, b, calib, repair=None).report.head_orders  # B's heads do take another order
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet", "vit"])
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "swin", "eva02"])
 def test_permuted_copies_of_one_model_merge_back_into_it(name):
-    """Each copy's units in another random order: the N-way alignment finds every order, and the weighted
-    average of identical weights is the model (to rounding)."""
+    """Each copy's units in another random order, and its attention heads (ordered groups: the heads only): the
+    N-way alignment finds every order, matching each copy's heads to A's as wholes, and the weighted average of
+    identical weights is the model (to rounding)."""
     (a,), calib = endpoints(name, 1)
     spec = Prepared(a, a, calib, MergeOptions(repair=None)).spec
-    copies = [a]
+    copies, reordered = [a], []
     for seed in (5, 6, 7):
         gen = torch.Generator().manual_seed(seed)
         copy = make_family(name, 1) if name != "mlp" else make("mlp", 1)
-        perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
-        copy.load_state_dict(permute_state(spec, copy.state_dict(), perms))
+        perms = {g: torch.arange(grp.width) if grp.ordered else torch.randperm(grp.width, generator=gen)
+                 for g, grp in spec.groups.items()}
+        orders = {h.module: torch.randperm(len(h.heads), generator=gen) for h in spec.heads}
+        copy.load_state_dict(permute_heads(spec, permute_state(spec, copy.state_dict(), perms), orders))
         copies.append(copy)
+        reordered += "bcd"[seed - 5] if any((o != torch.arange(len(o))).any() for o in orders.values()) else ""
     x = calib[0][0]
-    merged = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4]).model
-    assert relative(merged(x), a(x)) <= 1e-10
+    merged = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4])
+    assert relative(merged.model(x), a(x)) <= 1e-10
+    if spec.heads:
+        assert reordered and sorted(merged.report.endpoint_head_orders) == reordered
+        unmatched = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4], match_heads=False)
+        assert relative(unmatched.model(x), a(x)) > 1e-3  # heads matched by position do not find them
 
 
 @pytest.mark.parametrize("name", ["mlp", "swin"])
@@ -252,3 +264,24 @@ def test_merge_takes_a_list_of_endpoints():
         hubmerge.merge(models[:2], calib, weights=[1, 3], alpha=0.2)
     with pytest.raises(UsageError, match="weights weigh a list"):
         hubmerge.merge(*models[:2], calib, weights=[1, 3])
+
+
+def test_moved_statistics_are_those_of_a_pass_over_the_moved_endpoint():
+    """An N-way merge matches each endpoint's heads and moves its statistics in every pair, as A or as B."""
+    models, calib = endpoints("vit", 3)
+    spec = Prepared(models[0], models[1], calib, MergeOptions(repair=None)).spec
+    orders = {h.module: torch.arange(len(h.heads)).flip(0) for h in spec.heads}
+    moved = make_family("vit", 2)
+    moved.load_state_dict(permute_heads(spec, models[1].state_dict(), orders))
+    want = collect_many([models[0], moved, models[2]], spec, calib)
+    got = collect_many(models, spec, calib).with_moved(1, spec, head_sources(spec, orders))
+    for pair in want.pairs:
+        for key, pm in want.pairs[pair].points.items():
+            other = got.pairs[pair].points[key]
+            for name in ("cross", "batch_std_a", "batch_std_b"):
+                assert torch.allclose(getattr(other, name), getattr(pm, name), rtol=1e-12, atol=1e-12), (pair, key)
+            assert torch.allclose(other.a.sum, pm.a.sum, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(other.b.sumsq, pm.b.sumsq, rtol=1e-12, atol=1e-12)
+        assert got.pairs[pair].layers_a is got.layers[pair[0]] and got.pairs[pair].layers_b is got.layers[pair[1]]
+    for name, m in want.layers[1].items():
+        assert torch.allclose(got.layers[1][name].sum, m.sum, rtol=1e-12, atol=1e-12), name
