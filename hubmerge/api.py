@@ -494,7 +494,7 @@ def _finish(prepared: Prepared, plans: dict, model: PartialMergedModel, evaluati
         trace=trace, within=_within(prepared), weights=list(prepared.weights),
         tasks=[t.to_dict() for t in prepared.tasks or ()],
         timings=prepared.timings, head_orders={m: o.tolist() for m, o in prepared.head_orders.items()},
-        endpoint_head_orders={endpoint_names(k + 1)[k]: {m: o.tolist() for m, o in orders.items()}
+        endpoint_head_orders={endpoint_names(len(prepared.models))[k]: {m: o.tolist() for m, o in orders.items()}
                               for k, orders in prepared.endpoint_head_orders.items()},
     )
     return MergeResult(model, report)
