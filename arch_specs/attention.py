@@ -104,8 +104,8 @@ def beit_forward(self: BeitAttention, x: torch.Tensor, shared_rel_pos_bias: torc
 def eva_forward(self: EvaAttention, x: torch.Tensor, rope: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """EVA's attention, its heads' output sized by its heads (``reshape(B, N, -1)``) instead of by its input's
-    width as timm's forward does, so that the stream it reads and writes may widen while its heads, whose q/k
-    channels the rotary embedding takes apart by position, keep their width. The same function as timm's
+    width as timm's forward does, so that heads and the stream they read may widen apart (the rotary embedding
+    rotates every head alike, so more heads read the same table). The same function as timm's
     (:func:`wide_forward_matches` checks it on every model traced)."""
     B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if self.gate is not None else None

@@ -31,7 +31,7 @@ from .matching import Matchings
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
 from .spec import head_sources, permute_heads
-from .statistics import collect, collect_many
+from .statistics import ManyStatistics, Statistics, collect, collect_many
 
 log = logging.getLogger("hubmerge")
 
@@ -177,7 +177,6 @@ class Prepared:
                                              progress="statistics pass")
                     self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
-            self.head_orders: dict[str, torch.Tensor] = {}  # B's
             self.endpoint_head_orders: dict[int, dict[str, torch.Tensor]] = {}  # every endpoint's but A's
             if options.match_heads and self.stats is not None and options.align in ("activation", "zip"):
                 self._order_heads(options)
@@ -229,7 +228,11 @@ class Prepared:
                 self.many = self.many.with_moved(m, self.spec, sources)
                 self.stats = self.many.pairs[(0, 1)]
         self.model_b = self.models[1]
-        self.head_orders = self.endpoint_head_orders.get(1, {})
+
+    @property
+    def head_orders(self) -> dict[str, torch.Tensor]:
+        """B's head orders (endpoint 1's of :attr:`endpoint_head_orders`)."""
+        return self.endpoint_head_orders.get(1, {})
 
     def _zip_depth(self, options: MergeOptions) -> MergeOptions:
         """The options with the zip depth a budget affords: the least depth (the most layers kept apart) whose
@@ -308,7 +311,7 @@ class Prepared:
                             matchings=self.matchings if matched else None)
 
     @property
-    def repair_statistics(self):
+    def repair_statistics(self) -> Statistics | ManyStatistics:
         """What REPAIR targets in this merge: every endpoint's statistics (N-way), else those of the two endpoints
         merged (a zip's virtual ones)."""
         return self.many or self.merging_stats
@@ -431,7 +434,7 @@ def _planned(prepared: Prepared, evaluation: Any, t0: float) -> MergeResult:
         gamma = opts.gamma
     with prepared.timed("build"):
         if prepared.many is not None and opts.budget is None and not gamma:
-            plans = prepared.matchings
+            plans = prepared.full_merge_plans()
         else:
             plans = prepared.plans(gamma, method, epsilon)
         model = prepared.build(plans)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .alignment import activation_scores, in_order, lap
+from .alignment import activation_scores, lap
 from .matching import Matching, Matchings
 from .spec import Group, PermutationSpec
 from .statistics import ManyStatistics, Moments
@@ -66,12 +66,13 @@ def align(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, t
         scores = scores_b if m == 1 and scores_b is not None else activation_scores(
             spec, stats.pairs[(0, m)], states[0], states[m], estimator)
         perms.append({g: lap(s) for g, s in scores.items()})
-    observed = [grp for grp in spec.groups.values() if grp.observe]
+    # refined where observed; an ordered group keeps the identity its scores allow (alignment.in_order)
+    observed = [grp for grp in spec.groups.values() if grp.observe and not grp.ordered]
     for _ in range(SWEEPS if n > 2 else 0):
         changed = False
         for m in range(1, n):
             for grp in observed:
-                new = lap(in_order(spec, {grp.name: _to_others(grp, stats, perms, m)})[grp.name])
+                new = lap(_to_others(grp, stats, perms, m))
                 if not torch.equal(new, perms[m][grp.name]):
                     perms[m][grp.name], changed = new, True
         if not changed:
