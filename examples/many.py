@@ -7,7 +7,9 @@ default correction ``repair="auto"``), their N-way partial merges at each ``--ga
 every group's merged units, the least correlated, kept apart by each endpoint) and, at each γ's parameter
 increase as the budget, the N-way budgeted merge (``budget=…``, the benefit allocator: groups widened by
 measured benefit instead of uniformly), with the parameter increase over one endpoint, on held-out test
-images.
+images; and their N-way zips at each ``--betas`` (``align="zip"``: up to that share of each endpoint's units
+merged in pairs within it, the rest aligned as the full merge aligns them; one endpoint's size), with how many
+merged units hold a pair of one endpoint's units.
 
     python examples/many.py                       # the MLP and ResNet20 (13 min here once the endpoints are cached)
     python examples/many.py --pairs vgg-seeds
@@ -42,6 +44,8 @@ def main() -> None:
                 [k for k, p in PAIRS.items() if p.split == "seeds"])
     ap.add_argument("--gammas", type=float, nargs="*", default=[0.1, 0.3],
                     help="the gammas of the N-way partial merges (default 0.1 0.3)")
+    ap.add_argument("--betas", type=float, nargs="*", default=[0.5, 1.0],
+                    help="the within-model shares of the N-way zips (default 0.5 1)")
     args = ap.parse_args()
     done = load_results(args)
     for name, pair, train, evaluation, calib in each_pair(args):
@@ -57,7 +61,8 @@ def main() -> None:
                 result = hubmerge.merge_many(models[:n], calib, **options)
                 rows[key] = dict(merged=evaluate(result.model, evaluation).accuracy,
                                  params=result.report.param_increase, flops=result.report.flop_increase,
-                                 seconds=time.perf_counter() - t0)
+                                 seconds=time.perf_counter() - t0,
+                                 within=[sum(w) for w in zip(*result.report.within.values())])
                 save_results(args, done)
             return rows[key]
 
@@ -68,6 +73,8 @@ def main() -> None:
             for gamma in args.gammas:
                 # the same parameters as γ, spent where they measure most benefit
                 measured(f"{n}@{gamma}/budget", n, budget=measured(f"{n}@{gamma}", n, gamma=gamma)["params"])
+            for beta in args.betas:
+                measured(f"{n}/zip@{beta}", n, align="zip", zip_beta=beta)
         print(f"\n== {name}: {pair.architecture}, endpoints "
               + ", ".join(f"{100 * a:.2f}%" for a in rows["endpoints"]) + "\n")
         print("| N | mean endpoint | ensemble (params) | N-way full merge | "
@@ -84,11 +91,19 @@ def main() -> None:
             print(f"| {n} | {100 * mean:.2f}% | {100 * rows[f'{n}/ensemble']['ensemble']:.2f}% (+{100 * (n - 1)}%) | "
                   f"{100 * rows[str(n)]['merged']:.2f}% | " + " | ".join(cells)
                   + f" | {rows[str(n)]['seconds']:.1f} |", flush=True)
-        plot(rows, args.gammas, args.results.parent / f"many_{name}.png")
+        print("\n| N | N-way full merge | " + " | ".join(f"zip β={b} (pairs within an endpoint)" for b in args.betas)
+              + " | ensemble |\n|" + "---|" * (3 + len(args.betas)))
+        for n in (2, 3, 4):
+            zips = [rows[f"{n}/zip@{b}"] for b in args.betas]
+            print(f"| {n} | {100 * rows[str(n)]['merged']:.2f}% | "
+                  + " | ".join(f"{100 * z['merged']:.2f}% ({sum(z['within'])})" for z in zips)
+                  + f" | {100 * rows[f'{n}/ensemble']['ensemble']:.2f}% |", flush=True)
+        plot(rows, args.gammas, args.betas, args.results.parent / f"many_{name}.png")
 
 
-def plot(rows: dict, gammas: list[float], path: Path) -> None:
-    """Accuracy against parameter increase per N: full merge, partial merges by γ and by budget, ensemble."""
+def plot(rows: dict, gammas: list[float], betas: list[float], path: Path) -> None:
+    """Accuracy against parameter increase per N: full merge, partial merges by γ and by budget, zips (at the
+    full merge's size), ensemble."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,6 +117,9 @@ def plot(rows: dict, gammas: list[float], path: Path) -> None:
         budgets = [rows[f"{n}@{g}/budget"] for g in gammas]
         ax.plot([100 * r["params"] for r in budgets], [100 * r["merged"] for r in budgets], "s", color=color,
                 mfc="none", label=f"N={n}: budget (benefit) at γ's parameters")
+        zips = [rows[f"{n}/zip@{b}"] for b in betas]
+        ax.plot([100 * r["params"] for r in zips], [100 * r["merged"] for r in zips], "x", color=color,
+                label=f"N={n}: zip β={', '.join(map(str, betas))}")
         ax.plot([100 * (n - 1)], [100 * rows[f"{n}/ensemble"]["ensemble"]], "*", color=color, ms=12,
                 label=f"N={n}: ensemble")
     ax.set_xlabel("parameter increase over one endpoint (%)")

@@ -174,7 +174,7 @@ class Prepared:
                                          progress="statistics pass", within=options.align == "zip")
                 else:
                     self.many = collect_many(self.models, self.spec, self.calibration, options.device,
-                                             progress="statistics pass")
+                                             progress="statistics pass", within=options.align == "zip")
                     self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
             self.endpoint_head_orders: dict[int, dict[str, torch.Tensor]] = {}  # every endpoint's but A's
@@ -183,10 +183,18 @@ class Prepared:
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=self.model_a.state_dict(), state_b=self.model_b.state_dict(),
                                           seed=options.seed, correlation=options.correlation)
-            self.matchings = self.unit_scores = None
-            # the endpoints merged and their REPAIR statistics: a zip merges virtual endpoints in its order
-            self.merging, self.merging_stats = (self.model_a, self.model_b), self.stats
-            if options.align == "zip":
+            self.unit_scores = self.aligned = self.pair_scores = None
+            if n_way is not None:  # the N-way permutation merge (a zip's full merge to compare with)
+                self.pair_scores = many.pair_scores(self.spec, self.many, [m.state_dict() for m in self.models],
+                                                    options.correlation, self.scores)
+                self.aligned = many.align(self.spec, self.many, self.pair_scores)
+            self.matchings = self.aligned
+            # the endpoints merged and their REPAIR statistics: a zip of two merges virtual endpoints in its order
+            self.merging, self.merging_stats = (self.model_a, self.model_b), self.many or self.stats
+            if options.align == "zip" and len(self.models) > 2:
+                self.matchings = self.zip_plans = zipit.plan_many(self.spec, self.many, self.pair_scores,
+                                                                  options.zip_beta, options.correlation)
+            elif options.align == "zip":
                 if options.budget is not None:
                     self.options = options = self._zip_depth(options)
                 zipped = zipit.trunk(self.spec, options.zip_depth)
@@ -201,9 +209,6 @@ class Prepared:
                 self.zip_plans = zipit.plans(self.spec, zipped)
                 self.merging = zipit.virtual(self.spec, self.matchings, self.model_a, self.model_b)
                 self.merging_stats = zipit.virtual_statistics(self.spec, self.matchings, self.stats)
-            elif n_way is not None:
-                self.matchings = many.align(self.spec, self.many, [m.state_dict() for m in self.models],
-                                            options.correlation, self.scores)
         self._plans: dict = {}
         self._owned: dict[tuple, list[nn.Module]] = {}
 
@@ -296,25 +301,25 @@ class Prepared:
 
     def plans(self, gamma: float | dict[str, float], method: str | None = None,
               epsilon: float | None = None) -> dict[str, partial.GroupPlan]:
-        """Plans for ``gamma`` with the options' partial method (or the one given); a zip's plans (of its
-        virtual endpoints: zipped groups merged, the others apart); for more than two endpoints, the plans of
-        their N-way alignment (:func:`~hubmerge.partial.plan_group`: the merged units that score least apart)."""
+        """Plans for ``gamma`` with the options' partial method (or the one given); a zip's plans (of a two-way
+        zip's virtual endpoints: zipped groups merged, the others apart; an N-way zip's matchings); for more than
+        two endpoints, the plans of their N-way alignment (:func:`~hubmerge.partial.plan_group`: the merged units
+        that score least apart)."""
         o = self.options
         if o.align == "zip":
             return self.zip_plans
         matched = self.many is not None and len(self.models) > 2
         if matched and self.unit_scores is None:  # what an N-way partial merge ranks the merged units by
-            self.unit_scores = many.quality(self.spec, self.many, [m.state_dict() for m in self.models],
-                                            self.matchings, o.correlation)
+            self.unit_scores = many.quality(self.aligned, self.pair_scores)
         return partial.plan(self.spec, self.unit_scores if matched else self.scores, gamma, method or o.partial,
                             epsilon=o.epsilon if epsilon is None else epsilon, seed=o.seed, cache=self._plans,
-                            matchings=self.matchings if matched else None)
+                            matchings=self.aligned if matched else None)
 
     @property
     def repair_statistics(self) -> Statistics | ManyStatistics:
-        """What REPAIR targets in this merge: every endpoint's statistics (N-way), else those of the two endpoints
-        merged (a zip's virtual ones)."""
-        return self.many or self.merging_stats
+        """What REPAIR targets in this merge: the statistics of the endpoints merged (every endpoint's for N-way
+        merges, a two-way zip's virtual ones)."""
+        return self.merging_stats
 
     def build(self, plans: dict[str, partial.GroupPlan] | Matchings, repair: str | None = "default",
               alpha: float | None = None, endpoints: bool = False) -> PartialMergedModel:
@@ -345,9 +350,9 @@ class Prepared:
 
     def full_merge_plans(self) -> dict[str, partial.GroupPlan] | Matchings:
         """The plans of the endpoints' full merge, to build with ``endpoints=True``: by permutation (also for
-        a zip, as what it is compared with); an N-way merge's matchings (it is a full merge)."""
-        if self.many is not None:
-            return self.matchings
+        a zip, as what it is compared with); for N endpoints their N-way alignment's matchings."""
+        if self.aligned is not None:
+            return self.aligned
         return partial.plan(self.spec, self.scores, 0.0, "forced", cache=self._plans)
 
     def partition(self, plans: dict[str, partial.GroupPlan] | Matchings) -> dict[str, partial.Sizes]:
@@ -369,7 +374,7 @@ def _evaluate_all(prepared: Prepared, model: PartialMergedModel, evaluation: Any
     names = endpoint_names(len(prepared.models))
     full = prepared.full_merge_plans()
     candidates = {**dict(zip(names, prepared.models)), "full_merge": prepared.build(full, repair=None, endpoints=True)}
-    if o.repair is not None and prepared.many is None:  # an N-way merge corrected is this merge
+    if o.repair is not None and (prepared.many is None or o.align == "zip"):  # else this merge is it
         candidates["full_merge_repair"] = prepared.build(full, endpoints=True)
     candidates["merged"] = model
     # one pass for all: the ensemble's logits come from the endpoints' (issue 13: evaluation shares work)
@@ -433,7 +438,7 @@ def _planned(prepared: Prepared, evaluation: Any, t0: float) -> MergeResult:
     else:
         gamma = opts.gamma
     with prepared.timed("build"):
-        if prepared.many is not None and opts.budget is None and not gamma:
+        if prepared.many is not None and opts.budget is None and not gamma and opts.align != "zip":
             plans = prepared.full_merge_plans()
         else:
             plans = prepared.plans(gamma, method, epsilon)
@@ -460,13 +465,18 @@ def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = N
 
     A ``budget`` (at most N−1: the ensemble costs N−1 endpoints more than one) is spread over the groups by
     the ``allocator`` as for two endpoints, each unit kept apart costing N−1 units more. N-way merges align by
-    activations: ``align`` other than ``activation`` is refused."""
+    activations; ``align="zip"`` zips them fully (:func:`~hubmerge.zipit.plan_many`: within-model pairs moved
+    into their partner's merged unit, one endpoint's size; two endpoints: :func:`merge`'s zip, partial ones
+    too), and weight matching is refused."""
     opts = MergeOptions.combine(options, overrides)
     if len(models) < 2:
         raise UsageError(f"merge_many needs at least two endpoints, got {len(models)}")
-    if opts.align != "activation":
-        raise UsageError("N-way merges align by activations: use align='activation' (zips of N endpoints are not "
-                         "built yet)")
+    if opts.align == "weight":
+        raise UsageError("N-way merges align by activations: use align='activation' or align='zip'")
+    if opts.align == "zip" and len(models) > 2 and (opts.zip_depth is not None or opts.budget is not None):
+        raise UsageError("a zip of more than two endpoints is a full zip: partial zips (zip_depth, or the depth a "
+                         "budget affords) are built for two; keep units apart with align='activation' and gamma "
+                         "or a budget")
     opts.check_budget(len(models))
     if len(models) > 2 and opts.alpha != MergeOptions.model_fields["alpha"].default:
         raise UsageError("alpha weighs two endpoints; weigh three or more with weights=[...] (default equal)")

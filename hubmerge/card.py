@@ -60,6 +60,10 @@ NWAY = """An **N-way merge** of {names} made with {hubmerge} {version}: every en
 matched to the first one's order (MergeMany alignment on activations) and averaged with weights {weights},
 {size}"""
 NWAY_FULL = "so the model has one endpoint's size."
+NWAY_ZIPPED = """An **N-way zipped merge** (ZipIt!) of {names} made with {hubmerge} {version}: every endpoint's
+units are matched to the first one's order (MergeMany alignment on activations), except that up to a share β
+(`zip_beta`) of each endpoint's units are merged in correlated pairs within that endpoint first; units are
+averaged with weights {weights}, so the model has one endpoint's size.{within}"""
 NWAY_PARTIAL = """except where their members correlate least: there each endpoint keeps its own unit (a partial merge,
 {apart} of {units} merged units kept apart; the table below gives them per group)."""
 
@@ -149,10 +153,15 @@ def _within(report: MergeReport | None) -> str:
     """How many units the zip merged within each model, from the report of the merge."""
     if report is None or not report.within:
         return ""
-    a, b = (sum(w[i] for w in report.within.values()) for i in (0, 1))
+    names = [n.upper() for n in endpoint_names(len(next(iter(report.within.values()))))]
+    counts = [sum(w[i] for w in report.within.values()) for i in range(len(names))]
     units = sum(report.partition[g][1] for g in report.within)
-    return (f" Of the {units:,} merged units, {a:,} are pairs of two units of A and {b:,} pairs of two units of "
-            "B; the rest pair a unit of A with one of B.")
+    if len(names) == 2:
+        return (f" Of the {units:,} merged units, {counts[0]:,} are pairs of two units of A and {counts[1]:,} pairs "
+                "of two units of B; the rest pair a unit of A with one of B.")
+    held = ", ".join(f"{c:,} a pair of {n}'s" for c, n in zip(counts[1:], names[1:]))
+    return (f" Of the {units:,} merged units, {counts[0]:,} hold a pair of A's units, {held} (one merged unit may "
+            "hold the pairs of several endpoints); the rest hold one unit of every endpoint.")
 
 
 def _heads(report: MergeReport | None, model: PartialMergedModel) -> str:
@@ -305,7 +314,7 @@ def build(model: PartialMergedModel, report: MergeReport | None = None, *, repo_
     kind = f"{len(keys)}-way merge" if n_way else "Zipped merge" if zipped else "Partial merge"
     title = f"{kind} of {', '.join(ids[:-1])} and {ids[-1]}"
     names = ", ".join(n for n, _ in named[:-1]) + f" and {named[-1][0]}"
-    what = (NWAY if n_way else ZIPPED if zipped else PARTIAL).format(
+    what = ((NWAY_ZIPPED if zipped else NWAY) if n_way else ZIPPED if zipped else PARTIAL).format(
         a=named[0][0], b=named[1][0], names=names, hubmerge=HUBMERGE, version=__version__, within=_within(report),
         depth=_depth(settings.get("zip_depth")), weights=", ".join(f"{w:.3g}" for w in model.weights),
         size=_n_way_size(model)) + _heads(report, model)

@@ -34,18 +34,18 @@ def _moments(stats: ManyStatistics, point: tuple[str, int], k: int) -> Moments:
     return pm.a if pair[0] == k else pm.b
 
 
-def _to_others(group: Group, stats: ManyStatistics, perms: list[dict[str, torch.Tensor]], m: int) -> torch.Tensor:
+def _to_others(group: Group, stats: ManyStatistics, perms: list[torch.Tensor], m: int) -> torch.Tensor:
     """Correlation of the mean of the other models' aligned units (rows, in merged order) with model m's units
     (columns), averaged over the group's observation points and places, as two-way scores are."""
     others = [k for k in range(len(perms)) if k != m]
-    g, mats = group.name, []
+    mats = []
     for obs in group.observe:
         point = (obs.module, obs.dim)
         for where in obs.positions:
             idx = torch.tensor(where)
 
             def at(k: int) -> torch.Tensor:
-                return idx[perms[k][g]]
+                return idx[perms[k]]
 
             cov = sum(_cov(stats, point, k, m)[at(k)][:, idx] for k in others) / len(others)
             var = sum(_moments(stats, point, k).std[at(k)] ** 2 if k == l else _cov(stats, point, k, l)[at(k), at(l)]
@@ -55,43 +55,63 @@ def _to_others(group: Group, stats: ManyStatistics, perms: list[dict[str, torch.
     return torch.stack(mats).mean(0)
 
 
-def align(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, torch.Tensor]],
-          estimator: str = "pooled", scores_b: dict[str, torch.Tensor] | None = None) -> Matchings:
-    """One matching per group of every endpoint's units (see the module docstring); ``estimator`` is the
-    correlation estimate of the first assignment to the reference, ``scores_b`` endpoint 1's scores against
-    it where the caller has them already (the two-way alignment's)."""
-    n = len(states)
-    perms = [{g: torch.arange(grp.width) for g, grp in spec.groups.items()}]
-    for m in range(1, n):
-        scores = scores_b if m == 1 and scores_b is not None else activation_scores(
-            spec, stats.pairs[(0, m)], states[0], states[m], estimator)
-        perms.append({g: lap(s) for g, s in scores.items()})
-    # refined where observed; an ordered group keeps the identity its scores allow (alignment.in_order)
-    observed = [grp for grp in spec.groups.values() if grp.observe and not grp.ordered]
-    for _ in range(SWEEPS if n > 2 else 0):
+def align_group(group: Group, stats: ManyStatistics, scores: list[torch.Tensor],
+                units: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Per model, its units in the merged order of one group: model 0's as they are, each other model's
+    matched to them by linear assignment on ``scores`` (``scores[m-1]``: model 0 × model m), then refined
+    by MergeMany sweeps where the group is observed and its units may move (not an ordered group). With
+    ``units`` (per model, as many of its units each) only those are aligned (a zip's units left after its
+    within-model pairs)."""
+    def among(m: int, mat: torch.Tensor) -> torch.Tensor:  # model m's units best matched to the rows
+        return lap(mat) if units is None else units[m][lap(mat[:, units[m]])]
+
+    first = torch.arange(group.width) if units is None else units[0]
+    if not len(first):
+        return [first] * (len(scores) + 1)
+    perms = [first, *(among(m, s if units is None else s[first]) for m, s in enumerate(scores, 1))]
+    if len(perms) == 2 or not group.observe or group.ordered:
+        return perms  # an ordered group keeps the identity its scores allow (alignment.in_order)
+    for _ in range(SWEEPS):
         changed = False
-        for m in range(1, n):
-            for grp in observed:
-                new = lap(_to_others(grp, stats, perms, m))
-                if not torch.equal(new, perms[m][grp.name]):
-                    perms[m][grp.name], changed = new, True
+        for m in range(1, len(perms)):
+            new = among(m, _to_others(group, stats, perms, m))
+            if not torch.equal(new, perms[m]):
+                perms[m], changed = new, True
         if not changed:
             break
-    return {g: Matching(grp.width, n, torch.stack([perms[m][g] + m * grp.width for m in range(n)], 1))
-            for g, grp in spec.groups.items()}
+    return perms
 
 
-def quality(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, torch.Tensor]],
-            matchings: Matchings, estimator: str = "pooled") -> dict[str, torch.Tensor]:
-    """Per group, each merged unit's score: its members' correlation averaged over every pair of endpoints
-    (the two-way alignment's scores of that pair at the units matched together), what an N-way partial merge
-    ranks merged units by to keep the worst apart, as a two-way top-k merge ranks its pairs."""
+def pair_scores(spec: PermutationSpec, stats: ManyStatistics, states: list[dict[str, torch.Tensor]],
+                estimator: str = "pooled", scores_b: dict[str, torch.Tensor] | None = None
+                ) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Per pair of endpoints (k < m), per group, the two-way alignment's scores of k's units × m's
+    (``scores_b``: those of endpoints 0 and 1, where the caller has them already)."""
     n = len(states)
-    out = {g: torch.zeros(grp.width, dtype=torch.float64) for g, grp in spec.groups.items()}
-    pairs = [(k, m) for k in range(n) for m in range(k + 1, n)]
-    for k, m in pairs:
-        scores = activation_scores(spec, stats.pairs[(k, m)], states[k], states[m], estimator)
-        for g, match in matchings.items():
-            units = match.members % match.width
-            out[g] += scores[g].double()[units[:, k], units[:, m]] / len(pairs)
+    return {(k, m): scores_b if (k, m) == (0, 1) and scores_b is not None else activation_scores(
+        spec, stats.pairs[(k, m)], states[k], states[m], estimator) for k in range(n) for m in range(k + 1, n)}
+
+
+def align(spec: PermutationSpec, stats: ManyStatistics, scores: dict[tuple[int, int], dict[str, torch.Tensor]]
+          ) -> Matchings:
+    """One matching per group of every endpoint's units (see the module docstring) from the scores of every pair
+    of endpoints (:func:`pair_scores`; this reads those with the reference, endpoint 0)."""
+    n = len(stats.layers)
+    out = {}
+    for g, grp in spec.groups.items():
+        perms = align_group(grp, stats, [scores[(0, m)][g] for m in range(1, n)])
+        out[g] = Matching(grp.width, n, torch.stack([p + m * grp.width for m, p in enumerate(perms)], 1))
+    return out
+
+
+def quality(matchings: Matchings, scores: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per group, each merged unit's score: its members' correlation averaged over every pair of endpoints
+    (``scores``: :func:`pair_scores`, at the units matched together), what an N-way partial merge ranks merged
+    units by to keep the worst apart, as a two-way top-k merge ranks its pairs."""
+    out = {}
+    for g, match in matchings.items():
+        units = match.members % match.width
+        out[g] = torch.zeros(match.width, dtype=torch.float64)
+        for (k, m), s in scores.items():
+            out[g] += s[g].double()[units[:, k], units[:, m]] / len(scores)
     return out

@@ -2,12 +2,12 @@
 
 A :class:`Matching` of one group says which units of the concatenated endpoints ``[model 0 ‖ model 1 ‖ …]``
 form each merged unit: a zip pairs two units of either model (:mod:`hubmerge.zipit`), an N-way permutation
-merge takes one unit of every model (:mod:`hubmerge.many`). Applying it follows the spec's table: along
+merge takes one unit of every model (:mod:`hubmerge.many`), an N-way zip groups units of some or all models. Applying it follows the spec's table: along
 every axis that *produces* units (a layer's output rows, a bias, a norm's or layer scale's vector, a class
 token) the merged value is the weighted mean of its members, the merge matrix M; along every axis that
 *reads* units (a conv/linear weight's input columns) each endpoint's columns are summed into their merged
-units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge is built from its matchings
-directly; a zip builds its two virtual endpoints with them (:func:`hubmerge.zipit.virtual`).
+units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge (or zip) is built from its matchings
+directly; a zip of two builds its two virtual endpoints with them (:func:`hubmerge.zipit.virtual`).
 
 A member's weight is its model's weight ``w_m`` (``1−α`` and ``α`` for two endpoints); where a merged unit
 holds several units of one model or not every model, the weights are renormalised over its members (a
@@ -26,13 +26,15 @@ from .errors import UsageError
 from .spec import Axis, PermutationSpec, positions
 
 Weights = tuple[float, ...]
+PAD = -1  # the padding of a merged unit's members where it holds fewer units than the largest one
 
 
 @dataclass(frozen=True)
 class Matching:
     """One group's merged units: row p of ``members`` holds the indices of its units in the concatenation of
-    the endpoints' units (unit u of model m is ``m·width + u``); every unit of every model is in exactly one
-    row, so the merge keeps one endpoint's width."""
+    the endpoints' units (unit u of model m is ``m·width + u``), ascending, a row of fewer units padded at its
+    end with :data:`PAD` (an N-way zip's merged units differ in size); every unit of every model is in exactly
+    one row, so the merge keeps one endpoint's width."""
 
     width: int
     models: int
@@ -51,12 +53,13 @@ class Matching:
 
     def weights(self, w: Weights, dtype: torch.dtype) -> torch.Tensor:
         """(width, members) weights: each member's model weight, renormalised where a merged unit does not
-        hold one unit of every model (equal weights where its models weigh 0 together)."""
-        owner = self.members // self.width
-        each = torch.tensor(w, dtype=dtype)[owner]
-        one_each = torch.stack([(owner == m).sum(1) == 1 for m in range(self.models)]).all(0)
+        hold one unit of every model (equal weights where its models weigh 0 together); 0 at padding."""
+        real = self.members != PAD
+        owner = torch.where(real, self.members // self.width, 0)
+        each = torch.where(real, torch.tensor(w, dtype=dtype)[owner], 0.0)
+        one_each = torch.stack([((owner == m) & real).sum(1) == 1 for m in range(self.models)]).all(0)
         total = each.sum(1, keepdim=True)
-        even = torch.full_like(each, 1.0 / each.shape[1])
+        even = real.to(dtype) / real.sum(1, keepdim=True).to(dtype)
         renormalised = torch.where(total > 0, each / total.clamp_min(torch.finfo(dtype).tiny), even)
         return torch.where(one_each[:, None], each, renormalised)
 
@@ -82,18 +85,26 @@ def members(axis: Axis, matchings: Matchings, w: Weights, dtype: torch.dtype) ->
     endpoints' axes laid end to end, (positions, members), and their weights; fixed positions and groups
     without a matching take every model's own position at its model weight."""
     length, n = sum(seg.size for seg in axis), len(w)
-    index = torch.arange(length)[:, None] + length * torch.arange(n)
-    weight = torch.tensor(w, dtype=dtype).expand(length, n).clone()
+    used = [matchings[seg.group] for seg in axis if seg.group in matchings]
+    wrong = [m for m in used if m.models != n]
+    if wrong:
+        raise UsageError(f"a matching of {wrong[0].models} models applied to {n} models")
+    size = max([n, *(m.members.shape[1] for m in used)])  # columns: members at most (padding weighs 0)
+    index = torch.zeros(length, size, dtype=torch.long)
+    index[:, :n] = torch.arange(length)[:, None] + length * torch.arange(n)
+    weight = torch.zeros(length, size, dtype=dtype)
+    weight[:, :n] = torch.tensor(w, dtype=dtype)
     start = 0
     for seg in axis:
         if seg.group in matchings:
             match = matchings[seg.group]
-            if match.members.shape[1] != n:
-                raise UsageError(f"group {seg.group}: merged units of {match.members.shape[1]} members, {n} models")
             rows = positions(seg, start)  # (width, repeat)
-            model, unit = match.members // match.width, match.members % match.width  # (width, members)
-            index[rows] = (rows[unit] + length * model[:, :, None]).transpose(1, 2)
-            weight[rows] = match.weights(w, dtype)[:, None, :]
+            real = match.members.clamp_min(0)
+            model, unit = real // match.width, real % match.width  # (width, members)
+            k = match.members.shape[1]
+            index[rows, :k] = (rows[unit] + length * model[:, :, None]).transpose(1, 2)
+            weight[rows, :k] = match.weights(w, dtype)[:, None, :]
+            weight[rows, k:] = 0.0
         start += seg.size
     return index, weight
 

@@ -204,7 +204,8 @@ def _push(api: HfApi, folder: Path, repo_id: str, *, private: bool, revision: st
     o = report.options
     names = ", ".join(refs[:-1]) + f" and {refs[-1]}"
     if o["align"] == "zip":
-        message = f"hubmerge: zipped merge of {names}, zip_beta {o['zip_beta']}"
+        kind = f"{len(refs)}-way zipped" if len(refs) > 2 else "zipped"
+        message = f"hubmerge: {kind} merge of {names}, zip_beta {o['zip_beta']}"
     else:
         how = f"budget {o['budget']} ({o['allocator']})" if o["budget"] is not None else f"gamma {o['gamma']}"
         kind = f"{len(refs)}-way" if len(refs) > 2 else "partial"

@@ -18,6 +18,10 @@ without replacement, among pairs whose within-model correlation beats what eithe
 the other model, at most ``⌊β·n/2⌋`` per model (a share β of each model's units) and as many in A as in B
 (so the merge keeps one endpoint's width); the units left are paired across models by linear assignment.
 β=0 is therefore exactly the permutation full merge (the same assignment), not ZipIt!'s greedy variant of it.
+
+More than two endpoints (:func:`plan_many`) are zipped from their N-way alignment (:mod:`hubmerge.many`): one
+unit of each within-model pair moves into its partner's merged unit (:func:`match_many`), so β=0 is exactly
+the N-way permutation merge. They are zipped fully (one endpoint's size); partial zips are built for two.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import many
 from .alignment import lap
 from .errors import UsageError
-from .matching import MatchedLayout, Matching, Matchings, matched_state
+from .matching import PAD, MatchedLayout, Matching, Matchings, matched_state
 from .partial import GroupPlan
-from .spec import PermutationSpec
-from .statistics import Statistics
+from .spec import Group, PermutationSpec
+from .statistics import ManyStatistics, Statistics
 
 log = logging.getLogger("hubmerge")
 
@@ -60,35 +65,13 @@ def _within(corr: torch.Tensor, best_cross: torch.Tensor, limit: int) -> list[tu
     return pairs
 
 
-def match(cross: torch.Tensor, within_a: torch.Tensor | None, within_b: torch.Tensor | None, beta: float
-          ) -> Matching:
-    """The zip of one group (a :class:`~hubmerge.matching.Matching` of pairs: cross pairs first in A's unit
-    order, within-A pairs among them by their first unit, within-B pairs last) from its A×B correlations
-    and, where observed, its within-model ones (None: cross pairs only); see the module docstring."""
-    n = cross.shape[0]
-    limit = int(beta * n / 2 + 1e-9)
-    pairs_a = _within(within_a, cross.max(1).values, limit) if within_a is not None else []
-    pairs_b = _within(within_b, cross.max(0).values, limit) if within_b is not None else []
-    k = min(len(pairs_a), len(pairs_b))
-    pairs_a, pairs_b = pairs_a[:k], pairs_b[:k]
-    used_a, used_b = {u for p in pairs_a for u in p}, {u for p in pairs_b for u in p}
-    rest_a = torch.tensor([u for u in range(n) if u not in used_a], dtype=torch.long)
-    rest_b = torch.tensor([u for u in range(n) if u not in used_b], dtype=torch.long)
-    scores = cross if k == 0 else cross[rest_a][:, rest_b]
-    partner = rest_b[lap(scores)] if len(rest_a) else rest_b
-    front = sorted([(int(a), n + int(b)) for a, b in zip(rest_a, partner)] + pairs_a)
-    back = sorted((n + a, n + b) for a, b in pairs_b)
-    return Matching(n, 2, torch.tensor(front + back, dtype=torch.long))
-
-
 def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statistics, beta: float,
          estimator: str = "pooled", groups: set[str] | None = None) -> Matchings:
     """Per group (of ``groups``: those :func:`trunk` zips; None: all), the zip of its units at within-model
     share ``beta``. ``scores`` are the A×B alignment scores (the permutation merge's), so β=0 gives its
     assignment exactly; a group observed at no module output has no within-model correlations and is paired
     across models only (the log says which)."""
-    if not 0.0 <= beta <= 1.0:
-        raise UsageError(f"zip_beta must be in [0, 1], got {beta}")
+    _check_beta(beta)
     chosen = {g: grp for g, grp in spec.groups.items() if groups is None or g in groups}
     unseen = [g for g, grp in chosen.items() if not grp.observe]
     if unseen and beta > 0:
@@ -99,9 +82,107 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statisti
                  ", ".join(ordered))
     zips = {}
     for g, grp in chosen.items():
-        seen = bool(grp.observe) and beta > 0 and not grp.ordered
-        within = [stats.correlation(grp, estimator, pair) if seen else None for pair in ("aa", "bb")]
-        zips[g] = match(scores[g], *within, beta)
+        within = [stats.correlation(grp, estimator, pair) if _sees(grp, beta) else None for pair in ("aa", "bb")]
+        zips[g] = match_many(grp, None, {(0, 1): scores[g]}, within, beta)
+    return zips
+
+
+def _check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise UsageError(f"zip_beta must be in [0, 1], got {beta}")
+
+
+def _sees(group: Group, beta: float) -> bool:
+    """Whether a zip looks for within-model pairs in ``group``: observed somewhere, free to move (not ordered)."""
+    return bool(group.observe) and beta > 0 and not group.ordered
+
+
+def match_many(group: Group, stats: ManyStatistics | None, scores: dict[tuple[int, int], torch.Tensor],
+               within: list[torch.Tensor | None], beta: float) -> Matching:
+    """The zip of one group's units over N endpoints (a :class:`~hubmerge.matching.Matching`, rows by their
+    first unit) from the scores of every pair of endpoints and, where observed, each one's within-model
+    correlations (None: across models only); ``stats``: the N-way statistics (None for two endpoints).
+
+    Each model's within-model pairs are chosen greedily where they beat both units' best correlation with any
+    unit of another model, at most ``⌊β·n/2⌋`` per model. Two endpoints are zipped by the two-way rule (see
+    the module docstring: pairs as many in A as in B, each a merged unit alone, the rest paired across by
+    linear assignment). For more than two a pair cannot stand alone (N models' pairs would outnumber the merged
+    units they free), so the zip starts from the N-way merge's alignment (:func:`~hubmerge.many.align_group`,
+    one unit of every model per merged unit) and moves, most correlated pair first, the unit of the pair that
+    fits its merged unit worse into its partner's; a merged unit is never emptied, so the zip keeps one
+    endpoint's width, and a merged unit left by a moved unit averages the models that remain in it."""
+    n, count = group.width, len(within)
+    limit = int(beta * n / 2 + 1e-9)
+
+    def best(m: int) -> torch.Tensor:  # each unit of model m's best correlation with another model's units
+        return torch.stack([scores[(m, k)].max(1).values if m < k else scores[(k, m)].max(0).values
+                            for k in range(count) if k != m]).max(0).values
+
+    pairs = [_within(w, best(m), limit) if w is not None else [] for m, w in enumerate(within)]
+    if count == 2:
+        rows = _two(pairs, scores[(0, 1)], n)
+    else:
+        rows = _moved(pairs, within, scores, many.align_group(group, stats, [scores[(0, m)] for m in range(1, count)]))
+    size = max(len(r) for r in rows)
+    return Matching(n, count, torch.tensor([r + [PAD] * (size - len(r)) for r in rows], dtype=torch.long))
+
+
+def _two(pairs: list[list[tuple[int, int]]], cross: torch.Tensor, n: int) -> list[list[int]]:
+    """The two-way zip's merged units: as many within pairs in A as in B, each alone, the rest of A's units
+    paired with the rest of B's by linear assignment."""
+    k = min(len(p) for p in pairs)
+    pairs_a, pairs_b = pairs[0][:k], pairs[1][:k]
+    used_a, used_b = {u for p in pairs_a for u in p}, {u for p in pairs_b for u in p}
+    rest_a = torch.tensor([u for u in range(n) if u not in used_a], dtype=torch.long)
+    rest_b = torch.tensor([u for u in range(n) if u not in used_b], dtype=torch.long)
+    scores = cross if k == 0 else cross[rest_a][:, rest_b]
+    partner = rest_b[lap(scores)] if len(rest_a) else rest_b
+    return sorted([[int(a), n + int(b)] for a, b in zip(rest_a, partner)] + [list(p) for p in pairs_a]
+                  + [[n + a, n + b] for a, b in pairs_b])
+
+
+def _moved(pairs: list[list[tuple[int, int]]], within: list[torch.Tensor | None],
+           scores: dict[tuple[int, int], torch.Tensor], aligned: list[torch.Tensor]) -> list[list[int]]:
+    """The N-way zip's merged units: the N-way alignment's, with one unit of each within pair moved to its
+    partner's (see :func:`match_many`)."""
+    n, count = len(aligned[0]), len(aligned)
+    slot = torch.empty(count, n, dtype=torch.long)
+    for m, units in enumerate(aligned):
+        slot[m, units] = torch.arange(n)
+    rows: list[set[tuple[int, int]]] = [{(m, int(units[p])) for m, units in enumerate(aligned)} for p in range(n)]
+
+    def fit(m: int, u: int) -> float:  # how well unit u of model m correlates with the rest of its merged unit
+        others = [(k, v) for k, v in rows[int(slot[m, u])] if k != m]
+        return sum(float(scores[(m, k)][u, v] if m < k else scores[(k, m)][v, u]) for k, v in others) / max(
+            len(others), 1)
+
+    order = sorted(((float(within[m][a, b]), m, a, b) for m, ps in enumerate(pairs) for a, b in ps),
+                   key=lambda t: -t[0])
+    for _, m, a, b in order:
+        stay, move = (a, b) if fit(m, a) >= fit(m, b) else (b, a)
+        source, target = int(slot[m, move]), int(slot[m, stay])
+        if len(rows[source]) == 1:  # it is its merged unit's last member
+            continue
+        rows[source].discard((m, move))
+        rows[target].add((m, move))
+        slot[m, move] = target
+    return sorted(sorted(k * n + v for k, v in row) for row in rows)
+
+
+def plan_many(spec: PermutationSpec, stats: ManyStatistics, scores: dict[tuple[int, int], dict[str, torch.Tensor]],
+              beta: float, estimator: str = "pooled") -> Matchings:
+    """Per group, the N-way zip of every endpoint's units at within-model share ``beta`` (each endpoint's
+    within-model correlations from its statistics with endpoint 0, endpoint 0's with endpoint 1); ``scores``
+    per pair of endpoints (:func:`~hubmerge.many.pair_scores`), so β=0 gives the N-way permutation merge."""
+    _check_beta(beta)
+    count = len(stats.layers)
+    zips = {}
+    for g, grp in spec.groups.items():
+        within = [None] * count
+        if _sees(grp, beta):
+            within = [stats.pairs[(0, 1)].correlation(grp, estimator, "aa"),
+                      *(stats.pairs[(0, m)].correlation(grp, estimator, "bb") for m in range(1, count))]
+        zips[g] = match_many(grp, stats, {p: s[g] for p, s in scores.items()}, within, beta)
     return zips
 
 

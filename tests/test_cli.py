@@ -115,6 +115,14 @@ def test_three_endpoints_make_an_n_way_merge_that_its_recipe_reproduces(local, t
     assert two.exit_code == 2 and "--weights weigh the endpoints of an N-way merge" in two.output
     over = runner.invoke(app, [*three, "--budget", "2.5", "--out", str(tmp_path / "over")])
     assert over.exit_code == 2 and "budget must be in [0, 2] for 3 endpoints" in over.output
+    zipped = runner.invoke(app, [*three, "--calib", str(local / "data"), "--align", "zip", "--zip-beta", "1",
+                                 "--out", str(tmp_path / "zip"), "--json", "--quiet"])
+    assert zipped.exit_code == 0, zipped.output
+    assert all(len(w) == 3 for w in json.loads(zipped.stdout)["report"]["within"].values())
+    assert "N-way zipped merge** (ZipIt!)" in (tmp_path / "zip" / "README.md").read_text()
+    deep = runner.invoke(app, [*three, "--calib", str(local / "data"), "--align", "zip", "--zip-depth", "1",
+                               "--out", str(tmp_path / "deep")])
+    assert deep.exit_code == 2 and "partial zips" in deep.output
 
 
 def test_missing_calibration_where_needed_is_usage_error(local, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hubmerge
+import hubmerge.card
 import hubmerge.repair
 from hubmerge.api import Prepared
 from hubmerge.cost import CostModel
@@ -64,6 +65,11 @@ def test_permuted_copies_of_one_model_merge_back_into_it(name):
     x = calib[0][0]
     merged = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4])
     assert relative(merged.model(x), a(x)) <= 1e-10
+    if name in ("mlp", "vit", "swin"):  # features distinct (no unit constant on the data): no pair within a copy
+        zipped = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4], align="zip",
+                                     zip_beta=1.0)
+        assert all(w == [0] * 4 for w in zipped.report.within.values())
+        assert relative(zipped.model(x), a(x)) <= 1e-10
     if spec.heads:
         assert reordered and sorted(merged.report.endpoint_head_orders) == reordered
         unmatched = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4], match_heads=False)
@@ -241,7 +247,9 @@ def test_n_way_budgets_are_spent_within_the_budget(allocator):
 def test_what_an_n_way_merge_refuses():
     models, calib = endpoints("mlp", 3)
     for bad, message in ((dict(budget=2.5), r"budget must be in \[0, 2\] for 3 endpoints"),
-                         (dict(align="zip"), "zips of N endpoints"), (dict(weights=[1, 1]), "3 non-negative"),
+                         (dict(align="weight"), "align='activation' or align='zip'"),
+                         (dict(align="zip", zip_depth=2), "partial zips"), (dict(align="zip", budget=0.5), "partial zips"),
+                         (dict(weights=[1, 1]), "3 non-negative"),
                          (dict(weights=[1, -1, 1]), "non-negative"), (dict(weights=[0, 0, 0]), "not all 0"),
                          (dict(alpha=0.3), "alpha weighs two endpoints")):
         with pytest.raises(UsageError, match=message):
@@ -285,3 +293,120 @@ def test_moved_statistics_are_those_of_a_pass_over_the_moved_endpoint():
         assert got.pairs[pair].layers_a is got.layers[pair[0]] and got.pairs[pair].layers_b is got.layers[pair[1]]
     for name, m in want.layers[1].items():
         assert torch.allclose(got.layers[1][name].sum, m.sum, rtol=1e-12, atol=1e-12), name
+
+
+# N-way zips (ZipIt! for more than two endpoints)
+
+def _dense(match, weights: tuple[float, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per model, the merge matrix M_m (merged units × its units: its members' weights) and the unmerge matrix
+    U_m (its units × merged units: 1 where a unit goes), built from the matching's rows one by one."""
+    n, count = match.width, match.models
+    merge = [torch.zeros(n, n, dtype=torch.float64) for _ in range(count)]
+    unmerge = [torch.zeros(n, n, dtype=torch.float64) for _ in range(count)]
+    for p, row in enumerate(match.members.tolist()):
+        real = [u for u in row if u >= 0]
+        owners = [u // n for u in real]
+        one_each = sorted(owners) == list(range(count))
+        total = sum(weights[o] for o in owners)
+        for u, o in zip(real, owners):
+            merge[o][p, u % n] = weights[o] if one_each else weights[o] / total
+            unmerge[o][u % n, p] = 1.0
+    return merge, unmerge
+
+
+def test_an_n_way_zip_merges_and_unmerges_as_its_matrices_say():
+    """Every weight of the MLP's N-way zip is Σ_m M_m · W_m · U_m (fixed input and logits: the identity), with
+    merged units of different sizes (padded rows): a unit moved into its within-model partner's merged unit,
+    and the merged unit it left averaging the other endpoints' units (weights renormalised)."""
+    models, calib = endpoints("mlp", 3)
+    weights = (0.5, 0.3, 0.2)
+    prepared = Prepared(*models[:2], calib, MergeOptions(align="zip", zip_beta=1.0, repair=None),
+                        n_way=tuple(models[2:]), weights=weights)
+    zips = prepared.matchings
+    assert any(z.members.shape[1] > 3 for z in zips.values())  # a merged unit holds a within-model pair
+    assert any(((z.members >= 0).sum(1) < 3).any() for z in zips.values())  # and one misses that model
+    assert sum(sum(z.within) for z in zips.values()) >= 3
+    for z in zips.values():  # every unit of every model in exactly one merged unit, the width kept
+        real = z.members[z.members >= 0]
+        assert z.members.shape[0] == z.width and torch.equal(torch.sort(real).values, torch.arange(3 * z.width))
+    merged = prepared.build(prepared.plans(0.0)).materialize().state_dict()
+    states = [m.state_dict() for m in models]
+    eye = [torch.eye(10, dtype=torch.float64) * w for w in weights], [torch.eye(10, dtype=torch.float64)] * 3
+    for layer in prepared.spec.layers:
+        out_group, in_group = layer.out_axis[0].group, layer.in_axis[0].group
+        merge = _dense(zips[out_group], weights)[0] if out_group else eye[0]
+        unmerge = _dense(zips[in_group], weights)[1] if in_group else None
+        for key in (f"{layer.name}.weight", f"{layer.name}.bias"):
+            want = 0
+            for m in range(3):
+                w = states[m][key]
+                if key.endswith("weight") and unmerge is not None:
+                    w = w @ unmerge[m]
+                want = want + merge[m] @ w
+            assert torch.allclose(merged[key], want, atol=1e-13, rtol=1e-13), key
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext", "swin", "eva02"])
+def test_an_n_way_zip_without_within_pairs_is_the_n_way_merge(name):
+    """β=0 gives the N-way permutation merge bit for bit; a zip with within-model pairs is one endpoint's size
+    too and loads into the plain architecture; the report counts each endpoint's pairs."""
+    models, calib = endpoints(name, 3)
+    x = calib[0][0]
+    weights = [0.5, 0.3, 0.2]
+    full = hubmerge.merge_many(models, calib, repair=None, weights=weights).model.state_dict()
+    zipped = hubmerge.merge_many(models, calib, repair=None, weights=weights, align="zip", zip_beta=0.0)
+    state = zipped.model.state_dict()
+    assert state.keys() == full.keys() and all(torch.equal(state[k], v) for k, v in full.items())
+    assert all(w == [0, 0, 0] for w in zipped.report.within.values())
+    result = hubmerge.merge_many(models, calib, weights=weights, align="zip", zip_beta=1.0)
+    assert sum(sum(w) for w in result.report.within.values()) > 0 and result.report.param_increase == 0
+    plain = make_family(name, 1) if name != "mlp" else make("mlp", 1)
+    plain.load_state_dict(result.model.materialize().state_dict(), strict=True)
+    assert torch.isfinite(result.model(x)).all() and relative(plain(x), result.model(x)) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "swin"])
+def test_a_zip_of_two_endpoints_is_the_two_way_zip_bit_for_bit(name):
+    (a, b), calib = endpoints(name, 2)
+    evaluation = calib[:1] if name == "mlp" else None  # (the families' batches have no labels)
+    for options in (dict(repair=None), dict(), dict(zip_depth=2, repair=None)):
+        two = hubmerge.merge(a, b, calib, evaluation=evaluation, align="zip", alpha=0.3, **options)
+        many = hubmerge.merge_many([a, b], calib, evaluation=evaluation, align="zip", alpha=0.3, **options)
+        one, other = two.model.state_dict(), many.model.state_dict()
+        assert other.keys() == one.keys() and all(torch.equal(other[k], v) for k, v in one.items()), options
+        assert many.report.within == two.report.within and list(many.report.metrics) == list(two.report.metrics)
+
+
+def test_repair_of_an_n_way_zip_targets_its_members_statistics():
+    """A zipped unit's target is its members' statistics weighted as the zip weighs them (renormalised where it
+    holds two units of one endpoint or misses one), and REPAIR reaches it; the card names the zip."""
+    models, calib = endpoints("mlp", 3)
+    weights = (0.5, 0.3, 0.2)
+    prepared = Prepared(*models[:2], calib, MergeOptions(align="zip", zip_beta=1.0, repair="repair"),
+                        n_way=tuple(models[2:]), weights=weights)
+    plans = prepared.plans(0.0)
+    model = prepared.build(plans, repair=None)
+    targets = corrections(model, plans, prepared.repair_statistics)
+    names = [c.name for c in targets]
+    own = [layer_moments(m, names, calib) for m in models]
+    for c in targets:
+        axis = prepared.spec.axes[f"{c.name}.weight"][0]
+        if axis[0].group is None:
+            continue
+        z = plans[axis[0].group]
+        member, mine = z.members.clamp_min(0), z.members >= 0
+        weight = z.weights(weights, torch.float64)
+        for stat in ("mean", "std"):
+            table = torch.stack([getattr(o[c.name], stat) for o in own])
+            want = (weight * torch.where(mine, table[member // z.width, member % z.width], 0.0)).sum(1)
+            assert torch.allclose(getattr(c, stat), want, atol=1e-12, rtol=1e-12), (c.name, stat)
+    fixed = hubmerge.repair.repair(model, plans, prepared.repair_statistics, calib)
+    got = layer_moments(fixed.net, names, calib)
+    for c in targets:
+        assert torch.allclose(got[c.name].mean[c.mask], c.mean[c.mask], atol=1e-8, rtol=1e-8), c.name
+        live = c.mask & (c.std > 1e-6)
+        assert torch.allclose(got[c.name].std[live], c.std[live], atol=1e-8, rtol=1e-8), c.name
+    result = hubmerge.merge_many(models, calib, align="zip", zip_beta=1.0, evaluation=calib[:1])
+    assert "full_merge_repair" in result.report.metrics  # the permutation merge, compared with the zip
+    text = str(hubmerge.card.build(result.model, result.report, repo_id="user/zipped"))
+    assert "N-way zipped merge" in text and "hold a pair of A's units" in text and "ZipIt!" in text
