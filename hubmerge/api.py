@@ -51,7 +51,7 @@ class MergeReport:
     endpoints: dict
     allocation: list[dict] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
-    within: dict[str, list[int]] = field(default_factory=dict)  # zip: per group, pairs within A and within B
+    within: dict[str, list[int]] = field(default_factory=dict)  # zip: per group and endpoint, its pairs merged
     weights: list[float] = field(default_factory=list)  # the endpoints' weights (1−α, α for two)
     tasks: list[dict] = field(default_factory=list)  # separate tasks: each endpoint's outputs (Task.to_dict)
     timings: dict[str, float] = field(default_factory=dict)

@@ -149,7 +149,7 @@ class MatchedLayout:
         return reduce(torch.add, parts)
 
 
-def _reader_dims(model: nn.Module) -> dict[str, int]:
+def reader_dims(model: nn.Module) -> dict[str, int]:
     """weight key → the dim of its input units, for every conv/linear module (a transposed conv's is dim 0)."""
     out = {}
     for name, m in model.named_modules():
@@ -168,7 +168,7 @@ def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.M
     tensor's reading axis unmerged per endpoint, its producing axis merged (see the module docstring);
     groups without a matching stay as they are, each position the weighted mean of the endpoints'."""
     states = [m.state_dict() for m in models]
-    readers = _reader_dims(models[0])
+    readers = reader_dims(models[0])
     out = {}
     for key, first in states[0].items():
         tensors = [s[key] for s in states]

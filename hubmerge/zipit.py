@@ -9,7 +9,8 @@ turns into merge and unmerge matrices along every axis of the spec.
 
 The zip is built as the merge of two *virtual endpoints* in its order (:func:`virtual`): A' takes each cross
 pair's A unit, B' its B unit, both take a within pair's mean, so ``(1−α)·A' + α·B'`` is the zip and every
-later stage (partitioned build, REPAIR, storage) treats it as a permutation merge of A' and B'. A *partial
+later stage (partitioned build, REPAIR, storage) treats it as a permutation merge of A' and B' (where a
+within pair's merged unit reads units kept apart, only its own endpoint's virtual one reads them). A *partial
 zip* (``zip_depth``, ZipIt!'s multi-head model) zips the groups of the first layers only and keeps the
 others apart, each endpoint's own (:func:`trunk`, :func:`plans`): depth 0 is the ensemble.
 
@@ -36,9 +37,9 @@ from torch import nn
 from . import many
 from .alignment import lap
 from .errors import UsageError
-from .matching import PAD, MatchedLayout, Matching, Matchings, matched_state
+from .matching import PAD, MatchedLayout, Matching, Matchings, matched_state, reader_dims
 from .partial import GroupPlan
-from .spec import Group, PermutationSpec
+from .spec import Axis, Group, PermutationSpec, positions
 from .statistics import ManyStatistics, Statistics
 
 log = logging.getLogger("hubmerge")
@@ -71,15 +72,8 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statisti
     share ``beta``. ``scores`` are the A×B alignment scores (the permutation merge's), so β=0 gives its
     assignment exactly; a group observed at no module output has no within-model correlations and is paired
     across models only (the log says which)."""
-    _check_beta(beta)
     chosen = {g: grp for g, grp in spec.groups.items() if groups is None or g in groups}
-    unseen = [g for g, grp in chosen.items() if not grp.observe]
-    if unseen and beta > 0:
-        log.warning("groups observed at no module output are zipped across models only: %s", ", ".join(unseen))
-    ordered = [g for g, grp in chosen.items() if grp.ordered]
-    if ordered and beta > 0:
-        log.info("groups whose units keep their order (a rotary embedding) are zipped across models in place: %s",
-                 ", ".join(ordered))
+    _check(chosen, beta)
     zips = {}
     for g, grp in chosen.items():
         within = [stats.correlation(grp, estimator, pair) if _sees(grp, beta) else None for pair in ("aa", "bb")]
@@ -87,9 +81,17 @@ def plan(spec: PermutationSpec, scores: dict[str, torch.Tensor], stats: Statisti
     return zips
 
 
-def _check_beta(beta: float) -> None:
+def _check(groups: dict[str, Group], beta: float) -> None:
+    """Refuse a share outside [0, 1]; say which groups can be zipped across models only."""
     if not 0.0 <= beta <= 1.0:
         raise UsageError(f"zip_beta must be in [0, 1], got {beta}")
+    unseen = [g for g, grp in groups.items() if not grp.observe]
+    if unseen and beta > 0:
+        log.warning("groups observed at no module output are zipped across models only: %s", ", ".join(unseen))
+    ordered = [g for g, grp in groups.items() if grp.ordered]
+    if ordered and beta > 0:
+        log.info("groups whose units keep their order (a rotary embedding) are zipped across models in place: %s",
+                 ", ".join(ordered))
 
 
 def _sees(group: Group, beta: float) -> bool:
@@ -174,7 +176,7 @@ def plan_many(spec: PermutationSpec, stats: ManyStatistics, scores: dict[tuple[i
     """Per group, the N-way zip of every endpoint's units at within-model share ``beta`` (each endpoint's
     within-model correlations from its statistics with endpoint 0, endpoint 0's with endpoint 1); ``scores``
     per pair of endpoints (:func:`~hubmerge.many.pair_scores`), so β=0 gives the N-way permutation merge."""
-    _check_beta(beta)
+    _check(spec.groups, beta)
     count = len(stats.layers)
     zips = {}
     for g, grp in spec.groups.items():
@@ -209,13 +211,52 @@ def virtual(spec: PermutationSpec, zips: Matchings, model_a: nn.Module, model_b:
     """Two endpoints in the zip's merged order whose interpolation ``(1−α)·A' + α·B'`` is the zip at α:
     A' takes a cross pair's A unit, B' its B unit, and both take a within pair's mean; every reading axis is
     unmerged from its own model. Groups the zip leaves out are the endpoints' own, so a partial merge of
-    A' and B' (those groups kept apart) is a partial zip."""
+    A' and B' (those groups kept apart) is a partial zip; where a zipped unit reads units kept apart (a late
+    block writing into a zipped residual stream), an endpoint without a member in it reads none of them
+    (:func:`_absent_reads`): they are the other endpoint's units."""
     out = []
-    for weights in ((1.0, 0.0), (0.0, 1.0)):
+    readers = reader_dims(model_a)
+    for m, weights in enumerate(((1.0, 0.0), (0.0, 1.0))):
         model = copy.deepcopy(model_a)
-        model.load_state_dict(matched_state(spec, zips, [model_a, model_b], weights))
+        model.load_state_dict(_absent_reads(spec, zips, matched_state(spec, zips, [model_a, model_b], weights),
+                                            m, readers))
         out.append(model.eval())
     return out[0], out[1]
+
+
+def _positions(axis: Axis, keep) -> torch.Tensor:
+    """A boolean mask of an axis's positions: per segment, ``keep(segment)`` gives its units' mask (or None)."""
+    mask, start = torch.zeros(sum(seg.size for seg in axis), dtype=torch.bool), 0
+    for seg in axis:
+        units = keep(seg)
+        if units is not None:
+            mask[positions(seg, start)[units].reshape(-1)] = True
+        start += seg.size
+    return mask
+
+
+def _absent_reads(spec: PermutationSpec, zips: Matchings, state: dict[str, torch.Tensor], model: int,
+                  readers: dict[str, int]) -> dict[str, torch.Tensor]:
+    """``state`` (a virtual endpoint's) with the reads of unzipped groups' units zeroed in every zipped unit
+    that holds no unit of ``model``: those rows are the other endpoint's (a within pair), whose weights
+    over units kept apart read that endpoint's units, not this one's."""
+    every = torch.ones(1, dtype=torch.bool)
+    for key, read in readers.items():
+        axes = spec.axes.get(key) or ()
+        if read >= len(axes) or not axes[read]:
+            continue
+        produce = [d for d, axis in enumerate(axes) if d != read and axis and any(s.group in zips for s in axis)]
+        cols = _positions(axes[read], lambda seg: every.expand(seg.width)
+                          if seg.group is not None and seg.group not in zips else None)
+        if not produce or not cols.any():
+            continue
+        rows = _positions(axes[produce[0]], lambda seg: ~(zips[seg.group].members // seg.width == model).any(1)
+                          if seg.group in zips else None)
+        shape = [1] * state[key].dim()
+        row_shape, col_shape = list(shape), list(shape)
+        row_shape[produce[0]], col_shape[read] = -1, -1
+        state[key] = state[key].masked_fill(rows.view(row_shape) & cols.view(col_shape), 0.0)
+    return state
 
 
 @dataclass(frozen=True)
