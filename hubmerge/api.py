@@ -192,7 +192,7 @@ class Prepared:
             # the endpoints merged and their REPAIR statistics: a zip of two merges virtual endpoints in its order
             self.merging, self.merging_stats = (self.model_a, self.model_b), self.many or self.stats
             if options.align == "zip" and len(self.models) > 2:
-                self.matchings = self.zip_plans = zipit.plan_many(self.spec, self.many, self.pair_scores,
+                self.matchings = self.zip_plans = zipit.plan_many(self.spec, self.many, self.pair_scores, self.aligned,
                                                                   options.zip_beta, options.correlation)
             elif options.align == "zip":
                 if options.budget is not None:

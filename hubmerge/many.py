@@ -55,26 +55,17 @@ def _to_others(group: Group, stats: ManyStatistics, perms: list[torch.Tensor], m
     return torch.stack(mats).mean(0)
 
 
-def align_group(group: Group, stats: ManyStatistics, scores: list[torch.Tensor],
-                units: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def align_group(group: Group, stats: ManyStatistics, scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per model, its units in the merged order of one group: model 0's as they are, each other model's
     matched to them by linear assignment on ``scores`` (``scores[m-1]``: model 0 × model m), then refined
-    by MergeMany sweeps where the group is observed and its units may move (not an ordered group). With
-    ``units`` (per model, as many of its units each) only those are aligned (a zip's units left after its
-    within-model pairs)."""
-    def among(m: int, mat: torch.Tensor) -> torch.Tensor:  # model m's units best matched to the rows
-        return lap(mat) if units is None else units[m][lap(mat[:, units[m]])]
-
-    first = torch.arange(group.width) if units is None else units[0]
-    if not len(first):
-        return [first] * (len(scores) + 1)
-    perms = [first, *(among(m, s if units is None else s[first]) for m, s in enumerate(scores, 1))]
+    by MergeMany sweeps where the group is observed and its units may move (not an ordered group)."""
+    perms = [torch.arange(group.width), *(lap(s) for s in scores)]
     if len(perms) == 2 or not group.observe or group.ordered:
         return perms  # an ordered group keeps the identity its scores allow (alignment.in_order)
     for _ in range(SWEEPS):
         changed = False
         for m in range(1, len(perms)):
-            new = among(m, _to_others(group, stats, perms, m))
+            new = lap(_to_others(group, stats, perms, m))
             if not torch.equal(new, perms[m]):
                 perms[m], changed = new, True
         if not changed:

@@ -2,11 +2,11 @@
 
 A :class:`Matching` of one group says which units of the concatenated endpoints ``[model 0 ‖ model 1 ‖ …]``
 form each merged unit: a zip pairs two units of either model (:mod:`hubmerge.zipit`), an N-way permutation
-merge takes one unit of every model (:mod:`hubmerge.many`), an N-way zip groups units of some or all models. Applying it follows the spec's table: along
-every axis that *produces* units (a layer's output rows, a bias, a norm's or layer scale's vector, a class
-token) the merged value is the weighted mean of its members, the merge matrix M; along every axis that
-*reads* units (a conv/linear weight's input columns) each endpoint's columns are summed into their merged
-units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge (or zip) is built from its matchings
+merge takes one unit of every model (:mod:`hubmerge.many`), an N-way zip groups units of some or all models.
+Applying it follows the spec's table: along every axis that *produces* units (a layer's output rows, a bias,
+a norm's or layer scale's vector, a class token) the merged value is the weighted mean of its members, the
+merge matrix M; along every axis that *reads* units (a conv/linear weight's input columns) each endpoint's
+columns are summed into their merged units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge (or zip) is built from its matchings
 directly; a zip of two builds its two virtual endpoints with them (:func:`hubmerge.zipit.virtual`).
 
 A member's weight is its model's weight ``w_m`` (``1−α`` and ``α`` for two endpoints); where a merged unit
@@ -158,7 +158,8 @@ def reader_dims(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def _has_units(axis: Axis | None, matchings: Matchings) -> bool:
+def has_units(axis: Axis | None, matchings: Matchings) -> bool:
+    """Whether an axis holds units of a matched group."""
     return bool(axis) and any(s.group in matchings for s in axis)
 
 
@@ -177,10 +178,10 @@ def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.M
             continue
         axes = spec.axes.get(key) or ()
         read = readers.get(key)
-        if read is not None and read < len(axes) and _has_units(axes[read], matchings):
+        if read is not None and read < len(axes) and has_units(axes[read], matchings):
             tensors = [torch.zeros_like(t).index_add_(read, unmerge_index(axes[read], matchings, m).to(t.device), t)
                        for m, t in enumerate(tensors)]
-        produce = [d for d, axis in enumerate(axes) if d != read and _has_units(axis, matchings)]
+        produce = [d for d, axis in enumerate(axes) if d != read and has_units(axis, matchings)]
         if len(produce) > 1:
             raise UsageError(f"cannot merge {key} by matching: units lie on its dims {produce}, and only a "
                              "conv/linear weight's input dim is known to read units")

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import many
 from .alignment import lap
 from .errors import UsageError
-from .matching import PAD, MatchedLayout, Matching, Matchings, matched_state, reader_dims
+from .matching import PAD, MatchedLayout, Matching, Matchings, has_units, matched_state, reader_dims
 from .partial import GroupPlan
 from .spec import Axis, Group, PermutationSpec, positions
 from .statistics import ManyStatistics, Statistics
@@ -99,18 +98,19 @@ def _sees(group: Group, beta: float) -> bool:
     return bool(group.observe) and beta > 0 and not group.ordered
 
 
-def match_many(group: Group, stats: ManyStatistics | None, scores: dict[tuple[int, int], torch.Tensor],
+def match_many(group: Group, aligned: Matching | None, scores: dict[tuple[int, int], torch.Tensor],
                within: list[torch.Tensor | None], beta: float) -> Matching:
     """The zip of one group's units over N endpoints (a :class:`~hubmerge.matching.Matching`, rows by their
     first unit) from the scores of every pair of endpoints and, where observed, each one's within-model
-    correlations (None: across models only); ``stats``: the N-way statistics (None for two endpoints).
+    correlations (None: across models only); ``aligned``: the N-way alignment of more than two endpoints
+    (None for two).
 
     Each model's within-model pairs are chosen greedily where they beat both units' best correlation with any
     unit of another model, at most ``⌊β·n/2⌋`` per model. Two endpoints are zipped by the two-way rule (see
     the module docstring: pairs as many in A as in B, each a merged unit alone, the rest paired across by
     linear assignment). For more than two a pair cannot stand alone (N models' pairs would outnumber the merged
-    units they free), so the zip starts from the N-way merge's alignment (:func:`~hubmerge.many.align_group`,
-    one unit of every model per merged unit) and moves, most correlated pair first, the unit of the pair that
+    units they free), so the zip starts from the N-way merge's alignment (:func:`~hubmerge.many.align`, one
+    unit of every model per merged unit) and moves, most correlated pair first, the unit of the pair that
     fits its merged unit worse into its partner's; a merged unit is never emptied, so the zip keeps one
     endpoint's width, and a merged unit left by a moved unit averages the models that remain in it."""
     n, count = group.width, len(within)
@@ -124,7 +124,7 @@ def match_many(group: Group, stats: ManyStatistics | None, scores: dict[tuple[in
     if count == 2:
         rows = _two(pairs, scores[(0, 1)], n)
     else:
-        rows = _moved(pairs, within, scores, many.align_group(group, stats, [scores[(0, m)] for m in range(1, count)]))
+        rows = _moved(pairs, within, scores, [u - m * n for m, u in enumerate(aligned.members.T)])
     size = max(len(r) for r in rows)
     return Matching(n, count, torch.tensor([r + [PAD] * (size - len(r)) for r in rows], dtype=torch.long))
 
@@ -172,10 +172,11 @@ def _moved(pairs: list[list[tuple[int, int]]], within: list[torch.Tensor | None]
 
 
 def plan_many(spec: PermutationSpec, stats: ManyStatistics, scores: dict[tuple[int, int], dict[str, torch.Tensor]],
-              beta: float, estimator: str = "pooled") -> Matchings:
+              aligned: Matchings, beta: float, estimator: str = "pooled") -> Matchings:
     """Per group, the N-way zip of every endpoint's units at within-model share ``beta`` (each endpoint's
-    within-model correlations from its statistics with endpoint 0, endpoint 0's with endpoint 1); ``scores``
-    per pair of endpoints (:func:`~hubmerge.many.pair_scores`), so β=0 gives the N-way permutation merge."""
+    within-model correlations from its statistics with endpoint 0, endpoint 0's with endpoint 1) from their
+    N-way alignment ``aligned`` (:func:`~hubmerge.many.align`, which β=0 gives exactly) and the scores of every
+    pair of endpoints (:func:`~hubmerge.many.pair_scores`)."""
     _check(spec.groups, beta)
     count = len(stats.layers)
     zips = {}
@@ -184,7 +185,7 @@ def plan_many(spec: PermutationSpec, stats: ManyStatistics, scores: dict[tuple[i
         if _sees(grp, beta):
             within = [stats.pairs[(0, 1)].correlation(grp, estimator, "aa"),
                       *(stats.pairs[(0, m)].correlation(grp, estimator, "bb") for m in range(1, count))]
-        zips[g] = match_many(grp, stats, {p: s[g] for p, s in scores.items()}, within, beta)
+        zips[g] = match_many(grp, aligned[g], {p: s[g] for p, s in scores.items()}, within, beta)
     return zips
 
 
@@ -245,7 +246,7 @@ def _absent_reads(spec: PermutationSpec, zips: Matchings, state: dict[str, torch
         axes = spec.axes.get(key) or ()
         if read >= len(axes) or not axes[read]:
             continue
-        produce = [d for d, axis in enumerate(axes) if d != read and axis and any(s.group in zips for s in axis)]
+        produce = [d for d, axis in enumerate(axes) if d != read and has_units(axis, zips)]
         cols = _positions(axes[read], lambda seg: every.expand(seg.width)
                           if seg.group is not None and seg.group not in zips else None)
         if not produce or not cols.any():

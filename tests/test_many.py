@@ -248,7 +248,8 @@ def test_what_an_n_way_merge_refuses():
     models, calib = endpoints("mlp", 3)
     for bad, message in ((dict(budget=2.5), r"budget must be in \[0, 2\] for 3 endpoints"),
                          (dict(align="weight"), "align='activation' or align='zip'"),
-                         (dict(align="zip", zip_depth=2), "partial zips"), (dict(align="zip", budget=0.5), "partial zips"),
+                         (dict(align="zip", zip_depth=2), "partial zips"),
+                         (dict(align="zip", budget=0.5), "partial zips"),
                          (dict(weights=[1, 1]), "3 non-negative"),
                          (dict(weights=[1, -1, 1]), "non-negative"), (dict(weights=[0, 0, 0]), "not all 0"),
                          (dict(alpha=0.3), "alpha weighs two endpoints")):
