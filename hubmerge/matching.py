@@ -7,7 +7,8 @@ Applying it follows the spec's table: along every axis that *produces* units (a 
 a norm's or layer scale's vector, a class token) the merged value is the weighted mean of its members, the
 merge matrix M; along every axis that *reads* units (a conv/linear weight's input columns) each endpoint's
 columns are summed into their merged units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge
-(or zip) is built from its matchings directly; a zip of two builds its two virtual endpoints with them (:func:`hubmerge.zipit.virtual`).
+(or zip) is built from its matchings directly; a zip of two builds its two virtual endpoints with them
+(:func:`hubmerge.zipit.virtual`).
 
 A member's weight is its model's weight ``w_m`` (``1−α`` and ``α`` for two endpoints); where a merged unit
 holds several units of one model or not every model, the weights are renormalised over its members (a
