@@ -191,7 +191,7 @@ def run(
     model_b: Optional[str] = typer.Argument(None, help="endpoint B: hub id[@revision] or local folder"),
     more_models: Optional[list[str]] = typer.Argument(
         None, help="further endpoints: an N-way merge of all of them (MergeMany alignment to endpoint A; "
-        "partial with --gamma or --budget, up to N-1; a full zip with --align zip)"),
+        "partial with --gamma or --budget, up to N-1; a zip with --align zip, partial with --zip-depth or --budget)"),
     weights: Optional[str] = typer.Option(None, help="N-way merge: the endpoints' weights, comma-separated "
                                                      "(default equal; normalised to sum 1)"),
     calib: Optional[str] = typer.Option(None, help="calibration data: hub dataset id, save_to_disk folder, parquet, image folder"),

@@ -9,9 +9,12 @@ increase as the budget, the N-way budgeted merge (``budget=…``, the benefit al
 measured benefit instead of uniformly), with the parameter increase over one endpoint, on held-out test
 images; and their N-way zips at each ``--betas`` (``align="zip"``: up to that share of each endpoint's units
 merged in pairs within it, the rest aligned as the full merge aligns them; one endpoint's size), with how many
-merged units hold a pair of one endpoint's units.
+merged units hold a pair of one endpoint's units; and their partial zips at β=0.5 to each ``--depths``
+(``zip_depth``, as a share of the layers: the groups the first layers write zipped, the later layers each
+endpoint's own, their logits averaged), with the parameter and FLOP increase.
 
-    python examples/many.py                       # the MLP and ResNet20 (13 min here once the endpoints are cached)
+    python examples/many.py                       # the MLP and ResNet20 (13 min here once the endpoints are cached,
+                                                  # and about 2 min more for the partial zips)
     python examples/many.py --pairs vgg-seeds
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 import hubmerge
+from hubmerge.arch_specs import spec_for
 from hubmerge.evaluate import evaluate
 
 from panel import PAIRS, each_pair, load_results, parser, save_results, trained  # examples/ is on the path
@@ -46,6 +50,9 @@ def main() -> None:
                     help="the gammas of the N-way partial merges (default 0.1 0.3)")
     ap.add_argument("--betas", type=float, nargs="*", default=[0.5, 1.0],
                     help="the within-model shares of the N-way zips (default 0.5 1)")
+    ap.add_argument("--depths", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                    help="the depths of the N-way partial zips at β=0.5, as shares of the layers (default 0.25 0.5 "
+                         "0.75)")
     args = ap.parse_args()
     done = load_results(args)
     for name, pair, train, evaluation, calib in each_pair(args):
@@ -66,6 +73,8 @@ def main() -> None:
                 save_results(args, done)
             return rows[key]
 
+        layers = len(spec_for(models[0], tuple(calib.tensors[0].shape[1:])).layers)  # what zip_depth counts
+        depths = sorted({round(d * layers) for d in args.depths})
         for n in (2, 3, 4):
             if "ensemble" not in rows.get(f"{n}/ensemble", {}):
                 rows[f"{n}/ensemble"] = dict(ensemble=evaluate(Average(models[:n]), evaluation).accuracy)
@@ -75,6 +84,8 @@ def main() -> None:
                 measured(f"{n}@{gamma}/budget", n, budget=measured(f"{n}@{gamma}", n, gamma=gamma)["params"])
             for beta in args.betas:
                 measured(f"{n}/zip@{beta}", n, align="zip", zip_beta=beta)
+            for depth in depths:
+                measured(f"{n}/zip@0.5/depth{depth}", n, align="zip", zip_beta=0.5, zip_depth=depth)
         print(f"\n== {name}: {pair.architecture}, endpoints "
               + ", ".join(f"{100 * a:.2f}%" for a in rows["endpoints"]) + "\n")
         print("| N | mean endpoint | ensemble (params) | N-way full merge | "
@@ -98,12 +109,20 @@ def main() -> None:
             print(f"| {n} | {100 * rows[str(n)]['merged']:.2f}% | "
                   + " | ".join(f"{100 * z['merged']:.2f}% ({sum(z['within'])})" for z in zips)
                   + f" | {100 * rows[f'{n}/ensemble']['ensemble']:.2f}% |", flush=True)
-        plot(rows, args.gammas, args.betas, args.results.parent / f"many_{name}.png")
+        print("\n| N | full zip β=0.5 | " + " | ".join(f"partial zip to depth {d} of {layers} (params / FLOPs)"
+                                                  for d in depths)
+              + " | ensemble |\n|" + "---|" * (3 + len(depths)))
+        for n in (2, 3, 4):
+            cells = [cell(rows[f"{n}/zip@0.5/depth{d}"]) for d in depths]
+            print(f"| {n} | {100 * measured(f'{n}/zip@0.5', n, align='zip', zip_beta=0.5)['merged']:.2f}% | "
+                  + " | ".join(cells)
+                  + f" | {100 * rows[f'{n}/ensemble']['ensemble']:.2f}% (+{100 * (n - 1)}%) |", flush=True)
+        plot(rows, args.gammas, args.betas, depths, args.results.parent / f"many_{name}.png")
 
 
-def plot(rows: dict, gammas: list[float], betas: list[float], path: Path) -> None:
+def plot(rows: dict, gammas: list[float], betas: list[float], depths: list[int], path: Path) -> None:
     """Accuracy against parameter increase per N: full merge, partial merges by γ and by budget, zips (at the
-    full merge's size), ensemble."""
+    full merge's size), partial zips at β=0.5, ensemble."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +139,9 @@ def plot(rows: dict, gammas: list[float], betas: list[float], path: Path) -> Non
         zips = [rows[f"{n}/zip@{b}"] for b in betas]
         ax.plot([100 * r["params"] for r in zips], [100 * r["merged"] for r in zips], "x", color=color,
                 label=f"N={n}: zip β={', '.join(map(str, betas))}")
+        partial = [rows[f"{n}/zip@0.5/depth{d}"] for d in depths]
+        ax.plot([100 * r["params"] for r in partial], [100 * r["merged"] for r in partial], "^:", color=color,
+                label=f"N={n}: partial zip β=0.5 to depth {', '.join(map(str, depths))}")
         ax.plot([100 * (n - 1)], [100 * rows[f"{n}/ensemble"]["ensemble"]], "*", color=color, ms=12,
                 label=f"N={n}: ensemble")
     ax.set_xlabel("parameter increase over one endpoint (%)")

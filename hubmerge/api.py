@@ -142,7 +142,9 @@ class Prepared:
         if repair != options.repair:
             log.info("repair=%r is %r for this model", options.repair, repair)
             options = MergeOptions.combine(options, {"repair": repair})
-        self.options = options  # what every stage reads: with ``repair`` resolved for these endpoints
+        if options.cross == "auto":  # a zip's units read the blocks kept apart as the zip weighs its members
+            options = MergeOptions.combine(options, {"cross": "interpolate" if options.align == "zip" else "fill"})
+        self.options = options  # what every stage reads: with ``repair`` and ``cross`` resolved for these endpoints
         self.timings: dict[str, float] = {}
         self.architecture, self.model_args = check_compatible(model_a, model_b)
         for i, other in enumerate(n_way or (), 3):
@@ -189,28 +191,53 @@ class Prepared:
                                                     options.correlation, self.scores)
                 self.aligned = many.align(self.spec, self.many, self.pair_scores)
             self.matchings = self.aligned
-            # the endpoints merged and their REPAIR statistics: a zip of two merges virtual endpoints in its order
-            self.merging, self.merging_stats = (self.model_a, self.model_b), self.many or self.stats
-            if options.align == "zip" and len(self.models) > 2:
-                self.matchings = self.zip_plans = zipit.plan_many(self.spec, self.many, self.pair_scores, self.aligned,
-                                                                  options.zip_beta, options.correlation)
-            elif options.align == "zip":
-                if options.budget is not None:
-                    self.options = options = self._zip_depth(options)
-                zipped = zipit.trunk(self.spec, options.zip_depth)
-                if options.zip_depth is not None:  # (a spec without partial merging lists no layers to count)
-                    partial.check_widenable(self.spec, "a partial zip (zip_depth)")
-                    apart = sorted(set(self.spec.fixed) - zipped)
-                    if apart:
-                        raise UsageError(f"a partial zip to depth {options.zip_depth} keeps groups {apart[:3]} "
-                                         f"apart, which cannot widen ({self.spec.fixed[apart[0]]}); zip deeper")
-                self.matchings = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta,
-                                            options.correlation, zipped)
-                self.zip_plans = zipit.plans(self.spec, zipped)
-                self.merging = zipit.virtual(self.spec, self.matchings, self.model_a, self.model_b)
-                self.merging_stats = zipit.virtual_statistics(self.spec, self.matchings, self.stats)
+            self.zip_plans: dict | None = None  # a zip's plans
+            self.through_virtual = False  # whether the merge interpolates a zip's virtual endpoints (zipit.virtual)
+            self._virtual: dict[tuple, tuple[list[nn.Module], ManyStatistics]] = {}  # by weights
+            if options.align == "zip":
+                self._zip(options)
         self._plans: dict = {}
         self._owned: dict[tuple, list[nn.Module]] = {}
+
+    def _zip(self, options: MergeOptions) -> None:
+        """The zip's matchings and plans: a full zip of more than two endpoints is their matched merge; any other
+        zip (two endpoints, or a partial zip to the options' depth or to the one a budget affords) merges the
+        zipped groups' virtual endpoints and keeps the others apart."""
+        if options.budget is not None:
+            self.options = options = self._zip_depth(options)
+        count = len(self.models)
+        if count > 2 and options.zip_depth is None:
+            self.matchings = self.zip_plans = zipit.plan_many(self.spec, self.many, self.pair_scores, self.aligned,
+                                                              options.zip_beta, options.correlation)
+            return
+        zipped = zipit.trunk(self.spec, options.zip_depth)
+        if options.zip_depth is not None:  # (a spec without partial merging lists no layers to count)
+            partial.check_widenable(self.spec, "a partial zip (zip_depth)")
+            apart = sorted(set(self.spec.fixed) - zipped)
+            if apart:
+                raise UsageError(f"a partial zip to depth {options.zip_depth} keeps groups {apart[:3]} "
+                                 f"apart, which cannot widen ({self.spec.fixed[apart[0]]}); zip deeper")
+        if count > 2:
+            self.matchings = zipit.plan_many(self.spec, self.many, self.pair_scores, self.aligned, options.zip_beta,
+                                             options.correlation, zipped)
+        else:
+            self.matchings = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta, options.correlation,
+                                        zipped)
+        self.zip_plans = zipit.plans(self.spec, zipped, count)
+        self.through_virtual = True
+        self.merged_endpoints(tuple(self.weights))  # (what they cannot carry is refused here, not at the build)
+
+    def merged_endpoints(self, weights: tuple[float, ...]) -> tuple[list[nn.Module], Statistics | ManyStatistics]:
+        """The endpoints this merge interpolates at ``weights`` and the statistics REPAIR targets: the endpoints
+        themselves, or a zip's virtual endpoints (:func:`~hubmerge.zipit.virtual`, which depend on the weights
+        where a merged unit does not hold one unit of every endpoint) and theirs."""
+        if not self.through_virtual:
+            return self.models, self.many or self.stats
+        if weights not in self._virtual:
+            self._virtual[weights] = (zipit.virtual(self.spec, self.matchings, self.models, weights),
+                                      zipit.virtual_statistics(self.spec, self.matchings, self.many or self.stats,
+                                                               weights))
+        return self._virtual[weights]
 
     def _order_heads(self, options: MergeOptions) -> None:
         """Match B's attention heads (and every further endpoint's) to A's as wholes
@@ -249,7 +276,7 @@ class Prepared:
             zipped = zipit.trunk(self.spec, depth)
             if set(self.spec.fixed) - zipped:  # a group that cannot widen must be zipped
                 continue
-            plans = zipit.plans(self.spec, zipped)
+            plans = zipit.plans(self.spec, zipped, len(self.models))
             increase = self.costs.increase(self.partition(plans))[options.budget_unit]
             if increase <= options.budget + 1e-12:
                 break
@@ -317,9 +344,9 @@ class Prepared:
 
     @property
     def repair_statistics(self) -> Statistics | ManyStatistics:
-        """What REPAIR targets in this merge: the statistics of the endpoints merged (every endpoint's for N-way
-        merges, a two-way zip's virtual ones)."""
-        return self.merging_stats
+        """What REPAIR targets in this merge at its weights: the statistics of the endpoints merged (every
+        endpoint's for N-way merges, a zip's virtual ones)."""
+        return self.merged_endpoints(tuple(self.weights))[1]
 
     def build(self, plans: dict[str, partial.GroupPlan] | Matchings, repair: str | None = "default",
               alpha: float | None = None, endpoints: bool = False) -> PartialMergedModel:
@@ -330,10 +357,9 @@ class Prepared:
         method = o.repair if repair == "default" else repair
         alpha = o.alpha if alpha is None else alpha
         n_way = self.many is not None
-        models, stats = (self.models, self.many or self.stats) if endpoints else (
-            [*self.merging, *self.models[2:]], self.repair_statistics)
+        w = tuple(self.weights) if n_way else (1 - alpha, alpha)
+        models, stats = (self.models, self.many or self.stats) if endpoints else self.merged_endpoints(w)
         if self.tasks:  # each task's classifier rows keep their own endpoint's values
-            w = tuple(self.weights) if n_way else (1 - alpha, alpha)
             key = (endpoints, w)
             if key not in self._owned:
                 self._owned[key] = task_stage.owned(models, self.tasks, self.classifier, w)
@@ -465,18 +491,15 @@ def merge_many(models: list[nn.Module], calibration: Any, *, evaluation: Any = N
 
     A ``budget`` (at most N−1: the ensemble costs N−1 endpoints more than one) is spread over the groups by
     the ``allocator`` as for two endpoints, each unit kept apart costing N−1 units more. N-way merges align by
-    activations; ``align="zip"`` zips them fully (:func:`~hubmerge.zipit.plan_many`: within-model pairs moved
-    into their partner's merged unit, one endpoint's size; two endpoints: :func:`merge`'s zip, partial ones
-    too), and weight matching is refused."""
+    activations; ``align="zip"`` zips them (:func:`~hubmerge.zipit.plan_many`: within-model pairs moved
+    into their partner's merged unit, one endpoint's size; two endpoints: :func:`merge`'s zip), partially with
+    ``zip_depth`` or a budget as for two (the later layers each endpoint's own, their logits averaged), and
+    weight matching is refused."""
     opts = MergeOptions.combine(options, overrides)
     if len(models) < 2:
         raise UsageError(f"merge_many needs at least two endpoints, got {len(models)}")
     if opts.align == "weight":
         raise UsageError("N-way merges align by activations: use align='activation' or align='zip'")
-    if opts.align == "zip" and len(models) > 2 and (opts.zip_depth is not None or opts.budget is not None):
-        raise UsageError("a zip of more than two endpoints is a full zip: partial zips (zip_depth, or the depth a "
-                         "budget affords) are built for two; keep units apart with align='activation' and gamma "
-                         "or a budget")
     opts.check_budget(len(models))
     if len(models) > 2 and opts.alpha != MergeOptions.model_fields["alpha"].default:
         raise UsageError("alpha weighs two endpoints; weigh three or more with weights=[...] (default equal)")

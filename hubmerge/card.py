@@ -63,7 +63,7 @@ NWAY_FULL = "so the model has one endpoint's size."
 NWAY_ZIPPED = """An **N-way zipped merge** (ZipIt!) of {names} made with {hubmerge} {version}: every endpoint's
 units are matched to the first one's order (MergeMany alignment on activations), except that up to a share β
 (`zip_beta`) of each endpoint's units are merged in correlated pairs within that endpoint first; units are
-averaged with weights {weights}, so the model has one endpoint's size.{within}"""
+averaged with weights {weights}.{depth}{within}"""
 NWAY_PARTIAL = """except where their members correlate least: there each endpoint keeps its own unit (a partial merge,
 {apart} of {units} merged units kept apart; the table below gives them per group)."""
 

@@ -7,8 +7,8 @@ Applying it follows the spec's table: along every axis that *produces* units (a 
 a norm's or layer scale's vector, a class token) the merged value is the weighted mean of its members, the
 merge matrix M; along every axis that *reads* units (a conv/linear weight's input columns) each endpoint's
 columns are summed into their merged units, the unmerge matrix U: ``W = Σ_m M_m · W_m · U_m``. An N-way merge
-(or zip) is built from its matchings directly; a zip of two builds its two virtual endpoints with them
-(:func:`hubmerge.zipit.virtual`).
+(or zip) is built from its matchings directly; any other zip (of two, or partial) builds one virtual endpoint
+per endpoint with them (:func:`hubmerge.zipit.virtual`).
 
 A member's weight is its model's weight ``w_m`` (``1−α`` and ``α`` for two endpoints); where a merged unit
 holds several units of one model or not every model, the weights are renormalised over its members (a
@@ -52,14 +52,26 @@ class Matching:
         owner = self.members // self.width
         return tuple(int(((owner == m).sum(1) > 1).sum()) for m in range(self.models))
 
-    def weights(self, w: Weights, dtype: torch.dtype) -> torch.Tensor:
+    def weights(self, w: Weights, dtype: torch.dtype, of: int | None = None) -> torch.Tensor:
         """(width, members) weights: each member's model weight, renormalised where a merged unit does not
-        hold one unit of every model (equal weights where its models weigh 0 together); 0 at padding."""
+        hold one unit of every model (equal weights where its models weigh 0 together); 0 at padding.
+
+        With ``of``, model ``of``'s share as a virtual endpoint (:func:`hubmerge.zipit.virtual`): 1 at its
+        members where a merged unit holds one unit of every model, else ``1/Σ`` (Σ its members' model
+        weights), 0 at the other models' members, so that ``Σ_m w_m · weights(w, of=m) = weights(w)``."""
         real = self.members != PAD
         owner = torch.where(real, self.members // self.width, 0)
         each = torch.where(real, torch.tensor(w, dtype=dtype)[owner], 0.0)
         one_each = torch.stack([((owner == m) & real).sum(1) == 1 for m in range(self.models)]).all(0)
         total = each.sum(1, keepdim=True)
+        if of is not None:
+            mine = real & (owner == of)
+            if ((total == 0) & mine).any():
+                raise UsageError(f"a merged unit holds units of endpoints that all weigh 0 (endpoint {of}'s), "
+                                 "which a zip's virtual endpoints cannot carry: weigh every endpoint above 0 "
+                                 "(for two, alpha strictly between 0 and 1)")
+            return torch.where(mine, torch.where(one_each[:, None], 1.0, 1.0 / total.clamp_min(
+                torch.finfo(dtype).tiny)), 0.0).to(dtype)
         even = real.to(dtype) / real.sum(1, keepdim=True).to(dtype)
         renormalised = torch.where(total > 0, each / total.clamp_min(torch.finfo(dtype).tiny), even)
         return torch.where(one_each[:, None], each, renormalised)
@@ -81,10 +93,12 @@ def is_matching(plans: dict) -> bool:
     return bool(plans) and all(isinstance(p, Matching) for p in plans.values())
 
 
-def members(axis: Axis, matchings: Matchings, w: Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def members(axis: Axis, matchings: Matchings, w: Weights, dtype: torch.dtype, of: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The merge matrix M of an axis as an index: per merged position, the positions of its members in the
     endpoints' axes laid end to end, (positions, members), and their weights; fixed positions and groups
-    without a matching take every model's own position at its model weight."""
+    without a matching take every model's own position at its model weight. With ``of``, model ``of``'s
+    virtual endpoint's (:meth:`Matching.weights`; its own position at 1 where there is no matching)."""
     length, n = sum(seg.size for seg in axis), len(w)
     used = [matchings[seg.group] for seg in axis if seg.group in matchings]
     wrong = [m for m in used if m.models != n]
@@ -94,7 +108,7 @@ def members(axis: Axis, matchings: Matchings, w: Weights, dtype: torch.dtype) ->
     index = torch.zeros(length, size, dtype=torch.long)
     index[:, :n] = torch.arange(length)[:, None] + length * torch.arange(n)
     weight = torch.zeros(length, size, dtype=dtype)
-    weight[:, :n] = torch.tensor(w, dtype=dtype)
+    weight[:, :n] = torch.tensor(w if of is None else _one(of, n), dtype=dtype)
     start = 0
     for seg in axis:
         if seg.group in matchings:
@@ -104,10 +118,15 @@ def members(axis: Axis, matchings: Matchings, w: Weights, dtype: torch.dtype) ->
             model, unit = real // match.width, real % match.width  # (width, members)
             k = match.members.shape[1]
             index[rows, :k] = (rows[unit] + length * model[:, :, None]).transpose(1, 2)
-            weight[rows, :k] = match.weights(w, dtype)[:, None, :]
+            weight[rows, :k] = match.weights(w, dtype, of)[:, None, :]
             weight[rows, k:] = 0.0
         start += seg.size
     return index, weight
+
+
+def _one(model: int, count: int) -> Weights:
+    """Weights that take model ``model`` alone."""
+    return tuple(float(m == model) for m in range(count))
 
 
 def unmerge_index(axis: Axis, matchings: Matchings, model: int) -> torch.Tensor:
@@ -138,9 +157,10 @@ class MatchedLayout:
     def section(self) -> torch.Tensor:
         return torch.ones(len(self.fixed), dtype=torch.long)
 
-    def combine(self, tensors: list[torch.Tensor], w: Weights, dim: int = 0) -> torch.Tensor:
-        """A per-position tensor of the merge from each endpoint's: every merged position's members, weighted."""
-        index, weight = members(self.axis, self.matchings, w, tensors[0].dtype)
+    def combine(self, tensors: list[torch.Tensor], w: Weights, dim: int = 0, of: int | None = None) -> torch.Tensor:
+        """A per-position tensor of the merge from each endpoint's: every merged position's members, weighted
+        (with ``of``: as model ``of``'s virtual endpoint holds them, :meth:`Matching.weights`)."""
+        index, weight = members(self.axis, self.matchings, w, tensors[0].dtype, of)
         shape = [1] * tensors[0].dim()
         shape[dim] = -1
         every = torch.cat(tensors, dim)
@@ -164,11 +184,13 @@ def has_units(axis: Axis | None, matchings: Matchings) -> bool:
     return bool(axis) and any(s.group in matchings for s in axis)
 
 
-def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.Module], w: Weights
-                  ) -> dict[str, torch.Tensor]:
+def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.Module], w: Weights,
+                  of: int | None = None) -> dict[str, torch.Tensor]:
     """The state of the matched merge in the plain architecture (integer buffers from model 0): every
     tensor's reading axis unmerged per endpoint, its producing axis merged (see the module docstring);
-    groups without a matching stay as they are, each position the weighted mean of the endpoints'."""
+    groups without a matching stay as they are, each position the weighted mean of the endpoints'. With
+    ``of``, the state of model ``of``'s virtual endpoint (:func:`hubmerge.zipit.virtual`): its share of each
+    merged unit, its own value elsewhere, so the virtual endpoints' states weighted by ``w`` sum to the merge's."""
     states = [m.state_dict() for m in models]
     readers = reader_dims(models[0])
     out = {}
@@ -187,7 +209,7 @@ def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.M
             raise UsageError(f"cannot merge {key} by matching: units lie on its dims {produce}, and only a "
                              "conv/linear weight's input dim is known to read units")
         if produce:
-            out[key] = MatchedLayout.of(axes[produce[0]], matchings).combine(tensors, w, produce[0])
+            out[key] = MatchedLayout.of(axes[produce[0]], matchings).combine(tensors, w, produce[0], of)
         else:
-            out[key] = reduce(torch.add, [wm * t for wm, t in zip(w, tensors)])
+            out[key] = reduce(torch.add, [wm * t for wm, t in zip(w if of is None else _one(of, len(w)), tensors)])
     return out

@@ -56,9 +56,12 @@ class MergeOptions(BaseModel):
         "forced", description="how pairs are chosen to stay apart")
     epsilon: float = Field(0.0, ge=-1.0, le=1.0, description="adaptive buffers: split pairs scoring below this")
     # measured on the panel (examples/panel.py): fill has the better mean rank for both kinds of model;
-    # interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property
-    cross: Literal["interpolate", "fill"] = Field(
-        "fill", description="cross blocks of shared rows (interpolate: alpha=0 gives A exactly)")
+    # interpolate keeps α=0 ⇒ A exact and is the rule to pick for that property; a partial zip's zipped units
+    # read whole blocks kept apart, which fill would add up (N blocks' updates into one residual stream)
+    cross: Literal["auto", "interpolate", "fill"] = Field(
+        "auto", description="cross blocks of shared rows (interpolate: alpha=0 gives A exactly); auto = fill, "
+                            "and interpolate for a zip (its zipped units read each endpoint's later blocks "
+                            "weighted, so a model zipped with itself is itself at any depth)")
     budget: Optional[float] = Field(None, ge=0.0, description="relative size increase over one endpoint: 0 = the "
                                     "full merge, 1 = the ensemble of two endpoints (N−1 of N)")
     budget_unit: Literal["params", "flops"] = Field("params", description="what the budget counts")

@@ -7,12 +7,14 @@ merged units, each a cross pair (an A unit and a B unit, weighted ``1−α`` and
 units of one model, averaged): a :class:`~hubmerge.matching.Matching`, which :mod:`hubmerge.matching`
 turns into merge and unmerge matrices along every axis of the spec.
 
-The zip is built as the merge of two *virtual endpoints* in its order (:func:`virtual`): A' takes each cross
-pair's A unit, B' its B unit, both take a within pair's mean, so ``(1−α)·A' + α·B'`` is the zip and every
-later stage (partitioned build, REPAIR, storage) treats it as a permutation merge of A' and B' (where a
-within pair's merged unit reads units kept apart, only its own endpoint's virtual one reads them). A *partial
+The zip is built as the merge of *virtual endpoints* in its order (:func:`virtual`), one per endpoint, each
+holding its endpoint's share of every merged unit (a cross pair's own unit; a within pair's two units at
+``1/Σ``, Σ the pair's weights, and nothing for the other endpoint), so ``Σ_m w_m · E'_m`` is the zip and every
+later stage (partitioned build, REPAIR, storage) treats it as a permutation merge of the E'_m. A *partial
 zip* (``zip_depth``, ZipIt!'s multi-head model) zips the groups of the first layers only and keeps the
-others apart, each endpoint's own (:func:`trunk`, :func:`plans`): depth 0 is the ensemble.
+others apart, each endpoint's own (:func:`trunk`, :func:`plans`): depth 0 is the ensemble. Where a zipped
+unit reads units kept apart (a late block writing into a zipped residual stream), each endpoint's share
+reads that endpoint's units, weighted as the zip weighs its members.
 
 Matching (our design, not ZipIt!'s code): within pairs are chosen greedily, most correlated first and
 without replacement, among pairs whose within-model correlation beats what either unit correlates with in
@@ -22,7 +24,8 @@ the other model, at most ``⌊β·n/2⌋`` per model (a share β of each model's
 
 More than two endpoints (:func:`plan_many`) are zipped from their N-way alignment (:mod:`hubmerge.many`): one
 unit of each within-model pair moves into its partner's merged unit (:func:`match_many`), so β=0 is exactly
-the N-way permutation merge. They are zipped fully (one endpoint's size); partial zips are built for two.
+the N-way permutation merge. A full zip of them is their matched merge (:mod:`hubmerge.matching`); a partial
+one merges their N virtual endpoints as a two-way one merges two.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from torch import nn
 
 from .alignment import lap
 from .errors import UsageError
-from .matching import PAD, MatchedLayout, Matching, Matchings, has_units, matched_state, reader_dims
+from .matching import PAD, MatchedLayout, Matching, Matchings, Weights, matched_state
 from .partial import GroupPlan
-from .spec import Axis, Group, PermutationSpec, positions
+from .spec import Group, PermutationSpec
 from .statistics import ManyStatistics, Statistics
 
 log = logging.getLogger("hubmerge")
@@ -172,15 +175,17 @@ def _moved(pairs: list[list[tuple[int, int]]], within: list[torch.Tensor | None]
 
 
 def plan_many(spec: PermutationSpec, stats: ManyStatistics, scores: dict[tuple[int, int], dict[str, torch.Tensor]],
-              aligned: Matchings, beta: float, estimator: str = "pooled") -> Matchings:
-    """Per group, the N-way zip of every endpoint's units at within-model share ``beta`` (each endpoint's
-    within-model correlations from its statistics with endpoint 0, endpoint 0's with endpoint 1) from their
-    N-way alignment ``aligned`` (:func:`~hubmerge.many.align`, which β=0 gives exactly) and the scores of every
-    pair of endpoints (:func:`~hubmerge.many.pair_scores`)."""
-    _check(spec.groups, beta)
+              aligned: Matchings, beta: float, estimator: str = "pooled", groups: set[str] | None = None) -> Matchings:
+    """Per group (of ``groups``: those :func:`trunk` zips; None: all), the N-way zip of every endpoint's units
+    at within-model share ``beta`` (each endpoint's within-model correlations from its statistics with
+    endpoint 0, endpoint 0's with endpoint 1) from their N-way alignment ``aligned``
+    (:func:`~hubmerge.many.align`, which β=0 gives exactly) and the scores of every pair of endpoints
+    (:func:`~hubmerge.many.pair_scores`)."""
+    chosen = {g: grp for g, grp in spec.groups.items() if groups is None or g in groups}
+    _check(chosen, beta)
     count = len(stats.layers)
     zips = {}
-    for g, grp in spec.groups.items():
+    for g, grp in chosen.items():
         within = [None] * count
         if _sees(grp, beta):
             within = [stats.pairs[(0, 1)].correlation(grp, estimator, "aa"),
@@ -207,57 +212,20 @@ def trunk(spec: PermutationSpec, depth: int | None) -> set[str]:
     return zipped
 
 
-def virtual(spec: PermutationSpec, zips: Matchings, model_a: nn.Module, model_b: nn.Module
-            ) -> tuple[nn.Module, nn.Module]:
-    """Two endpoints in the zip's merged order whose interpolation ``(1−α)·A' + α·B'`` is the zip at α:
-    A' takes a cross pair's A unit, B' its B unit, and both take a within pair's mean; every reading axis is
-    unmerged from its own model. Groups the zip leaves out are the endpoints' own, so a partial merge of
-    A' and B' (those groups kept apart) is a partial zip; where a zipped unit reads units kept apart (a late
-    block writing into a zipped residual stream), an endpoint without a member in it reads none of them
-    (:func:`_absent_reads`): they are the other endpoint's units."""
+def virtual(spec: PermutationSpec, zips: Matchings, models: list[nn.Module], weights: Weights) -> list[nn.Module]:
+    """One endpoint per model, in the zip's merged order, whose interpolation ``Σ_m w_m · E'_m`` at ``weights``
+    is the zip: E'_m holds model m's share of every merged unit (:meth:`~hubmerge.matching.Matching.weights`
+    with ``of``: a unit of every model, its own unit; otherwise its units in the merged unit at ``1/Σ``, Σ the
+    members' model weights, none where it has none), every reading axis unmerged from its own model. Groups
+    the zip leaves out are the endpoints' own, so a partial merge of the E'_m (those groups kept apart, each
+    read by a zipped unit through its own endpoint's share) is a partial zip: a merged unit reads each
+    endpoint's units kept apart with that endpoint's members' weights, as the zip weighs their outputs."""
     out = []
-    readers = reader_dims(model_a)
-    for m, weights in enumerate(((1.0, 0.0), (0.0, 1.0))):
-        model = copy.deepcopy(model_a)
-        model.load_state_dict(_absent_reads(spec, zips, matched_state(spec, zips, [model_a, model_b], weights),
-                                            m, readers))
+    for m in range(len(models)):
+        model = copy.deepcopy(models[0])
+        model.load_state_dict(matched_state(spec, zips, models, weights, of=m))
         out.append(model.eval())
-    return out[0], out[1]
-
-
-def _positions(axis: Axis, keep) -> torch.Tensor:
-    """A boolean mask of an axis's positions: per segment, ``keep(segment)`` gives its units' mask (or None)."""
-    mask, start = torch.zeros(sum(seg.size for seg in axis), dtype=torch.bool), 0
-    for seg in axis:
-        units = keep(seg)
-        if units is not None:
-            mask[positions(seg, start)[units].reshape(-1)] = True
-        start += seg.size
-    return mask
-
-
-def _absent_reads(spec: PermutationSpec, zips: Matchings, state: dict[str, torch.Tensor], model: int,
-                  readers: dict[str, int]) -> dict[str, torch.Tensor]:
-    """``state`` (a virtual endpoint's) with the reads of unzipped groups' units zeroed in every zipped unit
-    that holds no unit of ``model``: those rows are the other endpoint's (a within pair), whose weights
-    over units kept apart read that endpoint's units, not this one's."""
-    every = torch.ones(1, dtype=torch.bool)
-    for key, read in readers.items():
-        axes = spec.axes.get(key) or ()
-        if read >= len(axes) or not axes[read]:
-            continue
-        produce = [d for d, axis in enumerate(axes) if d != read and has_units(axis, zips)]
-        cols = _positions(axes[read], lambda seg: every.expand(seg.width)
-                          if seg.group is not None and seg.group not in zips else None)
-        if not produce or not cols.any():
-            continue
-        rows = _positions(axes[produce[0]], lambda seg: ~(zips[seg.group].members // seg.width == model).any(1)
-                          if seg.group in zips else None)
-        shape = [1] * state[key].dim()
-        row_shape, col_shape = list(shape), list(shape)
-        row_shape[produce[0]], col_shape[read] = -1, -1
-        state[key] = state[key].masked_fill(rows.view(row_shape) & cols.view(col_shape), 0.0)
-    return state
+    return out
 
 
 @dataclass(frozen=True)
@@ -268,19 +236,24 @@ class Target:
     std: torch.Tensor
 
 
-def virtual_statistics(spec: PermutationSpec, zips: Matchings, stats: Statistics) -> Statistics:
-    """REPAIR's statistics of the virtual endpoints: each output's per-unit mean and std mapped as the zip
-    maps its units (a within pair's target is its two units' mean)."""
-    layers = [{}, {}]
-    for name in stats.layers_a:
+def virtual_statistics(spec: PermutationSpec, zips: Matchings, stats: Statistics | ManyStatistics,
+                       weights: Weights) -> ManyStatistics:
+    """REPAIR's statistics of the virtual endpoints (:func:`virtual`) at ``weights``: each output's per-unit
+    mean and std held as each virtual endpoint holds its units, so the targets REPAIR interpolates are the
+    zip's (a within pair's: its two units' mean)."""
+    count = len(weights)
+    own = [stats.layers_of(m) for m in range(count)]
+    layers = [{} for _ in range(count)]
+    for name in own[0]:
         at = MatchedLayout.of(spec.axes[f"{name}.weight"][0], zips)
-        for side, weights in zip(layers, ((1.0, 0.0), (0.0, 1.0))):
-            side[name] = Target(*(at.combine([getattr(m[name], s) for m in (stats.layers_a, stats.layers_b)],
-                                             weights) for s in ("mean", "std")))
-    return Statistics({}, layers[0], layers[1], stats.samples)
+        for m, side in enumerate(layers):
+            side[name] = Target(*(at.combine([getattr(o[name], s) for o in own], weights, of=m)
+                                  for s in ("mean", "std")))
+    return ManyStatistics({}, layers, stats.samples)
 
 
-def plans(spec: PermutationSpec, zipped: set[str]) -> dict[str, GroupPlan]:
-    """The partial plans that merge the virtual endpoints: zipped groups unit for unit, the others apart."""
-    return {g: GroupPlan.merged(grp.width) if g in zipped else GroupPlan.apart(grp.width)
+def plans(spec: PermutationSpec, zipped: set[str], models: int = 2) -> dict[str, GroupPlan]:
+    """The partial plans that merge the virtual endpoints of ``models`` endpoints: zipped groups unit for unit,
+    the others apart."""
+    return {g: GroupPlan.merged(grp.width, models) if g in zipped else GroupPlan.apart(grp.width, models)
             for g, grp in spec.groups.items()}

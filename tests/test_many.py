@@ -11,16 +11,18 @@ import hubmerge
 import hubmerge.card
 import hubmerge.repair
 from hubmerge.api import Prepared
+from hubmerge.arch_specs import spec_for
 from hubmerge.cost import CostModel
 from hubmerge.errors import UsageError
 from hubmerge.evaluate import evaluate
 from hubmerge.options import MergeOptions
 from hubmerge.repair import corrections
+from hubmerge.partitioned import PartialMergedModel
 from hubmerge.spec import head_sources, permute_heads, permute_state
 from hubmerge.statistics import collect_many, layer_moments
 
 from conftest import labelled, make
-from test_families import batch, make as make_family, relative
+from test_families import FAMILIES, batch, make as make_family, relative
 
 
 def endpoints(name: str, count: int) -> tuple[list[torch.nn.Module], list]:
@@ -70,6 +72,13 @@ def test_permuted_copies_of_one_model_merge_back_into_it(name):
                                      zip_beta=1.0)
         assert all(w == [0] * 4 for w in zipped.report.within.values())
         assert relative(zipped.model(x), a(x)) <= 1e-10
+        half = dict(weights=[0.1, 0.2, 0.3, 0.4], align="zip", zip_beta=1.0, zip_depth=len(spec.layers) // 2)
+        partial = hubmerge.merge_many(copies, calib, repair=None, **half).model  # (cross: interpolate for zips)
+        assert any(sizes[0] for sizes in partial.partition.values())
+        assert relative(partial(x), a(x)) <= 1e-10
+        if name == "vit":  # negative control: filled cross blocks add up the later blocks in the zipped stream
+            filled = hubmerge.merge_many(copies, calib, repair=None, cross="fill", **half).model
+            assert relative(filled(x), a(x)) > 1e-3
     if spec.heads:
         assert reordered and sorted(merged.report.endpoint_head_orders) == reordered
         unmatched = hubmerge.merge_many(copies, calib, repair=None, weights=[0.1, 0.2, 0.3, 0.4], match_heads=False)
@@ -248,8 +257,6 @@ def test_what_an_n_way_merge_refuses():
     models, calib = endpoints("mlp", 3)
     for bad, message in ((dict(budget=2.5), r"budget must be in \[0, 2\] for 3 endpoints"),
                          (dict(align="weight"), "align='activation' or align='zip'"),
-                         (dict(align="zip", zip_depth=2), "partial zips"),
-                         (dict(align="zip", budget=0.5), "partial zips"),
                          (dict(weights=[1, 1]), "3 non-negative"),
                          (dict(weights=[1, -1, 1]), "non-negative"), (dict(weights=[0, 0, 0]), "not all 0"),
                          (dict(alpha=0.3), "alpha weighs two endpoints")):
@@ -411,3 +418,57 @@ def test_repair_of_an_n_way_zip_targets_its_members_statistics():
     assert "full_merge_repair" in result.report.metrics  # the permutation merge, compared with the zip
     text = str(hubmerge.card.build(result.model, result.report, repo_id="user/zipped"))
     assert "N-way zipped merge" in text and "hold a pair of A's units" in text and "ZipIt!" in text
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "vit", "convnext"])
+def test_a_partial_n_way_zip_runs_from_the_ensemble_to_the_full_zip(name, tmp_path):
+    """``zip_depth`` with three endpoints: depth 0 keeps every group apart (their weighted logit average, float64
+    ≤1e-10), a depth past the last layer is the full N-way zip (their matched merge, ≤1e-10), one in between
+    costs less than the ensemble, is repaired, saves, reloads and computes the same, and its card says so; a
+    budget buys the least depth it affords."""
+    models, calib = endpoints(name, 3)
+    x = calib[0][0]
+    weights = [0.5, 0.3, 0.2]
+
+    def zipped(**options):
+        return hubmerge.merge_many(models, calib, weights=weights, align="zip", zip_beta=1.0, **options)
+
+    ensemble = zipped(zip_depth=0, repair=None)
+    assert relative(ensemble.model(x), sum(w * m(x) for w, m in zip(weights, models))) <= 1e-10
+    layers = len(ensemble.model.spec.layers)
+    deep = zipped(zip_depth=layers, repair=None).model
+    assert relative(deep(x), zipped(repair=None).model(x)) <= 1e-10
+    half = zipped(zip_depth=layers // 2)
+    assert 0 < half.report.param_increase < ensemble.report.param_increase
+    assert sum(sum(w) for w in half.report.within.values()) > 0 and len(next(iter(half.report.within.values()))) == 3
+    assert torch.isfinite(half.model(x)).all()
+    half.model.save_pretrained(tmp_path)
+    loaded = PartialMergedModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded(x), half.model(x)) and loaded.settings["zip_depth"] == layers // 2
+    card = (tmp_path / "README.md").read_text()
+    assert "N-way zipped merge** (ZipIt!)" in card and f"partial zip (`zip_depth` {layers // 2})" in card
+    bought = zipped(budget=half.report.param_increase, repair=None)
+    depth = bought.report.options["zip_depth"]
+    assert depth <= layers // 2 and bought.report.param_increase <= half.report.param_increase
+    same = zipped(zip_depth=depth, repair=None).model.state_dict()
+    assert all(torch.equal(same[k], v) for k, v in bought.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext"])  # (no unit constant on the data: no ties to break)
+def test_a_partial_n_way_zip_does_not_depend_on_the_order_of_an_endpoints_units(name):
+    """Endpoint C with every group's units in another order gives the same partial zip, where zipped residual
+    streams are written by blocks kept apart (each endpoint's share of a merged unit reads its own units)."""
+    models, calib = endpoints(name, 3)
+    x = calib[0][0]
+    spec = spec_for(models[0], FAMILIES[name].input_size)
+    gen = torch.Generator().manual_seed(3)
+    perms = {g: torch.arange(grp.width) if grp.ordered else torch.randperm(grp.width, generator=gen)
+             for g, grp in spec.groups.items()}
+    moved = make_family(name, 3)
+    moved.load_state_dict(permute_state(spec, models[2].state_dict(), perms))
+    options = dict(weights=[0.5, 0.3, 0.2], align="zip", zip_beta=1.0, zip_depth=len(spec.layers) // 2,
+                   repair=None, match_heads=False)
+    one = hubmerge.merge_many(models, calib, **options)
+    other = hubmerge.merge_many([*models[:2], moved], calib, **options)
+    assert sum(sum(w) for w in one.report.within.values()) > 0
+    assert relative(one.model(x), other.model(x)) <= 1e-10

@@ -87,6 +87,11 @@ def test_zips_and_n_way_merges_keep_every_task(name):
     three = hubmerge.merge_many([a, b, c], calib, repair=None, weights=[0.2, 0.3, 0.5]).model
     assert relative(three(x), torch.cat([a(x), b(x), c(x)], 1)) <= 1e-10
     assert [t.classes for t in three.tasks] == [4, 3, 2] and list(three.split(three(x))) == ["a", "b", "c"]
+    # a partial zip of the three: the zipped trunk is the backbone, each later layer and head its endpoint's own
+    partial = hubmerge.merge_many([a, b, c], calib, repair=None, weights=[0.2, 0.3, 0.5], align="zip",
+                                  zip_depth=1).model
+    assert any(sizes[0] for sizes in partial.partition.values())  # some groups are kept apart
+    assert relative(partial(x), torch.cat([a(x), b(x), c(x)], 1)) <= 1e-10
 
 
 @pytest.mark.parametrize("name", ["mlp", "vit"])
@@ -99,10 +104,12 @@ def test_an_n_way_partial_merge_at_gamma_one_gives_each_endpoint_its_own_outputs
 
 
 def test_partial_zip_at_depth_zero_gives_each_endpoint_its_own_outputs():
-    a, b = task_model("mlp", 1, 4), task_model("mlp", 2, 3)
+    a, b, c = task_model("mlp", 1, 4), task_model("mlp", 2, 3), task_model("mlp", 3, 2)
     x = batch("mlp")
     merged = hubmerge.merge(a, b, calibration("mlp"), align="zip", zip_depth=0, repair=None).model
     assert relative(merged(x), torch.cat([a(x), b(x)], 1)) <= 1e-10
+    three = hubmerge.merge_many([a, b, c], calibration("mlp"), align="zip", zip_depth=0, repair=None).model
+    assert relative(three(x), torch.cat([a(x), b(x), c(x)], 1)) <= 1e-10
 
 
 def test_tasks_are_told_apart_by_class_counts_and_label_names():

@@ -16,6 +16,7 @@ import hubmerge
 from hubmerge import zipit
 from hubmerge.api import Prepared
 from hubmerge.arch_specs import spec_for
+from hubmerge.build import build
 from hubmerge.errors import UsageError
 from hubmerge.evaluate import Ensemble
 from hubmerge.matching import Matching, matched_state
@@ -75,14 +76,18 @@ def test_within_correlations_match_numpy():
 @pytest.mark.parametrize("name", ["mlp", "cifar_vgg", "convnext", "vit", "swin"])
 def test_a_model_zipped_with_itself_is_itself(name):
     """On features that are distinct (no two units of one model correlate as a unit does with its copy),
-    every unit pairs with its own copy at any β; the families chosen have no unit constant on the data."""
+    every unit pairs with its own copy at any β, also in a partial zip (whose zipped units read the copies'
+    later blocks weighted, not added up); the families chosen have no unit constant on the data."""
     a = make_family(name, 1)
     calib = [(batch(name, seed=s), None) for s in (1, 2)]
     x = batch(name)
-    for beta in (0.5, 1.0):
-        result = hubmerge.merge(a, make_family(name, 1), calib, align="zip", zip_beta=beta, repair=None)
+    layers = len(spec_for(a, FAMILIES[name].input_size).layers)
+    for beta, depth in ((0.5, None), (1.0, None), (1.0, layers // 2)):
+        result = hubmerge.merge(a, make_family(name, 1), calib, align="zip", zip_beta=beta, zip_depth=depth,
+                                repair=None)
         assert all(w == [0, 0] for w in result.report.within.values())
-        assert relative(result.model(x), a(x)) <= 1e-10
+        assert relative(result.model(x), a(x)) <= 1e-10, depth
+        assert result.report.options["cross"] == "interpolate"  # what cross="auto" is for a zip
 
 
 def endpoints(name: str) -> tuple[torch.nn.Module, torch.nn.Module, list]:
@@ -103,7 +108,7 @@ def test_repair_gives_zipped_units_their_pairs_statistics(name):
     prepared = Prepared(a, b, calib, MergeOptions(align="zip", zip_beta=1.0, repair="repair", alpha=alpha))
     assert sum(sum(z.within) for z in prepared.matchings.values()) > 0  # some units zipped within their model
     plans = prepared.plans(0.0)
-    targets = corrections(prepared.build(plans, repair=None), plans, prepared.merging_stats)
+    targets = corrections(prepared.build(plans, repair=None), plans, prepared.repair_statistics)
     assert targets and all(c.norm is None for c in targets)  # corrections folded into the layers themselves
     checked = 0
     for c in targets:
@@ -173,11 +178,44 @@ def test_a_partial_zip_does_not_depend_on_the_order_of_bs_units(name):
     one = prepared.build(prepared.plans(0.0))
     other = hubmerge.merge(a, moved, calib, options=options).model
     assert relative(one(x), other(x)) <= 1e-10
-    # negative control: B' reading its units kept apart with A's weights there, as it did before 0.16.0
-    reading = copy.deepcopy(prepared.merging[1])
+    # negative control: B's virtual endpoint reading its units kept apart with A's weights there (before 0.16.0)
+    virtual_a = prepared.merged_endpoints(tuple(prepared.weights))[0][0]
+    reading = copy.deepcopy(virtual_a)
     reading.load_state_dict(matched_state(spec, prepared.matchings, [a, b], (0.0, 1.0)))
-    prepared.merging = (prepared.merging[0], reading)
-    assert relative(prepared.build(prepared.plans(0.0))(x), one(x)) > 1e-6
+    wrong = build(spec, prepared.plans(0.0), virtual_a, reading, architecture=prepared.architecture,
+                  model_args=prepared.model_args, alpha=options.alpha)
+    assert relative(wrong(x), one(x)) > 1e-6
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("name", ["cifar_resnet", "vit", "convnext"])
+def test_virtual_endpoints_weighted_are_the_zip(name, count):
+    """A partial zip's virtual endpoints weighted by the endpoints' weights are the zip's matched state in every
+    tensor (1e-12), also where a zipped unit reads units kept apart (a late block writing into a zipped residual
+    stream: the partial merge reads each endpoint's units there with its own virtual endpoint's rows, so a
+    within pair reads its model's units at its full weight); an endpoint without a unit in a merged unit holds
+    nothing of it."""
+    models = [make_family(name, s) for s in range(1, count + 1)]
+    calib = [(batch(name, seed=s), None) for s in (1, 2)]
+    spec = spec_for(models[0], FAMILIES[name].input_size)
+    options = MergeOptions(align="zip", zip_beta=1.0, zip_depth=len(spec.layers) // 2, repair=None, alpha=0.3)
+    weights = (0.7, 0.3) if count == 2 else (0.5, 0.3, 0.2)
+    prepared = Prepared(models[0], models[1], calib, options, n_way=tuple(models[2:]) if count > 2 else None,
+                        weights=weights if count > 2 else None)
+    zips = prepared.matchings
+    assert set(zips) < set(spec.groups) and sum(sum(z.within) for z in zips.values()) > 0
+    virtual, _ = prepared.merged_endpoints(weights)
+    states = [v.state_dict() for v in virtual]
+    for key, value in matched_state(spec, zips, prepared.models, weights).items():
+        if value.is_floating_point():
+            got = sum(w * s[key] for w, s in zip(weights, states))
+            assert torch.allclose(got, value, atol=1e-12, rtol=1e-12), key
+    for layer in spec.layers:
+        group = layer.out_axis[0].group
+        if group in zips and len(layer.out_axis) == 1 and layer.out_axis[0].repeat == 1:
+            for m, state in enumerate(states):
+                absent = ~(zips[group].members // zips[group].width == m).any(1)
+                assert not state[f"{layer.name}.weight"][absent].any(), (layer.name, m)
 
 
 @pytest.mark.parametrize("name", ["cifar_resnet", "resnetv2_bit"])
@@ -204,6 +242,8 @@ def test_what_a_zip_refuses():
                          (dict(zip_beta=1.5), "zip_beta"), (dict(zip_depth=-1), "zip_depth")):
         with pytest.raises(UsageError, match=message):
             hubmerge.merge(a, b, calib, align="zip", **bad)
+    with pytest.raises(UsageError, match="weigh every endpoint above 0"):  # B's pairs would weigh nothing
+        hubmerge.merge(a, b, calib, align="zip", zip_beta=1.0, alpha=0.0)
     with pytest.raises(UsageError, match="zip_depth is a depth of zip alignment"):
         hubmerge.merge(a, b, calib, zip_depth=2)
     full_only = [make_family("resnetv2_bit", s) for s in (1, 2)]
