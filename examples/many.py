@@ -146,7 +146,7 @@ def plot(rows: dict, gammas: list[float], betas: list[float], depths: list[int],
                 label=f"N={n}: ensemble")
     ax.set_xlabel("parameter increase over one endpoint (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # (beside the axes: the points stay visible)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"plot: {path}")
