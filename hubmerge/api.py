@@ -27,7 +27,7 @@ from .distributed import require_everywhere
 from .errors import CheckpointError, DataError, IncompatibleModelsError, UsageError
 from .evaluate import Barrier, Ensemble, Metrics, evaluate, evaluate_all, weighted_barrier
 from .partial import endpoint_names
-from .matching import Matchings
+from .matching import Matchings, is_matching
 from .options import MergeOptions
 from .partitioned import PartialMergedModel
 from .spec import head_sources, permute_heads
@@ -192,7 +192,6 @@ class Prepared:
                 self.aligned = many.align(self.spec, self.many, self.pair_scores)
             self.matchings = self.aligned
             self.zip_plans: dict | None = None  # a zip's plans
-            self.through_virtual = False  # whether the merge interpolates a zip's virtual endpoints (zipit.virtual)
             self._virtual: dict[tuple, tuple[list[nn.Module], ManyStatistics]] = {}  # by weights
             if options.align == "zip":
                 self._zip(options)
@@ -224,8 +223,13 @@ class Prepared:
             self.matchings = zipit.plan(self.spec, self.scores, self.stats, options.zip_beta, options.correlation,
                                         zipped)
         self.zip_plans = zipit.plans(self.spec, zipped, count)
-        self.through_virtual = True
         self.merged_endpoints(tuple(self.weights))  # (what they cannot carry is refused here, not at the build)
+
+    @property
+    def through_virtual(self) -> bool:
+        """Whether the merge interpolates a zip's virtual endpoints (every zip but a full one of N > 2, whose plans
+        are its matchings)."""
+        return self.zip_plans is not None and not is_matching(self.zip_plans)
 
     def merged_endpoints(self, weights: tuple[float, ...]) -> tuple[list[nn.Module], Statistics | ManyStatistics]:
         """The endpoints this merge interpolates at ``weights`` and the statistics REPAIR targets: the endpoints

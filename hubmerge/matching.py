@@ -17,6 +17,7 @@ pair within one model: ½ and ½).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -184,20 +185,28 @@ def has_units(axis: Axis | None, matchings: Matchings) -> bool:
     return bool(axis) and any(s.group in matchings for s in axis)
 
 
-def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.Module], w: Weights,
-                  of: int | None = None) -> dict[str, torch.Tensor]:
+def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.Module], w: Weights
+                  ) -> dict[str, torch.Tensor]:
     """The state of the matched merge in the plain architecture (integer buffers from model 0): every
     tensor's reading axis unmerged per endpoint, its producing axis merged (see the module docstring);
-    groups without a matching stay as they are, each position the weighted mean of the endpoints'. With
-    ``of``, the state of model ``of``'s virtual endpoint (:func:`hubmerge.zipit.virtual`): its share of each
-    merged unit, its own value elsewhere, so the virtual endpoints' states weighted by ``w`` sum to the merge's."""
+    groups without a matching stay as they are, each position the weighted mean of the endpoints'."""
+    return matched_states(spec, matchings, models, w, (None,))[0]
+
+
+def matched_states(spec: PermutationSpec, matchings: Matchings, models: list[nn.Module], w: Weights,
+                   shares: Sequence[int | None]) -> list[dict[str, torch.Tensor]]:
+    """Per entry of ``shares``, a state as :func:`matched_state` makes it: None, the merge's; model m, the state
+    of m's virtual endpoint (:func:`hubmerge.zipit.virtual`: its share of each merged unit, its own value
+    elsewhere, so the virtual endpoints' states weighted by ``w`` sum to the merge's). Each tensor is unmerged
+    once for all of them."""
     states = [m.state_dict() for m in models]
     readers = reader_dims(models[0])
-    out = {}
+    out = [{} for _ in shares]
     for key, first in states[0].items():
         tensors = [s[key] for s in states]
         if not first.is_floating_point():
-            out[key] = first
+            for state in out:
+                state[key] = first
             continue
         axes = spec.axes.get(key) or ()
         read = readers.get(key)
@@ -208,8 +217,10 @@ def matched_state(spec: PermutationSpec, matchings: Matchings, models: list[nn.M
         if len(produce) > 1:
             raise UsageError(f"cannot merge {key} by matching: units lie on its dims {produce}, and only a "
                              "conv/linear weight's input dim is known to read units")
-        if produce:
-            out[key] = MatchedLayout.of(axes[produce[0]], matchings).combine(tensors, w, produce[0], of)
-        else:
-            out[key] = reduce(torch.add, [wm * t for wm, t in zip(w if of is None else _one(of, len(w)), tensors)])
+        for state, of in zip(out, shares):
+            if produce:
+                state[key] = MatchedLayout.of(axes[produce[0]], matchings).combine(tensors, w, produce[0], of)
+            else:
+                state[key] = reduce(torch.add, [wm * t for wm, t in zip(w if of is None else _one(of, len(w)),
+                                                                         tensors)])
     return out

@@ -39,7 +39,7 @@ from torch import nn
 
 from .alignment import lap
 from .errors import UsageError
-from .matching import PAD, MatchedLayout, Matching, Matchings, Weights, matched_state
+from .matching import PAD, MatchedLayout, Matching, Matchings, Weights, matched_states
 from .partial import GroupPlan
 from .spec import Group, PermutationSpec
 from .statistics import ManyStatistics, Statistics
@@ -221,9 +221,9 @@ def virtual(spec: PermutationSpec, zips: Matchings, models: list[nn.Module], wei
     read by a zipped unit through its own endpoint's share) is a partial zip: a merged unit reads each
     endpoint's units kept apart with that endpoint's members' weights, as the zip weighs their outputs."""
     out = []
-    for m in range(len(models)):
+    for state in matched_states(spec, zips, models, weights, range(len(models))):
         model = copy.deepcopy(models[0])
-        model.load_state_dict(matched_state(spec, zips, models, weights, of=m))
+        model.load_state_dict(state)
         out.append(model.eval())
     return out
 
