@@ -11,7 +11,7 @@ full merge and the full merge + REPAIR / RESET, with the barriers.
 
 Any timm architecture works with ``--model-args`` (``in_chans`` and ``num_classes`` are added); families
 without partial merging (see the README) still take full merges with REPAIR. For a model with attention
-heads, activation matching is also run with the heads kept in their order (``match_heads=False``).
+heads, activation and weight matching are also run with the heads kept in their order (``match_heads=False``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     rows = {}
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
     has_heads = bool(spec_for(a).heads)
-    runs = [("activation", True), ("weight", True)] + ([("activation", False)] if has_heads else [])
+    runs = [("activation", True), ("weight", True)] + ([("activation", False), ("weight", False)] if has_heads else [])
     for align, heads in runs:
         for repair in (None, "repair", "reset") if has_bn else (None, "repair"):
             result = hubmerge.merge(a, b, calib, evaluation=evaluation, align=align, repair=repair, gamma=0.0,
@@ -75,15 +75,15 @@ def main() -> None:
             rows.setdefault("A", m["a"])
             rows.setdefault("B", m["b"])
             rows.setdefault("ensemble", m["ensemble"])
-            kept = "" if heads or align != "activation" else ", heads in order"
+            kept = "" if heads else ", heads in order"
             rows[f"full merge ({align}{kept}, {repair or 'no repair'})"] = m["merged"]
     size = json.dumps(args.model_args) if args.model_args is not None else f"×{args.width}"
     print(f"\n{args.arch} {size} on {args.dataset}: {args.train_samples} training samples, "
           f"{args.epochs} epochs, calibration {args.calib_samples}, evaluation {args.eval_samples}")
-    print(f"{'model':42s} {'acc':>7s} {'loss':>7s} {'barrier acc':>12s} {'barrier loss':>13s}")
+    print(f"{'model':50s} {'acc':>7s} {'loss':>7s} {'barrier acc':>12s} {'barrier loss':>13s}")
     for name, met in rows.items():
         bar = barrier(rows["A"], rows["B"], met)
-        print(f"{name:42s} {100 * met.accuracy:6.2f}% {met.loss:7.3f} {100 * bar.accuracy:10.2f}pp {bar.loss:13.3f}")
+        print(f"{name:50s} {100 * met.accuracy:6.2f}% {met.loss:7.3f} {100 * bar.accuracy:10.2f}pp {bar.loss:13.3f}")
 
 
 if __name__ == "__main__":

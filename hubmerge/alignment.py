@@ -151,6 +151,41 @@ def weight_matching(
     return perms
 
 
+def weight_head_orders(spec: PermutationSpec, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`head_orders` without data: per attention, B's heads in the order that best matches A's, where
+    it is not the identity. Weight matching (:func:`weight_matching`) permutes units within a head only, so
+    it first aligns every other group (the residual stream that q, k and v read and the projection writes);
+    a pair of heads then scores the mean cosine similarity of their q/k and v units' weights, matched within
+    the head by linear assignment (an ordered group's in place), and the heads are matched by linear
+    assignment on those scores. Attentions whose heads' weights are not laid out alike keep their order."""
+    if not spec.heads:
+        return {}
+    perms, axes, orders = weight_matching(spec, state_a, state_b, seed=seed), _weight_axes(spec), {}
+    for h in spec.heads:
+        if len(h.heads) < 2:
+            continue
+        others = {g: p for g, p in perms.items() if g not in h.groups}
+        va, vb = ([[torch.nn.functional.normalize(_unit_vectors(spec, g, state, axes[g], p), dim=1) for g in head]
+                   for head in h.heads] for state, p in ((state_a, {}), (state_b, others)))
+        if len({tuple(v.shape for v in head) for head in va}) > 1:
+            continue
+        score = torch.zeros(len(h.heads), len(h.heads), dtype=torch.float64)
+        for i, mine in enumerate(h.heads):
+            for j in range(len(h.heads)):
+                for r, g in enumerate(mine):
+                    c = va[i][r] @ vb[j][r].T
+                    units = torch.arange(len(c)) if spec.groups[g].ordered else lap(c)
+                    score[i, j] += c[torch.arange(len(c)), units].mean().item() / len(mine)
+        order = lap(score)
+        if not torch.equal(order, torch.arange(len(order))):
+            orders[h.module] = order
+    if orders:
+        log.info("B's attention heads reordered by their weights to match A's in %d of %d attention modules",
+                 len(orders), len(spec.heads))
+    return orders
+
+
 def weight_scores(
     spec: PermutationSpec, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
     perms: dict[str, torch.Tensor], groups: list[str] | None = None,

@@ -180,7 +180,7 @@ class Prepared:
                     self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
             self.endpoint_head_orders: dict[int, dict[str, torch.Tensor]] = {}  # every endpoint's but A's
-            if options.match_heads and self.stats is not None and options.align in ("activation", "zip"):
+            if options.match_heads and (self.stats is not None or options.align == "weight"):
                 self._order_heads(options)
             self.scores = alignment.align(self.spec, options.align, stats=self.stats,
                                           state_a=self.model_a.state_dict(), state_b=self.model_b.state_dict(),
@@ -245,12 +245,17 @@ class Prepared:
 
     def _order_heads(self, options: MergeOptions) -> None:
         """Match B's attention heads (and every further endpoint's) to A's as wholes
-        (:func:`~hubmerge.alignment.head_orders`, from the statistics of each with A): the endpoint becomes the
-        same function with its heads in that order and its statistics are moved alike, so every later stage
-        aligns A's head i with its head i, as before, but with the head that suits it."""
+        (:func:`~hubmerge.alignment.head_orders`, from the statistics of each with A; for weight matching
+        :func:`~hubmerge.alignment.weight_head_orders`, from their weights): the endpoint becomes the same
+        function with its heads in that order and its statistics (if any) are moved alike, so every later
+        stage aligns A's head i with its head i, as before, but with the head that suits it."""
         for m in range(1, len(self.models)):
-            stats = self.stats if self.many is None else self.many.pairs[(0, m)]
-            orders = alignment.head_orders(self.spec, stats, options.correlation)
+            if options.align == "weight":
+                orders = alignment.weight_head_orders(self.spec, self.models[0].state_dict(),
+                                                      self.models[m].state_dict(), options.seed)
+            else:
+                stats = self.stats if self.many is None else self.many.pairs[(0, m)]
+                orders = alignment.head_orders(self.spec, stats, options.correlation)
             if not orders:
                 continue
             self.endpoint_head_orders[m] = orders
@@ -259,7 +264,8 @@ class Prepared:
             self.models[m] = moved
             sources = head_sources(self.spec, orders)
             if self.many is None:
-                self.stats = self.stats.with_b_moved(self.spec, sources)
+                if self.stats is not None:
+                    self.stats = self.stats.with_b_moved(self.spec, sources)
             else:
                 self.many = self.many.with_moved(m, self.spec, sources)
                 self.stats = self.many.pairs[(0, 1)]

@@ -48,7 +48,7 @@ class MergeOptions(BaseModel):
         "pooled", description="correlation estimate: pooled std of all samples, or per-batch std + 1e-4 "
                               "(REPAIR's and the thesis's code)")
     match_heads: bool = Field(True, description="match each endpoint's attention heads to A's as wholes before "
-                                                "their units (activation and zip alignment)")
+                                                "their units (by activations, or by weights for weight matching)")
     gamma: Union[float, dict[str, float]] = Field(
         0.0, description="share of units kept apart when no budget: one number, or per group or attention "
                          "module (round(γ·heads) heads kept apart whole) in --config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,12 @@ import torch
 import datasets
 from hubmerge.arch_specs import randomize_
 from hubmerge.demo import save_timm
+
+# pytest-xdist runs one worker per core (``-n auto``, pyproject.toml): each takes its share of the cores, so
+# that the workers' intra-op threads do not oversubscribe them
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # (timm name, model_args, input shape): one or more per adapter family, tiny enough for a CPU test run.
 CASES = {

@@ -260,3 +260,33 @@ def test_heads_are_matched_as_wholes(name):
         assert torch.allclose(got.points[key].b.sumsq, pm.b.sumsq, rtol=1e-10, atol=1e-10), key
     for name_, m in want.layers_b.items():
         assert torch.allclose(got.layers_b[name_].sum, m.sum, rtol=1e-10, atol=1e-10), name_
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "mobilevit"])
+def test_weight_matching_matches_heads_as_wholes(name):
+    """Without data, weight matching matches B's heads to A's as wholes too: a model merged with a copy of
+    itself whose heads are reordered and whose units are permuted is the model again (with REPAIR too, from the
+    statistics moved with B's heads), and not with the heads kept in their order."""
+    from hubmerge.alignment import weight_head_orders
+    from hubmerge.spec import permute_state
+
+    a = make(name, 1)
+    spec = spec_for(a, FAMILIES[name].input_size)
+    gen = torch.Generator().manual_seed(5)
+    perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
+    orders = {h.module: torch.roll(torch.arange(len(h.heads)), 1) for h in spec.heads}
+    b = make(name, 1)
+    b.load_state_dict(permute_heads(spec, permute_state(spec, a.state_dict(), perms), orders))
+    x = batch(name)
+    result = hubmerge.merge(a, b, align="weight", repair=None)
+    assert relative(result.model(x), a(x)) <= 1e-10
+    assert set(result.report.head_orders) == set(orders)
+    found = weight_head_orders(spec, a.state_dict(), b.state_dict())
+    assert all(torch.equal(found[m], torch.argsort(o)) for m, o in orders.items())
+    # with calibration data the statistics move with B's heads: REPAIR then leaves the model as it is
+    calib = [(batch(name, 16, seed=s), None) for s in (1, 2)]
+    repaired = hubmerge.merge(a, b, calib, align="weight", repair="repair")
+    assert relative(repaired.model(x), a(x)) <= 1e-10
+    in_order = hubmerge.merge(a, b, align="weight", repair=None, match_heads=False)
+    assert not in_order.report.head_orders
+    assert relative(in_order.model(x), a(x)) > 1e-3  # (1.30 ViT, 1.03 Swin, 0.0043 MobileViT)
