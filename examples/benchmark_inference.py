@@ -2,8 +2,9 @@
 
 Times one endpoint, merges at uniform γ (``--gammas``) and budget merges of the benefit allocator
 (``--budgets``), each in three forms: its blocks (``partitioned``), the per-layer choice of
-:meth:`~hubmerge.PartialMergedModel.plan_execution` (``planned``: blocks or one zero-padded op, timed on
-this batch), and the zero-padded equivalent (``zero-padded``), plus the two-model ensemble, on the same
+:meth:`~hubmerge.PartialMergedModel.plan_execution` (``planned``: blocks or one zero-padded op per layer,
+timed on this batch, or the whole model as its zero-padded copy where that is faster), and the zero-padded
+equivalent (``zero-padded``), plus the two-model ensemble, on the same
 batch, in one process, interleaved round by round. Prints median times as ratios to one endpoint next to
 the parameter and FLOP increase. Targets: a partitioned or planned model ≤ (1 + FLOP increase + 0.05)× one
 endpoint, and planned never slower than zero-padded. Budgets count FLOPs unless ``--budget-unit params``
@@ -75,7 +76,10 @@ def main() -> None:
     x = x.to(args.device).contiguous(memory_format=memory_format)
     for name in merges:  # planned where it runs, on the batch it runs
         choice = models[f"planned {name}"].plan_execution(x)
-        print(f"{name}: {sum(c == 'dense' for c in choice.values())} of {len(choice)} split layers run zero-padded")
+        whole = models[f"planned {name}"].execution == "zero-padded"
+        dense = sum(c == "dense" for c in choice.values())
+        print(f"{name}: " + ("the whole model runs zero-padded" if whole else
+                             f"{dense} of {len(choice)} split layers run zero-padded"))
     times = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():

@@ -18,8 +18,9 @@ adds into the shared rows; ``b_only`` is concatenated. A layer with no zero bloc
 fully merged, or the fixed input/logits) is stored and run as one block, ``whole``: splitting it would only
 add ops, and joining blocks into one weight on every forward costs a weight copy per call (measured at batch
 1 on a VGG11 merge with half its groups fully merged: 24 ms joined, 14 ms whole). At inference a layer may
-instead run as one zero-padded op joined from its blocks (:meth:`PartialMergedModel.plan_execution` times
-both forms per layer and keeps the faster; storage stays partitioned). A weight-standardised conv becomes a
+instead run as one zero-padded op joined from its blocks, or the whole model as its plain zero-padded copy
+(:meth:`PartialMergedModel.plan_execution` times the forms and keeps the fastest; storage stays
+partitioned). A weight-standardised conv becomes a
 :class:`PartitionedStdConv`, which standardises each endpoint's view of its inputs. BatchNorms become
 per-unit norms of the wider group, LayerNorms over widened groups :class:`PartitionedNorm` s, per-unit vectors
 (layer scales) widen, and so do per-head tables (a relative position bias) where heads are kept apart. A layer
@@ -489,6 +490,15 @@ def _widen_tensor(net: nn.Module, key: str, dim: int, width: int) -> None:
     setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
+def _tree_key(modules: list[nn.Module]) -> tuple[list, list]:
+    """What a form computed from a module tree depends on: every tensor's storage and version and every
+    module's children, read flat from the tree's ``modules`` (a changed child changes its parent's entry; a
+    recursive walk over the tree costs about three times as much, which shows on a batch of one)."""
+    tensors = [(t.data_ptr(), t._version) for m in modules for held in (m._parameters, m._buffers)
+               for t in held.values() if t is not None]
+    return tensors, [c for m in modules for c in m._modules.values()]
+
+
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -556,6 +566,7 @@ class PartialMergedModel(
         if labels:
             self.pretrained_cfg["label_names"] = labels
         self.net = net.eval()
+        self.execution = "layers"  # or "zero-padded" (see :meth:`plan_execution`)
 
     def _check_partition(self, partition: dict[str, list[int]]) -> dict[str, Sizes]:
         if set(partition) != set(self.spec.groups):
@@ -632,7 +643,21 @@ class PartialMergedModel(
         return self.spec.layers if self.spec.partial is None else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "zero-padded" and not self.training and not torch.is_grad_enabled():
+            plain = self._zero_padded()
+            if plain is not None:
+                return plain(x)
         return self.net(x)
+
+    def _zero_padded(self) -> nn.Module | None:
+        """:meth:`materialize`, kept while the model's tensors and modules stay as they are (as
+        :meth:`PartitionedLayer._cached` checks its blocks; buffers too, which RESET re-estimates): a cache,
+        not state. None where a module of the model is hooked: the hook expects to run."""
+        held = self.__dict__.get("_plain")
+        if held is None or _tree_key(held[0]) != held[1]:
+            modules = list(self.net.modules())
+            self.__dict__["_plain"] = held = (modules, _tree_key(modules), self.materialize().eval())
+        return None if any(m._forward_hooks or m._forward_pre_hooks for m in held[0]) else held[2]
 
     def split(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """The outputs of a model of separate tasks, per task (named after its endpoint: ``a``, ``b``, …)."""
@@ -645,10 +670,15 @@ class PartialMergedModel(
         """Choose, for every layer stored as several blocks, whether inference runs the blocks or one
         zero-padded op (joined from the blocks, never stored): each form is timed on the input the layer
         sees for ``x``, a batch like those the model will run, alternately ``repeats`` times, and the faster
-        median wins, so the model is never slower than either form layer by layer. Storage stays
-        partitioned; training (gradients enabled) always runs the blocks. Returns the choice per layer."""
+        median wins. Layers timed alone do not add up to the whole model (and each wrapper costs its Python
+        call on a small batch), so the whole model is then timed the same way in three forms: with these
+        choices, every layer's blocks, and the plain zero-padded model (:meth:`materialize`, kept in memory
+        next to the blocks and made again when a tensor changes; :attr:`execution` ``"zero-padded"``), and
+        the fastest is kept. Storage stays partitioned; training, gradients and forward hooks always run the
+        blocks. Returns the choice per layer (every layer ``dense`` where the zero-padded model won)."""
         layers = {name: m for name, m in self.net.named_modules()
                   if isinstance(m, PartitionedLayer) and not hasattr(m, "whole")}
+        self.execution = "layers"
         seen: dict[str, torch.Tensor] = {}
         handles = [m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0]))
                    for name, m in layers.items()]
@@ -669,7 +699,31 @@ class PartialMergedModel(
                     sync()
                     times[form].append(time.perf_counter() - t0)
             m.execution = min(times, key=lambda form: statistics.median(times[form][1:]))
-        return {name: m.execution for name, m in layers.items()}
+        chosen = {name: m.execution for name, m in layers.items()}
+        forms = {"chosen": ("layers", chosen), "blocks": ("layers", dict.fromkeys(layers, "blocks")),
+                 "zero-padded": ("zero-padded", dict.fromkeys(layers, "dense"))}
+        whole: dict[str, list[float]] = {form: [] for form in forms}
+        with torch.no_grad():
+            for _ in range(repeats + 1):  # the first round warms up (and joins the zero-padded model)
+                for form, (execution, per_layer) in forms.items():
+                    self._execute(layers, execution, per_layer)
+                    sync()
+                    t0 = time.perf_counter()
+                    self(x)
+                    sync()
+                    whole[form].append(time.perf_counter() - t0)
+        best = min(whole, key=lambda form: statistics.median(whole[form][1:]))
+        self._execute(layers, *forms[best])
+        if best != "zero-padded":
+            self.__dict__.pop("_plain", None)  # (its memory is not held for a form that lost)
+        return dict(forms[best][1])
+
+    def _execute(self, layers: dict[str, PartitionedLayer], execution: str, per_layer: dict[str, str]) -> None:
+        """Run the model as ``execution`` says (``layers``: each layer in its own form, ``zero-padded``: the
+        plain model), the layers as ``per_layer`` says."""
+        self.execution = execution
+        for name, m in layers.items():
+            m.execution = per_layer[name]
 
     def layer(self, name: str) -> PartitionedLayer | nn.Conv2d:
         """The partitioned module of a spec layer (a plain, resized conv for a depthwise one)."""

@@ -133,6 +133,52 @@ def test_planned_execution_computes_the_same_and_keeps_the_blocks(saved):
     layers[0].execution = "dense"
     model(x).sum().backward()  # with gradients the blocks run, so they receive them
     assert layers[0].a_side.weight.grad is not None
+    layers[0].execution = "blocks"
+
+
+def test_the_zero_padded_form_of_the_whole_model_computes_the_same_and_is_made_again_when_a_tensor_changes(saved):
+    """The whole model may run as its plain zero-padded copy (what plan_execution keeps where it is the fastest
+    form): the outputs stay the merge's, the state stays the blocks, a tensor changed in place (a block, a
+    BatchNorm's running statistics) or replaced makes it again, and hooks, training and gradients run the
+    blocks."""
+    model, _ = saved
+    x = inputs("timm_resnet18")
+    want, keys = model(x), set(model.state_dict())
+    assert model.plan_execution(x, repeats=1).keys() and model.execution in ("layers", "zero-padded")
+    model.execution = "zero-padded"
+    layer = next(m for m in model.net.modules() if isinstance(m, PartitionedLayer) and not hasattr(m, "whole"))
+    norm = next(m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        assert (model(x) - want).abs().max() <= 1e-12 * want.abs().max()
+        plain = model.__dict__["_plain"][2]
+        assert model(x) is not None and model.__dict__["_plain"][2] is plain  # kept while nothing changes
+        assert set(model.state_dict()) == keys
+        norm.running_var.mul_(4.0)
+        rescaled = model(x)
+        assert (rescaled - want).abs().max() > 1e-6
+        layer.a_side.weight.mul_(2.0)
+        changed = model(x)
+        assert (changed - rescaled).abs().max() > 1e-6
+        model.execution = "layers"
+        assert (model(x) - changed).abs().max() <= 1e-12 * changed.abs().max()
+        model.execution = "zero-padded"
+        seen = []
+        handle = layer.register_forward_hook(lambda *_: seen.append(1))
+        model(x)
+        handle.remove()
+        assert seen  # a hooked module runs: the blocks do
+        layer.a_side.weight.div_(2.0)
+        norm.running_var.div_(4.0)
+        assert (model(x) - want).abs().max() <= 1e-12 * want.abs().max()
+        norm.weight = torch.nn.Parameter(norm.weight * 3.0)  # a tensor replaced, not changed in place
+        assert (model(x) - want).abs().max() > 1e-6
+        model.execution = "layers"
+        tripled = model(x)
+        model.execution = "zero-padded"
+        assert (model(x) - tripled).abs().max() <= 1e-12 * tripled.abs().max()
+    model(x).sum().backward()
+    assert layer.a_side.weight.grad is not None
+    model.execution = "layers"
 
 
 @pytest.mark.parametrize("cross", ["interpolate", "fill"])
