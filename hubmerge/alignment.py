@@ -10,13 +10,14 @@ same way; a full linear assignment on the scores is the ordinary permutation ali
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import UsageError
-from .spec import PermutationSpec
+from .spec import Heads, PermutationSpec
 from .statistics import Statistics
 
 ALIGNMENTS = ("activation", "weight", "zip")
@@ -75,21 +76,31 @@ def head_orders(spec: PermutationSpec, stats: Statistics, estimator: str = "pool
         alike = all(len({where(head[r]) for head in h.heads}) == 1 for r in roles)
         if len(h.heads) < 2 or not roles or not alike:
             continue
-        score = np.zeros((len(h.heads), len(h.heads)))
-        for i, mine in enumerate(h.heads):
-            for j, theirs in enumerate(h.heads):
-                for r in roles:
-                    c = stats.correlation(spec.groups[mine[r]], estimator, other=spec.groups[theirs[r]],
-                                          cache=cache).double()
-                    units = torch.arange(len(c)) if spec.groups[mine[r]].ordered else lap(c)
-                    score[i, j] += c[torch.arange(len(c)), units].mean().item() / len(roles)
-        order = lap(torch.from_numpy(score))
-        if not torch.equal(order, torch.arange(len(order))):
+        order = _head_order(spec, h, roles, lambda i, j, r: stats.correlation(
+            spec.groups[h.heads[i][r]], estimator, other=spec.groups[h.heads[j][r]], cache=cache))
+        if order is not None:
             orders[h.module] = order
     if orders:
         log.info("B's attention heads reordered to match A's in %d of %d attention modules", len(orders),
                  len(spec.heads))
     return orders
+
+
+def _head_order(spec: PermutationSpec, heads: Heads, roles: list[int],
+                similarity: Callable[[int, int, int], torch.Tensor]) -> torch.Tensor | None:
+    """B's heads of one attention matched to A's, or None where the best match is their own order:
+    ``similarity(i, j, r)`` is the units × units similarity of A's head i and B's head j in role r (q/k or
+    v); a pair of heads scores the mean over ``roles`` of its units' similarity matched within the head by
+    linear assignment (an ordered group's units in place), and the heads are matched by linear assignment."""
+    score = torch.zeros(len(heads.heads), len(heads.heads), dtype=torch.float64)
+    for i, mine in enumerate(heads.heads):
+        for j in range(len(heads.heads)):
+            for r in roles:
+                c = similarity(i, j, r).double()
+                units = torch.arange(len(c)) if spec.groups[mine[r]].ordered else lap(c)
+                score[i, j] += c[torch.arange(len(c)), units].mean().item() / len(roles)
+    order = lap(score)
+    return None if torch.equal(order, torch.arange(len(order))) else order
 
 
 def _weight_axes(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
@@ -170,15 +181,8 @@ def weight_head_orders(spec: PermutationSpec, state_a: dict[str, torch.Tensor], 
                    for head in h.heads] for state, p in ((state_a, {}), (state_b, others)))
         if len({tuple(v.shape for v in head) for head in va}) > 1:
             continue
-        score = torch.zeros(len(h.heads), len(h.heads), dtype=torch.float64)
-        for i, mine in enumerate(h.heads):
-            for j in range(len(h.heads)):
-                for r, g in enumerate(mine):
-                    c = va[i][r] @ vb[j][r].T
-                    units = torch.arange(len(c)) if spec.groups[g].ordered else lap(c)
-                    score[i, j] += c[torch.arange(len(c)), units].mean().item() / len(mine)
-        order = lap(score)
-        if not torch.equal(order, torch.arange(len(order))):
+        order = _head_order(spec, h, list(range(len(h.heads[0]))), lambda i, j, r: va[i][r] @ vb[j][r].T)
+        if order is not None:
             orders[h.module] = order
     if orders:
         log.info("B's attention heads reordered by their weights to match A's in %d of %d attention modules",

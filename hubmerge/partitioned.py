@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -490,6 +491,26 @@ def _widen_tensor(net: nn.Module, key: str, dim: int, width: int) -> None:
     setattr(module, name, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
+def _fastest(forms: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> str:
+    """The form whose run takes the least median time: each form is run alternately ``repeats`` times after
+    one round that warms up (and fills any cache), between ``sync`` calls (a CUDA device's queue drained)."""
+    times: dict[str, list[float]] = {form: [] for form in forms}
+    for _ in range(repeats + 1):
+        for form, run in forms.items():
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times[form].append(time.perf_counter() - t0)
+    return min(times, key=lambda form: statistics.median(times[form][1:]))
+
+
+def _run_as(layer: PartitionedLayer, execution: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer on ``x`` in the form ``execution`` (``blocks`` or ``dense``), which it keeps."""
+    layer.execution = execution
+    return layer(x)
+
+
 def _tree_key(modules: list[nn.Module]) -> tuple[list, list]:
     """What a form computed from a module tree depends on: every tensor's storage and version and every
     module's children, read flat from the tree's ``modules`` (a changed child changes its parent's entry; a
@@ -688,31 +709,15 @@ class PartialMergedModel(
             for h in handles:
                 h.remove()
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        for name, m in layers.items():
-            times: dict[str, list[float]] = {"blocks": [], "dense": []}
-            for _ in range(repeats + 1):  # the first round warms up (and joins the dense weight)
-                for form in times:
-                    m.execution = form
-                    sync()
-                    t0 = time.perf_counter()
-                    m(seen[name])
-                    sync()
-                    times[form].append(time.perf_counter() - t0)
-            m.execution = min(times, key=lambda form: statistics.median(times[form][1:]))
+        for name, m in layers.items():  # (the first round warms up and joins the dense weight)
+            runs = {form: lambda form=form: _run_as(m, form, seen[name]) for form in ("blocks", "dense")}
+            m.execution = _fastest(runs, repeats, sync)
         chosen = {name: m.execution for name, m in layers.items()}
         forms = {"chosen": ("layers", chosen), "blocks": ("layers", dict.fromkeys(layers, "blocks")),
                  "zero-padded": ("zero-padded", dict.fromkeys(layers, "dense"))}
-        whole: dict[str, list[float]] = {form: [] for form in forms}
-        with torch.no_grad():
-            for _ in range(repeats + 1):  # the first round warms up (and joins the zero-padded model)
-                for form, (execution, per_layer) in forms.items():
-                    self._execute(layers, execution, per_layer)
-                    sync()
-                    t0 = time.perf_counter()
-                    self(x)
-                    sync()
-                    whole[form].append(time.perf_counter() - t0)
-        best = min(whole, key=lambda form: statistics.median(whole[form][1:]))
+        # (the first round joins the zero-padded model)
+        best = _fastest({form: lambda form=form: (self._execute(layers, *forms[form]), self(x)) for form in forms},
+                        repeats, sync)
         self._execute(layers, *forms[best])
         if best != "zero-padded":
             self.__dict__.pop("_plain", None)  # (its memory is not held for a form that lost)

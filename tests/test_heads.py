@@ -223,14 +223,10 @@ def test_the_values_of_an_attention_of_unknown_heads_keep_their_width():
     assert "proj" in spec.widenable()
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "mobilevit"])
-def test_heads_are_matched_as_wholes(name):
-    """B's heads are matched to A's as wholes before their units are: a model merged with a copy of itself
-    whose heads are reordered (and every group's units permuted) is the model again, where matching head i
-    to head i could not recover it; the statistics moved with B's heads are those of the moved B."""
-    from hubmerge.alignment import head_orders
-    from hubmerge.spec import head_sources, permute_state
-    from hubmerge.statistics import collect
+def _reordered_copy(name: str):
+    """A model, a copy of it whose every group's units are permuted and whose heads are rolled by one in every
+    attention (the same function), its spec, and those head orders."""
+    from hubmerge.spec import permute_state
 
     a = make(name, 1)
     spec = spec_for(a, FAMILIES[name].input_size)
@@ -239,6 +235,19 @@ def test_heads_are_matched_as_wholes(name):
     orders = {h.module: torch.roll(torch.arange(len(h.heads)), 1) for h in spec.heads}
     b = make(name, 1)
     b.load_state_dict(permute_heads(spec, permute_state(spec, a.state_dict(), perms), orders))
+    return a, b, spec, orders
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "mobilevit"])
+def test_heads_are_matched_as_wholes(name):
+    """B's heads are matched to A's as wholes before their units are: a model merged with a copy of itself
+    whose heads are reordered (and every group's units permuted) is the model again, where matching head i
+    to head i could not recover it; the statistics moved with B's heads are those of the moved B."""
+    from hubmerge.alignment import head_orders
+    from hubmerge.spec import head_sources
+    from hubmerge.statistics import collect
+
+    a, b, spec, orders = _reordered_copy(name)
     x, calib = batch(name), [(batch(name, 16, seed=s), None) for s in (1, 2)]
     assert relative(b(x), a(x)) <= 1e-10
     result = hubmerge.merge(a, b, calib, repair=None)
@@ -268,15 +277,8 @@ def test_weight_matching_matches_heads_as_wholes(name):
     itself whose heads are reordered and whose units are permuted is the model again (with REPAIR too, from the
     statistics moved with B's heads), and not with the heads kept in their order."""
     from hubmerge.alignment import weight_head_orders
-    from hubmerge.spec import permute_state
 
-    a = make(name, 1)
-    spec = spec_for(a, FAMILIES[name].input_size)
-    gen = torch.Generator().manual_seed(5)
-    perms = {g: torch.randperm(grp.width, generator=gen) for g, grp in spec.groups.items()}
-    orders = {h.module: torch.roll(torch.arange(len(h.heads)), 1) for h in spec.heads}
-    b = make(name, 1)
-    b.load_state_dict(permute_heads(spec, permute_state(spec, a.state_dict(), perms), orders))
+    a, b, spec, orders = _reordered_copy(name)
     x = batch(name)
     result = hubmerge.merge(a, b, align="weight", repair=None)
     assert relative(result.model(x), a(x)) <= 1e-10

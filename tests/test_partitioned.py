@@ -133,7 +133,6 @@ def test_planned_execution_computes_the_same_and_keeps_the_blocks(saved):
     layers[0].execution = "dense"
     model(x).sum().backward()  # with gradients the blocks run, so they receive them
     assert layers[0].a_side.weight.grad is not None
-    layers[0].execution = "blocks"
 
 
 def test_the_zero_padded_form_of_the_whole_model_computes_the_same_and_is_made_again_when_a_tensor_changes(saved):
@@ -178,7 +177,6 @@ def test_the_zero_padded_form_of_the_whole_model_computes_the_same_and_is_made_a
         assert (model(x) - tripled).abs().max() <= 1e-12 * tripled.abs().max()
     model(x).sum().backward()
     assert layer.a_side.weight.grad is not None
-    model.execution = "layers"
 
 
 @pytest.mark.parametrize("cross", ["interpolate", "fill"])
