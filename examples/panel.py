@@ -49,7 +49,8 @@ class Pair:
     architecture: str
     model_args: dict
     # seeds: both on all data; classes: disjoint class halves (10-way heads); tasks: the same halves, each endpoint
-    # with a 5-way head of its own classes (B's labels 0-4 are classes 5-9); biased: 80/20 class mix
+    # with a 5-way head of its own classes (B's labels 0-4 are classes 5-9); tasks3: three endpoints on classes
+    # 0-2, 3-5, 6-8 with 3-way heads; biased: 80/20 class mix
     split: str = "seeds"
 
     @property
@@ -98,15 +99,22 @@ def settings(has_bn: bool, reset_differs: bool) -> list[Setting]:
     return out
 
 
+# the disjoint class ranges of the splits whose endpoints have heads of their own (separate tasks: each endpoint's
+# labels count from its range's first class); "tasks3" leaves class 9 out, so that the three heads are 3-way alike
+TASK_CLASSES = {"tasks": ((0, 5), (5, 10)), "tasks3": ((0, 3), (3, 6), (6, 9))}
+
+
 def split(train: torch.utils.data.TensorDataset, kind: str, seed: int = 0):
-    """The two training sets of a pair (None: both train on all of ``train``)."""
+    """The training sets of a pair's endpoints (None: every endpoint trains on all of ``train``)."""
     if kind == "seeds":
         return None
     x, y = train.tensors
+    if kind in TASK_CLASSES:
+        return tuple(demo.TensorDataset(x[(y >= lo) & (y < hi)], y[(y >= lo) & (y < hi)] - lo)
+                     for lo, hi in TASK_CLASSES[kind])
     low = y < 5
-    if kind in ("classes", "tasks"):
-        offset = 5 if kind == "tasks" else 0  # own 5-way heads: B's labels count from its first class
-        return demo.TensorDataset(x[low], y[low]), demo.TensorDataset(x[~low], y[~low] - offset)
+    if kind == "classes":
+        return demo.TensorDataset(x[low], y[low]), demo.TensorDataset(x[~low], y[~low])
     # biased: each sample goes to A with probability 0.8 for classes 0-4 and 0.2 for 5-9, else to B
     to_a = torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < torch.where(low, 0.8, 0.2)
     return demo.TensorDataset(x[to_a], y[to_a]), demo.TensorDataset(x[~to_a], y[~to_a])
@@ -175,8 +183,9 @@ def each_pair(args: argparse.Namespace, pairs: dict[str, Pair] = PAIRS):
         yield name, pair, train, evaluation, demo.subset(train, args.calib_samples, seed=1)
 
 
-def trained(pair: Pair, train, args: argparse.Namespace, seeds: tuple[int, int] = (0, 1)) -> list[torch.nn.Module]:
-    """The pair's two endpoints from ``seeds`` (trained on its split of ``train`` and cached, once)."""
+def trained(pair: Pair, train, args: argparse.Namespace, seeds: tuple[int, ...] = (0, 1)) -> list[torch.nn.Module]:
+    """The pair's endpoints from ``seeds`` (trained on its split of ``train`` and cached, once): two, or one per
+    training set of the split."""
     tag = f"-fashion-mnist{'' if pair.split == 'seeds' else '-' + pair.split}-{demo.args_tag(pair.model_args)}"
     folders = demo.endpoints(pair.architecture, pair.model_args, train, args.cache, seeds=seeds, epochs=args.epochs,
                              tag=tag, train_sets=split(train, pair.split))

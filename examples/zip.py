@@ -3,15 +3,18 @@
 The pairs of examples/panel.py (Fashion-MNIST, trained here reproducibly and cached), among them ResNet20 on
 disjoint class halves (A sees classes 0-4, B 5-9, both with 10-way heads), and ``resnet-tasks``: the same
 halves with a 5-way head each (separate tasks: every merge keeps both heads, its 10 outputs are A's 5 then
-B's 5). For each: the endpoints, their ensemble, the permutation full merge and zip at several within-model
+B's 5); and ``resnet-tasks3``, three endpoints on classes 0-2, 3-5 and 6-8 with a 3-way head each (an N-way
+merge of separate tasks, scored on the test images of those nine classes). For each: the endpoints, their
+ensemble, the permutation full merge (N-way: MergeMany) and zip at several within-model
 shares β (β=0 is the permutation merge), partial zips (the groups of the first layers zipped, the rest kept
 apart: one head per model) at several depths, and hubmerge's partial merge (benefit allocation) at the
 parameter budget of each partial zip, each with the default correction (``repair="auto"``). Reported: joint
-accuracy (argmax over all 10 outputs) and, per task (classes 0-4, 5-9), the accuracy on that task's test
-images with the argmax over the task's own outputs.
+accuracy (argmax over all outputs) and, per task (classes 0-4, 5-9; or 0-2, 3-5, 6-8), the accuracy on that
+task's test images with the argmax over the task's own outputs.
 
     python examples/zip.py
     python examples/zip.py --pairs resnet-classes --betas 0.25 0.5
+    python examples/zip.py --pairs resnet-tasks3 --results examples/out/zip-tasks3.json
 
 Tables go to stdout, the plot of joint accuracy against parameter increase next to the results file
 (``examples/out/zip.png``).
@@ -33,46 +36,59 @@ from hubmerge.arch_specs import spec_for
 from hubmerge.data import as_batches, batches
 from hubmerge.evaluate import Ensemble
 
-from panel import PAIRS, RESNET, Pair, each_pair, load_results, parser, save_results, trained  # examples/ on the path
+from panel import (PAIRS, RESNET, TASK_CLASSES, Pair, each_pair, load_results, parser,  # examples/ is on the path
+                   save_results, trained)
 
-# the class halves again, each endpoint with a 5-way head of its own (separate tasks: the merge concatenates them)
-TASK_PAIRS = {"resnet-tasks": Pair("hubmerge_resnet20", {**RESNET, "num_classes": 5}, "tasks")}
+# separate tasks (the merge concatenates the heads): the class halves again, each endpoint with a 5-way head of
+# its own; and three endpoints on classes 0-2, 3-5 and 6-8 with 3-way heads (an N-way merge of separate tasks)
+TASK_PAIRS = {"resnet-tasks": Pair("hubmerge_resnet20", {**RESNET, "num_classes": 5}, "tasks"),
+              "resnet-tasks3": Pair("hubmerge_resnet20", {**RESNET, "num_classes": 3}, "tasks3")}
 
-TASKS = {"0-4": torch.arange(5), "5-9": torch.arange(5, 10)}
+
+def task_classes(pair: Pair) -> dict[str, torch.Tensor]:
+    """The classes of each task the pair's merges are scored on, by name ("0-4"): the class halves unless the
+    endpoints' split says otherwise."""
+    ranges = TASK_CLASSES.get(pair.split, TASK_CLASSES["tasks"])
+    return {f"{lo}-{hi - 1}": torch.arange(lo, hi) for lo, hi in ranges}
 
 
 @torch.no_grad()
-def accuracies(model: torch.nn.Module, data) -> dict[str, float]:
-    """Joint accuracy over the 10 classes and each task's accuracy among its own classes, on its images."""
+def accuracies(model: torch.nn.Module, data, tasks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Joint accuracy over the tasks' classes (on their images) and each task's accuracy among its own classes,
+    on its images."""
     logits, labels = [], []
     model.eval()
     for x, y in batches(as_batches(data, batch_size=500)):
         logits.append(model(x.to(next(model.parameters()).dtype)).float())
         labels.append(y)
     logits, labels = torch.cat(logits), torch.cat(labels)
-    out = {"joint": (logits.argmax(1) == labels).double().mean().item()}
-    for task, classes in TASKS.items():
+    every = torch.cat(list(tasks.values()))
+    seen = torch.isin(labels, every)
+    out = {"joint": (every[logits[seen][:, every].argmax(1)] == labels[seen]).double().mean().item()}
+    for task, classes in tasks.items():
         mine = torch.isin(labels, classes)
         guess = classes[logits[mine][:, classes].argmax(1)]
         out[task] = (guess == labels[mine]).double().mean().item()
     return out
 
 
-def endpoints(a: torch.nn.Module, b: torch.nn.Module, separate: bool) -> dict[str, torch.nn.Module]:
-    """A, B and their ensemble as the report measures them: for separate tasks each endpoint answering the
-    joint outputs (its own classes, 0 for the other task's) and the ensemble their outputs side by side."""
+def endpoints(models: list[torch.nn.Module], separate: bool) -> dict[str, torch.nn.Module]:
+    """The endpoints (A, B, …) and their ensemble as the report measures them: for separate tasks each endpoint
+    answering the joint outputs (its own classes, 0 for the other tasks') and the ensemble their outputs side
+    by side."""
+    names = [chr(ord("A") + i) for i in range(len(models))]
     if not separate:
-        return {"A": a, "B": b, "ensemble": Ensemble(a, b)}
-    tasks = hubmerge.tasks.resolve([a, b], ["a", "b"], "separate")
-    ja, jb = (hubmerge.tasks.joint(m, t, tasks)[0] for m, t in zip((a, b), tasks))
-    return {"A": ja, "B": jb, "ensemble": Ensemble(ja, jb, weights=(1.0, 1.0))}
+        return {**dict(zip(names, models)), "ensemble": Ensemble(*models, weights=(1 / len(models),) * len(models))}
+    tasks = hubmerge.tasks.resolve(models, [n.lower() for n in names], "separate")
+    joint = [hubmerge.tasks.joint(m, t, tasks)[0] for m, t in zip(models, tasks)]
+    return {**dict(zip(names, joint)), "ensemble": Ensemble(*joint, weights=(1.0,) * len(joint))}
 
 
-def merged(a, b, calib, evaluation, **options) -> dict:
-    """One merge (default settings but ``options``): accuracies, time, size and zip pairs."""
+def merged(models, calib, evaluation, tasks, **options) -> dict:
+    """One merge of the endpoints (default settings but ``options``): accuracies, time, size and zip pairs."""
     t0 = time.perf_counter()
-    result = hubmerge.merge(a, b, calib, **options)
-    return dict(accuracies(result.model, evaluation), seconds=time.perf_counter() - t0,
+    result = hubmerge.merge(list(models), calib, **options)
+    return dict(accuracies(result.model, evaluation, tasks), seconds=time.perf_counter() - t0,
                 within=sum(sum(w) for w in result.report.within.values()),
                 params=result.report.param_increase, flops=result.report.flop_increase)
 
@@ -86,35 +102,38 @@ def main() -> None:
     args = ap.parse_args()
     done = load_results(args)
     for name, pair, train, evaluation, calib in each_pair(args, pairs):
-        a, b = trained(pair, train, args)
+        separate = pair.split in TASK_CLASSES  # heads alike and no label names: say the tasks are separate
+        models = trained(pair, train, args, seeds=tuple(range(len(TASK_CLASSES[pair.split]))) if separate else (0, 1))
+        tasks, task = task_classes(pair), {"tasks": "separate"} if separate else {}
         rows = done.setdefault(name, {})
-        separate = pair.split == "tasks"  # 5 classes each and no label names: say the tasks are separate
-        task = {"tasks": "separate"} if separate else {}
-        for key, model in endpoints(a, b, separate).items():
+        for key, model in endpoints(models, separate).items():
             if key not in rows:  # measured once, kept with the results
-                rows[key] = accuracies(model, evaluation)
-        layers = len(spec_for(a, tuple(calib.tensors[0].shape[1:])).layers)
+                rows[key] = accuracies(model, evaluation, tasks)
+                if key == "ensemble":
+                    rows[key].update(params=len(models) - 1, flops=len(models) - 1)
+        layers = len(spec_for(models[0], tuple(calib.tensors[0].shape[1:])).layers)
         runs = {("permute (full merge)" if beta == 0 else f"zip β={beta:g}"): dict(zip_beta=beta)
                 for beta in [0.0, *args.betas]}
         runs.update({f"partial zip, depth {round(f * layers)}/{layers}": dict(zip_depth=round(f * layers))
                      for f in args.depths})
         for key, options in runs.items():
             if key not in rows:
-                rows[key] = merged(a, b, calib, evaluation, align="zip", **options, **task)
+                rows[key] = merged(models, calib, evaluation, tasks, align="zip", **options, **task)
                 save_results(args, done)
         # hubmerge's partial merge (benefit allocation, default settings) at each partial zip's parameter budget,
         # and at its FLOP budget
         for unit, label in (("params", "budget"), ("flops", "FLOP budget")):
             for budget in sorted({round(r[unit], 3) for k, r in list(rows.items()) if k.startswith("partial zip")}):
                 key = f"partial merge, {label} {budget:g}"
-                if 0 < budget < 1 and key not in rows:
-                    rows[key] = merged(a, b, calib, evaluation, budget=budget, budget_unit=unit, **task)
+                if 0 < budget < len(models) - 1 and key not in rows:
+                    rows[key] = merged(models, calib, evaluation, tasks, budget=budget, budget_unit=unit, **task)
                     save_results(args, done)
         print(f"\n== {name}: {pair.architecture} ({pair.split})\n")
-        print("| model | joint | task 0-4 | task 5-9 | within pairs | params, FLOPs |\n|---|---|---|---|---|---|")
+        print(f"| model | joint | {' | '.join(f'task {t}' for t in tasks)} | within pairs | params, FLOPs |\n"
+              f"|---|---|{'---|' * len(tasks)}---|---|")
         for key, r in rows.items():
             size = f"+{100 * r['params']:.0f}%, +{100 * r['flops']:.0f}%" if "params" in r else ""
-            print(f"| {key} | {100 * r['joint']:.2f}% | {100 * r['0-4']:.2f}% | {100 * r['5-9']:.2f}% | "
+            print(f"| {key} | {100 * r['joint']:.2f}% | {' | '.join(f'{100 * r[t]:.2f}%' for t in tasks)} | "
                   f"{r.get('within', '')} | {size} |", flush=True)
     panel = args.results.with_name("panel.json")
     merges = json.loads(panel.read_text()) if panel.is_file() else {}
@@ -142,7 +161,8 @@ def plot(results: dict, panel: dict, path) -> None:
                 ax.plot([100 * r[unit] for r in line], [100 * r["joint"] for r in line], style, label=legend)
             ax.scatter([0] * len(zips), [100 * r["joint"] for r in zips], marker="x", label="full zip (β)")
             ax.scatter([0], [100 * rows["permute (full merge)"]["joint"]], marker="s", label="permute")
-            ax.scatter([100], [100 * rows["ensemble"]["joint"]], marker="*", s=80, label="ensemble")
+            ensemble = rows["ensemble"]
+            ax.scatter([100 * ensemble.get(unit, 1)], [100 * ensemble["joint"]], marker="*", s=80, label="ensemble")
             ax.set_title(f"{name}, by {unit}", fontsize=9)
             ax.set_xlabel(f"{'parameter' if unit == 'params' else 'FLOP'} increase (%)", fontsize=8)
             ax.set_ylabel("joint accuracy (%)", fontsize=8)

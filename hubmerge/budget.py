@@ -83,8 +83,9 @@ class _Search:
     Candidates are scored through REPAIR sweeps (:class:`~hubmerge.repair.Sweep`): a candidate branches off a
     reference merge's sweep at its first layer planned differently, copying the reference's corrections in
     front and continuing from its calibration activations there, so it costs a suffix pass. With
-    ``repair="reset"`` or ``"reset_repair"`` nothing can be shared (RESET re-estimates every BatchNorm from the
-    input in train mode): each candidate is reset and scored (and repaired) from the input.
+    ``repair="reset"`` or ``"reset_repair"`` RESET is carried alongside (its train-mode activations): a
+    candidate takes the reference's BatchNorm statistics in front and re-estimates the rest, a suffix pass
+    as well.
     """
 
     def __init__(self, prepared):
@@ -134,19 +135,21 @@ class _Search:
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def start(self, k: dict[str, int] | None = None, repaired: Sweep | None = None) -> Sweep:
-        """A sweep from the input: of the merge with ``k`` units apart per group (built and repaired as the
-        options say), or of an earlier candidate's ``repaired`` merge (only carrying activations)."""
+    def start(self, k: dict[str, int], repaired: Sweep | None = None) -> Sweep:
+        """A sweep from the input of the merge with ``k`` units apart per group, built and repaired as the
+        options say; given that merge already ``repaired`` (an earlier candidate), a sweep that only carries
+        its activations. With RESET the merge is built and repaired again instead: branches continue RESET
+        from activations taken before any REPAIR correction, which a repaired merge no longer gives."""
         o = self.p.options
+        resets = o.repair in RESETS
         with self._timed():
-            if repaired is not None:
+            if repaired is not None and not resets:
                 model, plans, correct = repaired.model, repaired.plans, False
             else:
                 plans = self.p.plans(self.gammas(k))
-                model = self.p.build(plans, repair="reset" if o.repair in RESETS else None)
-                correct = o.repair in CORRECTS
+                model, correct = self.p.build(plans, repair=None), o.repair in CORRECTS
             return Sweep.start(model, plans, self.p.repair_statistics, self.p.calibration, correct=correct,
-                               unmerged=o.repair_unmerged, normed=o.repair not in RESETS, device=o.device,
+                               unmerged=o.repair_unmerged, normed=not resets, reset=resets, device=o.device,
                                memory=o.activation_bytes)
 
     def in_forward_order(self, reference: Sweep, ks: list[dict[str, int]]) -> list[int]:
@@ -157,8 +160,6 @@ class _Search:
 
     def candidate(self, reference: Sweep, k: dict[str, int]) -> Sweep:
         """The sweep of the merge with ``k`` units apart, branched off ``reference`` (see the class docstring)."""
-        if self.p.options.repair in RESETS:
-            return self.start(k)
         with self._timed():
             plans = self.p.plans(self.gammas(k))
             return reference.branch(self.p.build(plans, repair=None), plans, correct=self.p.options.repair in CORRECTS)
@@ -252,7 +253,7 @@ def _greedy(s: _Search, scorer: Scorer) -> Allocation:
                 steps.append((g, {**s.k, g: k_next}))
         if not steps:  # nothing fits any more: the budget is spent to the unit
             break
-        reference, best = s.start(repaired=reference), None
+        reference, best = s.start(s.k, repaired=reference), None
         for i in s.in_forward_order(reference, [k for _, k in steps]):
             g, cand = steps[i]
             sweep = s.candidate(reference, cand)

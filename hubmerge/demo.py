@@ -106,11 +106,12 @@ def args_tag(model_args: dict) -> str:
 
 
 def endpoints(architecture: str, model_args: dict, train_data: TensorDataset, cache: Path, *,
-              seeds: tuple[int, int] = (0, 1), epochs: int = 3, tag: str = "",
-              train_sets: tuple[TensorDataset, TensorDataset] | None = None, agc: float | None = None
-              ) -> tuple[Path, Path]:
-    """Two endpoint folders, trained from different seeds (or on different data) unless already cached
-    (``agc``: see :func:`train`; it is part of the folder's name)."""
+              seeds: tuple[int, ...] = (0, 1), epochs: int = 3, tag: str = "",
+              train_sets: tuple[TensorDataset, ...] | None = None, agc: float | None = None
+              ) -> tuple[Path, ...]:
+    """One endpoint folder per seed, trained from different seeds (or on the different data of
+    ``train_sets``, one set per seed) unless already cached (``agc``: see :func:`train`; it is part of the
+    folder's name)."""
     tag += "" if agc is None else f"-agc{agc:g}"
     folders = []
     for i, seed in enumerate(seeds):
@@ -121,7 +122,7 @@ def endpoints(architecture: str, model_args: dict, train_data: TensorDataset, ca
             save_timm(train(architecture, model_args, data, seed=seed, epochs=epochs, agc=agc), folder,
                       architecture, model_args)
         folders.append(folder)
-    return folders[0], folders[1]
+    return tuple(folders)
 
 
 def _to_hf(ds: TensorDataset):

@@ -14,11 +14,15 @@ input per layer, a :class:`Sweep` carries the calibration activations forward th
 values it carries on, so REPAIR of a whole model costs about one forward pass. A budget candidate that is
 planned like a reference merge in front of some layer :meth:`~Sweep.branch` es off the reference's sweep
 there: it copies the corrections in front and continues from the reference's activations (a suffix pass).
+With RESET the sweep also carries RESET's own train-mode activations (:class:`_Reset`), so a branch continues
+RESET from there too.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -177,27 +181,33 @@ class Sweep:
     """
 
     def __init__(self, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None,
-                 acts: Activations, todo: list[Correction], unmerged: bool, normed: bool):
+                 acts: Activations, todo: list[Correction], unmerged: bool, normed: bool, reset: _Reset | None = None):
         self.model, self.plans, self.stats, self.acts = model, plans, stats, acts
-        self.todo, self.unmerged, self.normed = list(todo), unmerged, normed
+        self.todo, self.unmerged, self.normed, self.reset = list(todo), unmerged, normed, reset
 
     @classmethod
     def start(cls, model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statistics | None, data: Batches,
-              *, correct: bool = True, unmerged: bool = False, normed: bool = True,
+              *, correct: bool = True, unmerged: bool = False, normed: bool = True, reset: bool = False,
               device: torch.device | str = "cpu", memory: float = float("inf")) -> Sweep:
         """A sweep from the input, keeping at most ``memory`` bytes of activations in memory (the rest in a
         temporary folder); with ``correct`` it makes every REPAIR correction of ``model`` (as
-        :func:`corrections` says for ``unmerged`` and ``normed``)."""
+        :func:`corrections` says for ``unmerged`` and ``normed``); with ``reset``, RESET (:class:`_Reset`) goes
+        in front of them, carried through a second set of activations (each set then gets half of ``memory``)."""
         model.eval().to(device)
         todo = corrections(model, plans, stats, unmerged, normed) if correct else []
-        acts = Activations(Program(model.net), model.net, data, device, memory)
-        return cls(model, plans, stats, acts, todo, unmerged, normed)
+        program, memory = Program(model.net), memory / 2 if reset else memory
+        acts = Activations(program, model.net, data, device, memory)
+        resetting = _Reset.start(model.net, Activations(program, model.net, data, device, memory)) if reset else None
+        return cls(model, plans, stats, acts, todo, unmerged, normed, resetting)
 
     def run(self, until: int | None = None, progress: str | bool = False) -> PartialMergedModel:
         """Make the corrections of the layers in front of layer ``until`` of the spec (all of them: None),
         with a progress bar titled ``progress``; with ``until``, also carry the activations up to that
         layer's node."""
-        program = self.acts.program
+        program, layers = self.acts.program, self.model.spec.layers
+        if self.reset is not None:  # RESET ahead of every correction: they are made on its statistics
+            self.reset.advance(len(program.nodes) if until is None or until >= len(layers)
+                               else program.node_of(layers[until].name))
         now = [c for c in self.todo if until is None or c.index < until]
         self.todo = self.todo[len(now):]
         for c in progress_bar(now, progress):
@@ -209,23 +219,26 @@ class Sweep:
             fold(self.model.net, c, scale, shift)
             if keep and c.norm is None:  # corrected in the layer itself (a following norm reads the output as it is)
                 self.acts.transform(functools.partial(_along, dim, scale, shift))
-        if until is not None and until < len(self.model.spec.layers):
-            self.acts.advance(program.node_of(self.model.spec.layers[until].name))
+        if until is not None and until < len(layers):
+            self.acts.advance(program.node_of(layers[until].name))
         return self.model
 
     def branch(self, model: PartialMergedModel, plans: dict[str, GroupPlan], correct: bool = True) -> Sweep:
         """The sweep of another merge of the same endpoints and settings (built, not yet repaired), started
         where the two are first planned differently: this sweep is carried up to that layer, ``model`` takes
         its corrections in front of it and continues from its activations there. Branches must come in
-        forward order of their first difference (a sweep only moves forward)."""
+        forward order of their first difference (a sweep only moves forward). With RESET, ``model`` takes
+        the BatchNorm statistics in front too and continues RESET from this sweep's train-mode activations."""
         first = shared_prefix(self.model.spec.layers, plans, self.plans)
         self.run(until=first)
         for layer in self.model.spec.layers[:first]:
             _copy_layer(model, self.model, layer)
         model.eval().to(next(self.model.parameters()).device)
         todo = corrections(model, plans, self.stats, self.unmerged, self.normed) if correct else []
-        return Sweep(model, plans, self.stats, self.acts.fork(Program(model.net), model.net),
-                     [c for c in todo if c.index >= first], self.unmerged, self.normed)
+        program = Program(model.net)
+        reset = None if self.reset is None else self.reset.fork(program, model.net)
+        return Sweep(model, plans, self.stats, self.acts.fork(program, model.net),
+                     [c for c in todo if c.index >= first], self.unmerged, self.normed, reset)
 
     def finish(self) -> torch.Tensor:
         """Make the remaining corrections and return the repaired model's outputs on the calibration data."""
@@ -242,12 +255,8 @@ def repair(model: PartialMergedModel, plans: dict[str, GroupPlan], stats: Statis
                        memory=memory).run(progress="REPAIR")
 
 
-def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 def has_batchnorm(model: nn.Module) -> bool:
-    return bool(batchnorms(model))
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def resolve(method: str | None, model: nn.Module) -> str | None:
@@ -259,33 +268,95 @@ def resolve(method: str | None, model: nn.Module) -> str | None:
     return "reset_repair" if has_batchnorm(model) else "repair"
 
 
-@torch.no_grad()
-def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "cpu") -> nn.Module:
-    """REPAIR's RESET: recompute every BatchNorm's running statistics on ``data`` (cumulative average)."""
-    norms = batchnorms(model)
+def _resettable(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorms RESET re-estimates, by name; an error a user can act on where there are none."""
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not norms:
         raise UsageError("repair='reset' and 'reset_repair' re-estimate BatchNorm statistics, but the model has "
                          "none; use 'repair'")
-    model.eval().to(device)
+    return norms
+
+
+@contextmanager
+def _estimating(norms: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """``norms`` in train mode with a cumulative average (momentum None) while the block runs: each batch they
+    see adds to their running statistics with equal weight, as RESET wants."""
     momenta = [n.momentum for n in norms]
     for n in norms:
-        n.reset_running_stats()
         n.momentum = None
         n.train()
     try:
-        for x, _ in batches(data, device):
-            model(x)
-        for n in norms:  # each process averaged its own batches' statistics: weight them by batch count
-            count = n.num_batches_tracked.double()
-            mean, var, count = total(n.running_mean * count, n.running_var * count, count)
-            n.running_mean.copy_(mean / count)
-            n.running_var.copy_(var / count)
-            n.num_batches_tracked.copy_(count)
+        yield
     finally:
         for n, mom in zip(norms, momenta):
             n.momentum = mom
-        model.eval()
+            n.eval()
+
+
+@torch.no_grad()
+def _averaged(norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
+    """Each process averaged its own batches' statistics: weight them by batch count over every process."""
+    for n in norms:
+        count = n.num_batches_tracked.double()
+        mean, var, count = total(n.running_mean * count, n.running_var * count, count)
+        n.running_mean.copy_(mean / count)
+        n.running_var.copy_(var / count)
+        n.num_batches_tracked.copy_(count)
+
+
+@torch.no_grad()
+def reset_norms(model: nn.Module, data: Batches, device: torch.device | str = "cpu") -> nn.Module:
+    """REPAIR's RESET: recompute every BatchNorm's running statistics on ``data`` (cumulative average)."""
+    norms = list(_resettable(model).values())
+    model.eval().to(device)
+    for n in norms:
+        n.reset_running_stats()
+    with _estimating(norms):
+        for x, _ in batches(data, device):
+            model(x)
+    _averaged(norms)
     return model
+
+
+class _Reset:
+    """RESET carried through calibration activations of its own, so that a budget candidate branched off a
+    reference merge re-estimates only the BatchNorms from its first changed layer on (a suffix pass, like its
+    REPAIR). RESET runs the model in train mode (each BatchNorm normalises by its batch's statistics), so its
+    activations are not the sweep's; and it comes before every REPAIR correction, so a :class:`Sweep` keeps it
+    ahead of its own position. Moving it past a BatchNorm's node finishes that BatchNorm's statistics, which
+    are then the ones :func:`reset_norms` gives."""
+
+    def __init__(self, net: nn.Module, acts: Activations):
+        self.acts, self.norms = acts, _resettable(net)
+        self.node = {name: acts.program.node_of(name) for name in self.norms}
+
+    @classmethod
+    @torch.no_grad()
+    def start(cls, net: nn.Module, acts: Activations) -> _Reset:
+        """RESET of ``net`` from the input (``acts`` at position 0): every BatchNorm's statistics start over."""
+        out = cls(net, acts)
+        for n in out.norms.values():
+            n.reset_running_stats()
+        return out
+
+    def advance(self, stop: int) -> None:
+        """Carry RESET up to node ``stop``, finishing the BatchNorms in front of it."""
+        passed = [m for name, m in self.norms.items() if self.acts.position <= self.node[name] < stop]
+        with _estimating(passed):
+            self.acts.advance(max(stop, self.acts.position))
+        _averaged(passed)
+
+    @torch.no_grad()
+    def fork(self, program: Program, net: nn.Module) -> _Reset:
+        """RESET of another merge (``net``, traced as ``program``) that equals this one in front of the position:
+        its BatchNorms there take these finished statistics, the others start over."""
+        out = _Reset(net, self.acts.fork(program, net))
+        for name, norm in out.norms.items():
+            if self.node[name] < self.acts.position:
+                norm.load_state_dict(self.norms[name].state_dict())
+            else:
+                norm.reset_running_stats()
+        return out
 
 
 def apply(model: PartialMergedModel, method: str | None, plans: dict[str, GroupPlan], stats: Statistics | None,

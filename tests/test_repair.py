@@ -163,15 +163,31 @@ def same_as_fresh(sweep, fresh, x):
     assert (out - fresh(x)).abs().max() <= 1e-10 * out.abs().max()
 
 
-@pytest.mark.parametrize("case", ["mlp", "mlp_bn", "timm_resnet18", "cifar_vgg_stride"])
-def test_a_branch_is_the_merge_repaired_from_the_input(case):
+def counted(model, resets=True):
+    """``model`` (with ``resets``) with its BatchNorms counting batches already seen, as a trained endpoint's do
+    (these random endpoints' count 0): RESET must start every count over, or its cumulative average keeps old
+    statistics."""
+    for m in model.modules() if resets else []:
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.mark.parametrize("case, method", [("mlp", "repair"), ("mlp_bn", "repair"), ("timm_resnet18", "repair"),
+                                          ("cifar_vgg_stride", "repair"), ("mlp_bn", "reset"),
+                                          ("timm_resnet18", "reset_repair"), ("cifar_vgg_stride", "reset_repair")])
+def test_a_branch_is_the_merge_repaired_from_the_input(case, method):
     """The budget search branches candidates off a reference merge's sweep at their first changed layer,
     copying the corrections in front and continuing from the reference's activations; the result must be
-    the merge REPAIR gives from the input, bit for bit, and the branch's logits its own."""
-    p = helpers_prepared(case, repair="repair", repair_unmerged=True)
+    the merge REPAIR gives from the input, bit for bit, and the branch's logits its own. With RESET the
+    branch also takes the BatchNorm statistics in front and continues RESET from the reference's train-mode
+    activations: the same merge as RESET by a pass from the input (``reset_norms``), then REPAIR."""
+    p = helpers_prepared(case, repair=method, repair_unmerged=True)
     groups = list(p.spec.groups)
     base_plans = p.plans(0.2)
-    reference = Sweep.start(p.build(base_plans, repair=None), base_plans, p.stats, p.calibration, unmerged=True)
+    resets = method != "repair"
+    reference = Sweep.start(counted(p.build(base_plans, repair=None), resets), base_plans, p.stats, p.calibration,
+                            unmerged=True, correct=method != "reset", normed=not resets, reset=resets)
     x = torch.cat([x for x, _ in p.calibration])
     firsts = []
     for changed in (groups[0], groups[len(groups) // 2], groups[-1]):  # in forward order
@@ -179,7 +195,7 @@ def test_a_branch_is_the_merge_repaired_from_the_input(case):
         first = shared_prefix(p.spec.layers, plans, base_plans)
         assert changed in (p.spec.layers[first].in_group, p.spec.layers[first].out_group)
         firsts.append(first)
-        branch = reference.branch(p.build(plans, repair=None), plans)
+        branch = reference.branch(counted(p.build(plans, repair=None), resets), plans, correct=method != "reset")
         same_as_fresh(branch, p.build(plans), x)
     assert firsts == sorted(firsts) and firsts[-1] > 0  # some branch started past the input
     same_as_fresh(reference, p.build(base_plans), x)
@@ -200,9 +216,10 @@ def test_activations_spilled_to_disk_give_the_same_merge(case):
     del sweep
     assert not folder.exists()  # the temporary folder goes with its activations
     a, b, data = make(case, 1), make(case, 2), labelled(case)
-    spilled = hubmerge.merge(a, b, data, budget=0.3, repair="repair", activation_memory=1e-9).model.state_dict()
-    kept = hubmerge.merge(a, b, data, budget=0.3, repair="repair").model.state_dict()
-    assert spilled.keys() == kept.keys() and all(torch.equal(v, kept[k]) for k, v in spilled.items())
+    for method in ("repair", "reset_repair"):  # RESET's own activations spill too
+        spilled = hubmerge.merge(a, b, data, budget=0.3, repair=method, activation_memory=1e-9).model.state_dict()
+        kept = hubmerge.merge(a, b, data, budget=0.3, repair=method).model.state_dict()
+        assert spilled.keys() == kept.keys() and all(torch.equal(v, kept[k]) for k, v in spilled.items())
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext", "mobilenetv3"])
