@@ -51,7 +51,7 @@ def main() -> None:
     curves = {}
     print(f"{'cross':11s} {'repair':9s} {'gamma':>5s} {'+params':>8s} {'acc':>7s} {'barrier acc':>12s} {'barrier loss':>13s}")
     for cross in ("interpolate", "fill"):
-        prepared = Prepared(a, b, calib, MergeOptions.parse(cross=cross))
+        prepared = Prepared(a, b, calib, MergeOptions.parse(cross=cross, repair="repair"))  # its targets: every layer
         for repair in (None, "repair"):
             points = []
             for g in gammas:

@@ -171,12 +171,14 @@ class Prepared:
         self.stats = self.many = None
         if self.calibration is not None:
             with self.timed("statistics"):
+                targets = repair_stage.targets(self.spec, options.repair)
                 if n_way is None:
                     self.stats = collect(self.model_a, self.model_b, self.spec, self.calibration, options.device,
-                                         progress="statistics pass", within=options.align == "zip")
+                                         progress="statistics pass", within=options.align == "zip", outputs=targets)
                 else:
                     self.many = collect_many(self.models, self.spec, self.calibration, options.device,
-                                             progress="statistics pass", within=options.align == "zip")
+                                             progress="statistics pass", within=options.align == "zip",
+                                             outputs=targets)
                     self.stats = self.many.pairs[(0, 1)]
         with self.timed("alignment"):
             self.endpoint_head_orders: dict[int, dict[str, torch.Tensor]] = {}  # every endpoint's but A's

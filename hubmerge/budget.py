@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .data import batches, progress_bar
 from .distributed import total
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .evaluate import logits
 from .partial import Sizes, apart_sizes, choices
 from .repair import CORRECTS, RESETS, Sweep, shared_prefix
@@ -66,6 +66,9 @@ class Scorer:
     def __call__(self, out: torch.Tensor) -> float:
         """The mean over all calibration samples (over every process of a process group)."""
         out = out.double().cpu()
+        if self.labels is not None and len(self.labels) and int(self.labels.max()) >= out.shape[1]:
+            raise DataError(f"calibration labels go up to {int(self.labels.max())}, but the merge has {out.shape[1]} "
+                            "outputs: give calibration data of the endpoints' classes only, or score='agreement'")
         if self.kind == "loss":
             summed = F.cross_entropy(out, self.labels, reduction="sum")
         elif self.kind == "accuracy":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .distributed import shard, world
@@ -195,8 +195,26 @@ def as_batches(data: Any, *, preprocess: Preprocess | None = None, batch_size: i
     if isinstance(data, Dataset):
         if len(data) == 0:
             raise DataError("the dataset is empty")
+        if type(data) is TensorDataset:  # not a subclass, whose __getitem__ may transform each sample
+            return TensorBatches(data, batch_size)
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     return data
+
+
+class TensorBatches:
+    """A ``TensorDataset``'s batches in order, as slices of its tensors (views, nothing copied): a DataLoader
+    indexes and collates it sample by sample, which cost about as much as a ResNet18's forward pass per
+    32-pixel image here (0.07 ms), on every pass a merge makes. The same tensors as the DataLoader's."""
+
+    def __init__(self, data: TensorDataset, batch_size: int):
+        self.tensors, self.batch_size = data.tensors, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(self.tensors[0]), self.batch_size):
+            yield tuple(t[start:start + self.batch_size] for t in self.tensors)
 
 
 SPLIT = re.compile(r"([\w.-]+)(?:\[(\d*)(%?):(\d*)(%?)\])?")

@@ -34,7 +34,7 @@ from .distributed import total
 from .errors import UsageError
 from .partial import GroupPlan, Layout, layout
 from .partitioned import PartialMergedModel, PartitionedLayer, SectionwiseLayer, output_scale
-from .spec import Axis, Layer
+from .spec import Axis, Layer, PermutationSpec
 from .statistics import Moments, Statistics, unit_dim
 from .matching import MatchedLayout, Matchings, is_matching
 
@@ -76,6 +76,11 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchin
     spec, alpha, weights, out = model.spec, model.alpha, model.weights, []
     matched = is_matching(plans)
     layers = [stats.layers_of(m) for m in range(len(weights))]
+    missing = [name for name in targets(spec, "repair" if normed else "reset_repair") if name not in layers[0]]
+    if missing:
+        raise UsageError(f"REPAIR of {missing[0]} (and {len(missing) - 1} more outputs) needs the endpoints' "
+                         "statistics there, which the statistics pass measured only for the merge's own REPAIR "
+                         "variant; prepare the merge with the variant it is built with (repair=...)")
     if spec.partial is not None:
         matched_b = {} if matched else {g: p.shared_b for g, p in plans.items()}
         for i, o in enumerate(spec.outputs):
@@ -114,6 +119,15 @@ def corrections(model: PartialMergedModel, plans: dict[str, GroupPlan] | Matchin
         mask = ((at.section == 1) | torch.tensor(unmerged)) & ~at.fixed
         out.append(Correction(i, name, layer.norm, rows, mean, std, mask))
     return out
+
+
+def targets(spec: PermutationSpec, method: str | None) -> list[str]:
+    """The outputs whose endpoint statistics REPAIR variant ``method`` (resolved, not ``auto``) corrects
+    toward, which the statistics pass must measure: every output for ``repair``, those no BatchNorm reads for
+    ``reset_repair``, none for ``reset`` or no correction."""
+    if method not in CORRECTS:
+        return []
+    return [o.name for o in spec.outputs if method not in RESETS or o.norm is None]
 
 
 def _targets(axis: Axis, plans: dict[str, GroupPlan] | Matchings, moments: list[Moments], weights: tuple[float, ...]

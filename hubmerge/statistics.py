@@ -185,7 +185,7 @@ class Statistics:
     ``points[(module, dim)]``: pair moments of a module's output over one unit dim, where groups are
     observed (post-activation where possible, for matching); one point may hold several groups (a fused qkv
     holds every head). ``layers_a/b[layer]``: per-unit moments of each layer's pre-activation output (REPAIR's
-    targets).
+    targets), for the layers the merge's REPAIR variant corrects (:func:`collect_many`'s ``outputs``).
     """
 
     points: dict[tuple[str, int], PairMoments]
@@ -271,10 +271,12 @@ def collect(
     device: torch.device | str = "cpu",
     progress: bool = False,
     within: bool = False,
+    outputs: Iterable[str] | None = None,
 ) -> Statistics:
     """Stream ``data`` through both endpoints once and accumulate every statistic the merge needs (with
-    ``within``, also the within-model moments that zip alignment matches redundant units by)."""
-    return collect_many([model_a, model_b], spec, data, device, progress, within).pairs[(0, 1)]
+    ``within``, also the within-model moments that zip alignment matches redundant units by; ``outputs`` as
+    for :func:`collect_many`)."""
+    return collect_many([model_a, model_b], spec, data, device, progress, within, outputs).pairs[(0, 1)]
 
 
 @dataclass
@@ -309,14 +311,18 @@ class ManyStatistics:
 
 @torch.no_grad()
 def collect_many(models: list[nn.Module], spec: PermutationSpec, data: Batches, device: torch.device | str = "cpu",
-                 progress: bool = False, within: bool = False) -> ManyStatistics:
-    """Stream ``data`` through every endpoint once and accumulate the statistics of every pair of them.
+                 progress: bool = False, within: bool = False, outputs: Iterable[str] | None = None) -> ManyStatistics:
+    """Stream ``data`` through every endpoint once and accumulate the statistics of every pair of them, and
+    each endpoint's per-unit moments of the REPAIR ``outputs`` (names; None: all of the spec's). A merge measures
+    only the outputs its REPAIR variant corrects (:func:`hubmerge.repair.targets`): per-unit moments of every
+    conv output of both endpoints were about a quarter of a ResNet's statistics pass.
 
     Features are reduced after each batch (each model's observed features are kept for that batch only), so
     in-place activations downstream cannot alter them and memory stays bounded.
     """
     points = list(dict.fromkeys((p.module, p.dim) for g in spec.groups.values() for p in g.observe))
-    layers = [{o.name: Moments() for o in spec.outputs} for _ in models]
+    names = [o.name for o in spec.outputs] if outputs is None else list(outputs)
+    layers = [{name: Moments() for name in names} for _ in models]
     stats = ManyStatistics({(k, m): Statistics({p: PairMoments(within=within) for p in points}, layers[k], layers[m])
                             for k in range(len(models)) for m in range(k + 1, len(models))}, layers)
     stash: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in models]

@@ -2,7 +2,7 @@ import pytest
 
 import hubmerge
 from hubmerge.budget import allocate
-from hubmerge.errors import UsageError
+from hubmerge.errors import DataError, UsageError
 
 from conftest import inputs, labelled, make
 from helpers import prepared
@@ -77,3 +77,12 @@ def test_budget_out_of_range_is_a_clear_error():
         hubmerge.merge(make("mlp", 0), make("mlp", 1), labelled("mlp"), budget=-0.1)
     with pytest.raises(UsageError, match=r"budget must be in \[0, 1\] for 2 endpoints"):
         hubmerge.merge(make("mlp", 0), make("mlp", 1), labelled("mlp"), budget=1.5)
+
+
+def test_calibration_labels_beyond_the_outputs_are_refused_with_what_to_do():
+    """Images of a class no endpoint was trained on (labels past the outputs) cannot be scored by loss: the
+    search says so instead of failing inside the loss."""
+    a, b = make("mlp", 1), make("mlp", 2)
+    data = [(x, y + 10) for x, y in labelled("mlp")]
+    with pytest.raises(DataError, match="calibration labels go up to 15, but the merge has 10 outputs"):
+        hubmerge.merge(a, b, data, budget=0.2, repair="repair")

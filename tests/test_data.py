@@ -65,3 +65,15 @@ def test_a_corrupt_image_and_an_absurd_input_size_are_data_errors(tmp_path):
         list(batches(data))
     with pytest.raises(DataError, match="sides above 8192"):
         Preprocess(input_size=(3, 10**6, 10**6), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def test_a_tensor_dataset_is_sliced_into_the_batches_a_dataloader_gives():
+    """A TensorDataset is read as slices of its tensors, not sample by sample: the same batches as a
+    DataLoader's, the last one short, labels included."""
+    data = torch.utils.data.TensorDataset(torch.randn(10, 3, 4, 4), torch.arange(10) % 3)
+    got = as_batches(data, batch_size=4)
+    want = list(torch.utils.data.DataLoader(data, batch_size=4))
+    assert len(got) == len(want) == 3
+    for (x, y), (wx, wy) in zip(got, want):
+        assert torch.equal(x, wx) and torch.equal(y, wy) and y.dtype == wy.dtype
+    assert [len(x) for x, _ in batches(got)] == [4, 4, 2]

@@ -88,10 +88,16 @@ def test_reset_without_batchnorm_is_a_clear_error():
 
 
 def test_reset_repair_is_reset_where_every_layer_feeds_a_batchnorm():
+    """Also the merge the statistics of every output give: the statistics pass measures only the outputs the
+    merge's REPAIR variant corrects (here none), and nothing else read the others."""
     p = prepared("mlp_bn", repair="reset_repair")
     plans = p.plans(0.3)
     both, reset = p.build(plans).state_dict(), p.build(plans, repair="reset").state_dict()
     assert all(torch.equal(v, reset[k]) for k, v in both.items())
+    every = prepared("mlp_bn", repair="repair")
+    assert not p.stats.layers_a and set(every.stats.layers_a) == {o.name for o in p.spec.outputs}
+    measured = every.build(every.plans(0.3), repair="reset_repair").state_dict()
+    assert all(torch.equal(v, measured[k]) for k, v in both.items())
 
 
 def test_reset_repair_resets_batchnorms_and_repairs_the_layers_none_reads():
@@ -108,6 +114,10 @@ def test_reset_repair_resets_batchnorms_and_repairs_the_layers_none_reads():
                 assert all(torch.equal(v, want[k]) for k, v in both.net.get_submodule(name).state_dict().items())
     targets = {c.name: c for c in corrections(both, plans, p.stats, unmerged=True, normed=False)}
     assert set(targets) == {layer.name for layer in free}
+    # the statistics pass measured the endpoints only where REPAIR corrects; REPAIR of every layer is refused
+    assert set(p.stats.layers_a) == set(p.stats.layers_b) == {layer.name for layer in free}
+    with pytest.raises(UsageError, match="statistics pass measured only"):
+        p.build(plans, repair="repair")
     for layer in free:
         got, c = layer_moments(both.net, [layer.name], p.calibration)[layer.name], targets[layer.name]
         before = layer_moments(reset.net, [layer.name], p.calibration)[layer.name]
