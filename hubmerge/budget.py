@@ -162,9 +162,12 @@ class _Search:
         return sorted(range(len(ks)), key=first.__getitem__)
 
     def candidate(self, reference: Sweep, k: dict[str, int]) -> Sweep:
-        """The sweep of the merge with ``k`` units apart, branched off ``reference`` (see the class docstring)."""
+        """The sweep of the merge with ``k`` units apart, branched off ``reference`` (see the class docstring),
+        or from the input where RESET cannot branch there (:meth:`~hubmerge.repair.Sweep.branches_exactly`)."""
+        plans = self.p.plans(self.gammas(k))
+        if not reference.branches_exactly(plans):
+            return self.start(k)
         with self._timed():
-            plans = self.p.plans(self.gammas(k))
             return reference.branch(self.p.build(plans, repair=None), plans, correct=self.p.options.repair in CORRECTS)
 
     def score(self, scorer: Scorer, sweep: Sweep) -> float:

@@ -219,10 +219,9 @@ class Sweep:
         with a progress bar titled ``progress``; with ``until``, also carry the activations up to that
         layer's node."""
         program, layers = self.acts.program, self.model.spec.layers
-        if self.reset is not None:  # RESET ahead of every correction: they are made on its statistics
-            self.reset.advance(len(program.nodes) if until is None or until >= len(layers)
-                               else program.node_of(layers[until].name))
         now = [c for c in self.todo if until is None or c.index < until]
+        if self.reset is not None:  # RESET ahead of every correction: they are made on its statistics
+            self.reset.advance(self._reset_stop(until, now))
         self.todo = self.todo[len(now):]
         for c in progress_bar(now, progress):
             index, module = program.node_of(c.name), self.model.net.get_submodule(c.name)
@@ -237,12 +236,36 @@ class Sweep:
             self.acts.advance(program.node_of(layers[until].name))
         return self.model
 
+    def _reset_stop(self, until: int | None, now: list[Correction]) -> int:
+        """Where RESET must be before the corrections ``now`` of the layers in front of layer ``until``: at that
+        layer's node, or past the node of a correction in a module fx keeps whole, which runs all of it."""
+        program, layers = self.acts.program, self.model.spec.layers
+        stop = len(program.nodes) if until is None or until >= len(layers) else program.node_of(layers[until].name)
+        return max([stop, *(program.node_of(c.name) + 1 for c in now)])
+
+    def branches_exactly(self, plans: dict[str, GroupPlan]) -> bool:
+        """Whether :meth:`branch` can continue the merge of ``plans`` from this sweep. Without RESET always;
+        with it, unless RESET has to pass the node of the first layer planned differently before the branch
+        starts: a module fx keeps whole that holds that layer and a correction in front of it (MobileViT's
+        transformer blocks), whose BatchNorms the branch must re-estimate and this sweep has already
+        finished."""
+        layers = self.model.spec.layers
+        first = shared_prefix(layers, plans, self.plans)
+        if self.reset is None or first >= len(layers):
+            return True
+        now = [c for c in self.todo if c.index < first]
+        return max(self.reset.acts.position, self._reset_stop(first, now)) <= self.acts.program.node_of(
+            layers[first].name)
+
     def branch(self, model: PartialMergedModel, plans: dict[str, GroupPlan], correct: bool = True) -> Sweep:
         """The sweep of another merge of the same endpoints and settings (built, not yet repaired), started
         where the two are first planned differently: this sweep is carried up to that layer, ``model`` takes
         its corrections in front of it and continues from its activations there. Branches must come in
         forward order of their first difference (a sweep only moves forward). With RESET, ``model`` takes
-        the BatchNorm statistics in front too and continues RESET from this sweep's train-mode activations."""
+        the BatchNorm statistics in front too and continues RESET from this sweep's train-mode activations,
+        which :meth:`branches_exactly` must allow."""
+        if not self.branches_exactly(plans):
+            raise ValueError("RESET has passed the first changed layer's node: start this merge from the input")
         first = shared_prefix(self.model.spec.layers, plans, self.plans)
         self.run(until=first)
         for layer in self.model.spec.layers[:first]:

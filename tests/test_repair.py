@@ -305,3 +305,33 @@ def test_repair_corrects_a_token_layers_shared_copy_and_leaves_the_endpoints_cop
         assert (v - stepped[k]).abs().max() <= 1e-10 * stepped[k].abs().max().clamp_min(1e-300), k
         if ".of_a." in k or ".of_b." in k:
             assert torch.equal(v, plain.state_dict()[k]), k
+
+
+def test_reset_branches_only_where_it_can_and_the_budget_search_starts_the_others_from_the_input():
+    """MobileViT's transformer blocks are modules fx keeps whole, with BatchNorm convs and corrected linears in
+    one node: a candidate whose first change is inside such a block after a correction cannot continue RESET
+    from the reference (RESET had to pass the block for that correction); one whose first change is in front
+    of any such correction can, and gives the merge from the input bit for bit."""
+    from test_families import batch, make as make_family
+
+    calib = [(batch("mobilevit", 8, seed=s), None) for s in (1, 2)]
+    p = Prepared(make_family("mobilevit", 1), make_family("mobilevit", 2), calib,
+                 MergeOptions.parse(repair="reset_repair", repair_unmerged=True))
+    base = p.plans(0.2)
+    groups = list(p.spec.groups)
+    ks = [{g: (0.6 if g == changed else 0.2) for g in groups} for changed in groups[:2] + groups[-6::3]]
+    firsts = [shared_prefix(p.spec.layers, p.plans(k), base) for k in ks]
+    reference = Sweep.start(counted(p.build(base, repair=None)), base, p.stats, p.calibration, unmerged=True,
+                            normed=False, reset=True)
+    x = torch.cat([x for x, _ in p.calibration])
+    exact = 0
+    for i in sorted(range(len(ks)), key=firsts.__getitem__):
+        plans = p.plans(ks[i])
+        if reference.branches_exactly(plans):
+            same_as_fresh(reference.branch(counted(p.build(plans, repair=None)), plans), p.build(plans), x)
+            exact += 1
+        else:
+            with pytest.raises(ValueError, match="start this merge from the input"):
+                reference.branch(p.build(plans, repair=None), plans)
+    assert 0 < exact < len(ks)
+    same_as_fresh(reference, p.build(base), x)
